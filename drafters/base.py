@@ -1,0 +1,58 @@
+"""The drafter interface: propose a chain or tree per request, then follow what the target accepted."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+if TYPE_CHECKING:
+    from specserve.model_runner import ForwardOutput
+    from specserve.request import Request
+    from specserve.verify import VerifyResult
+
+
+@dataclass
+class DraftProposal:
+    """Draft nodes 1..m of one request's verify tree; node 0 (the root) is its last committed token.
+
+    `parents[j]` (0..j) is the parent of node j + 1, so a chain is [0, 1, 2, ...]. `draft_probs[j]` is the
+    distribution node j + 1 was drawn from, or None for deterministic drafters (q is then one-hot).
+    """
+
+    tokens: list[int]
+    parents: list[int]
+    draft_probs: torch.Tensor | None = None  # [m, vocab_size] float32
+
+    def __post_init__(self) -> None:
+        if len(self.tokens) != len(self.parents):
+            raise ValueError("a DraftProposal needs one parent per token")
+
+    @classmethod
+    def chain(cls, tokens: list[int], draft_probs: torch.Tensor | None = None) -> DraftProposal:
+        return cls(list(tokens), list(range(len(tokens))), draft_probs)
+
+    @property
+    def is_chain(self) -> bool:
+        return all(p == j for j, p in enumerate(self.parents))
+
+
+class Drafter(Protocol):
+    """Proposes drafts for a batch; learned drafters keep their state in step through `observe`."""
+
+    #: largest number of draft nodes this drafter proposes per request per step
+    max_num_tokens: int
+    #: extra KV layers it needs in the shared block pool (draft model / EAGLE layers), 0 for n-gram
+    num_kv_layers: int
+
+    def propose(self, requests: Sequence[Request], max_tokens: Sequence[int]) -> list[DraftProposal | None]:
+        """At most max_tokens[i] nodes for requests[i] (0: propose nothing)."""
+        ...
+
+    def observe(
+        self, requests: Sequence[Request], results: Sequence[VerifyResult | None], out: ForwardOutput
+    ) -> None:
+        """Called after every step with each request's verify result (None while still prefilling)."""
+        ...

@@ -1,0 +1,64 @@
+"""Attention metadata for one step: ragged queries over paged KV, with a draft tree per sequence.
+
+Each sequence's query is a causal run of committed tokens whose last token is the tree root, followed by
+the draft nodes in topological order:
+
+    query of seq b:  [c0 c1 c2 | r  d1 d2 d3]      context_lens[b] tokens already cached before c0
+                                ^ tree_offsets[b] = 3 (query-relative index of the root)
+
+Tokens before the root attend causally. Tree token i (root = 0) attends every key before the root and
+the tree nodes whose bit is set in tree_mask: its ancestors and itself. A chain of drafts is a tree whose
+masks are 0b1, 0b11, 0b111, ...; a prefill chunk has no drafts (its last token is the root, mask 0b1).
+Key/value slots follow query order: query token i of seq b is written at sequence index
+context_lens[b] + i, so sibling nodes have distinct slots even though they share a rope position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MAX_TREE_NODES = 64  # root included: the ancestor mask is one int64
+
+
+@dataclass
+class AttentionMetadata:
+    query_start_loc: torch.Tensor  # [B + 1] int32: cu_num_query_tokens
+    seq_lens: torch.Tensor  # [B] int32: cached + query tokens
+    context_lens: torch.Tensor  # [B] int32: cached tokens before this step
+    block_tables: torch.Tensor  # [B, max_blocks] int32, padded with 0
+    slot_mapping: torch.Tensor  # [num_tokens] int64: where each query token's K/V is written
+    tree_offsets: torch.Tensor  # [B] int32: query-relative index of the root
+    tree_mask: torch.Tensor  # [num_tokens] int64: ancestor bits over tree nodes, 0 before the root
+    max_query_len: int
+    max_seq_len: int
+    block_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+
+def ancestor_masks(parents: list[int]) -> list[int]:
+    """Bitmask per tree node (root first) of its ancestors and itself, as signed int64 values.
+
+    `parents[j]` is the parent (0..j) of draft node j + 1; node 0 is the root.
+    Example: parents [0, 0, 1] (root with children 1, 2; node 3 under 1) -> [0b1, 0b11, 0b101, 0b1011].
+    """
+    if len(parents) + 1 > MAX_TREE_NODES:
+        raise ValueError(f"a draft tree has at most {MAX_TREE_NODES - 1} nodes, got {len(parents)}")
+    masks = [1]
+    for j, p in enumerate(parents):
+        if not 0 <= p <= j:
+            raise ValueError(f"draft node {j + 1} has parent {p}: parents must precede their children")
+        masks.append(masks[p] | (1 << (j + 1)))
+    return [m - (1 << 64) if m >= 1 << 63 else m for m in masks]
+
+
+def tree_depths(parents: list[int]) -> list[int]:
+    """Depth of every tree node, root (depth 0) first."""
+    depths = [0]
+    for p in parents:
+        depths.append(depths[p] + 1)
+    return depths

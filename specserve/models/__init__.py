@@ -1,0 +1,1 @@
+"""Our own model forwards (paged, tree-aware attention) and their weight loaders."""
