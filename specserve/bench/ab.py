@@ -72,13 +72,14 @@ def load_result(path: str | Path) -> dict[str, Any]:
 
 
 def pick_arm(data: dict[str, Any], arm: str | None, path: str | Path) -> str:
-    """The named arm, or the only arm, or the only one besides the baseline."""
+    """The named arm, or the only arm, or the only one besides the no-drafter baseline."""
     arms = list(dict.fromkeys(r["arm"] for r in data["requests"] if not r.get("error")))
     if arm is not None:
         if arm not in arms:
             raise ValueError(f"{path} has no arm {arm!r}; it has {arms}")
         return arm
-    candidates = arms if len(arms) == 1 else [a for a in arms if a != BASELINE]
+    baseline = data.get("baseline", BASELINE)
+    candidates = arms if len(arms) == 1 else [a for a in arms if a != baseline]
     if len(candidates) != 1:
         raise ValueError(f"{path} has arms {arms}: pick one with --arm-a/--arm-b")
     return candidates[0]

@@ -1,4 +1,4 @@
-"""Render offline results: rich terminal tables and the JSON file."""
+"""Render results: rich terminal tables (offline, serve) and strict JSON files."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 
 from rich.table import Table
 
+from specserve.bench.serve_load import ServeResult
 from specserve.bench.stats import Interval
 from specserve.bench.summary import ArmSummary
 
@@ -101,3 +102,55 @@ def _finite(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_finite(v) for v in obj]
     return obj
+
+
+def serve_tables(result: ServeResult) -> list[Table]:
+    """Latency percentiles and throughput; errors by message; server-side acceptance per arm."""
+    s = result.summary
+    latency = Table(title=f"bench serve: {s.num_ok}/{s.num_requests} ok in {s.duration_s:.1f}s")
+    for col in ("metric", "p50", "p90", "p99"):
+        latency.add_column(col, justify="left" if col == "metric" else "right")
+    for name, values in (
+        ("TTFT ms", s.ttft_ms),
+        ("ITL ms", s.itl_ms),
+        ("TPOT ms", s.tpot_ms),
+        ("E2E ms", s.e2e_ms),
+    ):
+        latency.add_row(name, *(_num(values[f"p{q}"]) for q in (50, 90, 99)))
+    totals = Table(title="throughput")
+    for col in ("requests/s", "output tok/s", "goodput req/s", "SLO attainment", "errors"):
+        totals.add_column(col, justify="right")
+    totals.add_row(
+        f"{s.request_throughput:.2f}",
+        f"{s.output_tok_s:.1f}",
+        _num(s.goodput, ".2f"),
+        "-" if s.slo_attainment is None else f"{s.slo_attainment:.0%}",
+        str(s.num_errors),
+    )
+    tables = [latency, totals]
+    if s.errors:
+        errors = Table(title="errors")
+        errors.add_column("count", justify="right")
+        errors.add_column("error")
+        for message, count in sorted(s.errors.items(), key=lambda kv: -kv[1]):
+            errors.add_row(str(count), message)
+        tables.append(errors)
+    if result.server_acceptance:
+        acc = Table(title="server-side speculation (from /metrics)")
+        for col in ("arm", "drafts", "draft tokens", "accepted", "accept", "tau"):
+            acc.add_column(col, justify="left" if col == "arm" else "right")
+        for arm, a in result.server_acceptance.items():
+            acc.add_row(
+                arm,
+                f"{a.num_drafts:.0f}",
+                f"{a.num_draft_tokens:.0f}",
+                f"{a.num_accepted_tokens:.0f}",
+                fmt_rate(a.acceptance_rate),
+                fmt_rate(a.mean_accepted_length),
+            )
+        tables.append(acc)
+    return tables
+
+
+def _num(value: float | None, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)

@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 
-from specserve.bench.arm_specs import BASELINE
 from specserve.bench.records import BatchRecord, RequestRecord
 from specserve.bench.stats import Interval, percentile, speedup_ci
 
@@ -37,13 +36,13 @@ class ArmSummary:
 
 
 def summarize(
-    records: list[RequestRecord], batches: list[BatchRecord], *, greedy: bool, seed: int = 0
+    records: list[RequestRecord], batches: list[BatchRecord], *, baseline: str, greedy: bool, seed: int = 0
 ) -> dict[str, ArmSummary]:
-    """Per-arm summaries (in first-seen arm order), each with its per-category breakdown."""
+    """Per-arm summaries (first-seen order) with per-category breakdowns; speedups are over `baseline`."""
     by_arm: dict[str, list[RequestRecord]] = defaultdict(list)
     for r in records:
         by_arm[r.arm].append(r)
-    base = by_arm.get(BASELINE, [])
+    base = by_arm.get(baseline, [])
     out = {}
     for arm, recs in by_arm.items():
         summary = _summarize(recs, base, greedy=greedy, seed=seed)
