@@ -109,7 +109,7 @@ def _synthetic():
 
 def test_summarize_acceptance_speedup_and_greedy_equality():
     records, batches = _synthetic()
-    s = summarize(records, batches, greedy=True)
+    s = summarize(records, batches, baseline="none", greedy=True)
     assert list(s) == ["none", "ngram"]
     ngram = s["ngram"]
     assert ngram.tau == pytest.approx(2.5)
@@ -121,12 +121,12 @@ def test_summarize_acceptance_speedup_and_greedy_equality():
     assert ngram.throughput_tok_s == pytest.approx(10.0)
     assert set(ngram.by_category) == {"math", "writing"}
     assert ngram.by_category["math"].num_requests == 2
-    assert summarize(records, batches, greedy=False)["ngram"].greedy_equal is None
+    assert summarize(records, batches, baseline="none", greedy=False)["ngram"].greedy_equal is None
 
 
 def test_tables_json_and_plots(tmp_path):
     records, batches = _synthetic()
-    s = summarize(records, batches, greedy=True)
+    s = summarize(records, batches, baseline="none", greedy=True)
     console = Console(record=True, width=200)
     console.print(arm_table(s, "offline"))
     console.print(category_table(s))
