@@ -1,0 +1,372 @@
+"""The engine: every step is schedule -> propose -> verify -> accept -> commit -> emit.
+
+Plain decoding is the same step with no drafts, and a prefill chunk is a run of query tokens with a causal
+mask. The step emits at most one RequestOutput per request group (the n samples of one request).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from specserve.config import EngineConfig, SpeculativeConfig
+from specserve.detokenizer import IncrementalDetokenizer
+from specserve.drafters import build_drafter
+from specserve.drafters.base import DraftProposal
+from specserve.kernels import get_backend
+from specserve.kv_cache import KVCacheManager
+from specserve.model_runner import ForwardOutput, ModelRunner
+from specserve.models.loader import load_model
+from specserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from specserve.request import Request, RequestStatus
+from specserve.sampler import top_logprobs
+from specserve.sampling_params import SamplingParams
+from specserve.scheduler import ScheduledRequest, Scheduler
+from specserve.verify import VerifyItem, VerifyResult, verify
+
+NO_SPEC = "none"
+
+
+@dataclass
+class TargetContext:
+    """What drafters may use of the target: its model, tokenizer, device and the shared block pool's shape."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype
+    block_size: int
+    num_blocks: int
+    backend: object
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    num_free_blocks: int
+    num_total_blocks: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+
+
+def _resolve_device_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if config.device == "auto" else config.device)
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if config.dtype == "auto":
+        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+    if config.dtype not in names:
+        raise ValueError(f"dtype must be one of auto, {', '.join(names)}; got {config.dtype!r}")
+    return device, names[config.dtype]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device, self.dtype = _resolve_device_dtype(config)
+        loaded = load_model(config.model, self.dtype, self.device, config.load_format)
+        self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        mcfg = loaded.config
+        self.max_model_len = min(config.max_model_len or mcfg.max_model_len, mcfg.max_model_len)
+        self.eos_token_ids = frozenset(mcfg.eos_token_ids)
+        num_blocks = config.num_kv_blocks or self._blocks_for_budget(mcfg)
+        backend = get_backend(config.attention_backend, self.device)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, backend, self.device, self.dtype)
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
+        target = TargetContext(
+            self.model, self.tokenizer, self.device, self.dtype, config.block_size, num_blocks, backend
+        )
+        arms: dict[str, SpeculativeConfig] = dict(config.speculative_arms)
+        self.default_arm = NO_SPEC
+        if config.speculative_config is not None:
+            self.default_arm = config.speculative_config.arm_name
+            arms[self.default_arm] = config.speculative_config
+        self.drafters = {name: build_drafter(spec, target) for name, spec in arms.items()}
+        self.spec_configs = arms
+        self.generator = torch.Generator().manual_seed(config.seed)  # for unseeded requests
+        self.groups: dict[str, list[Request]] = {}
+        self.prompts: dict[str, str | None] = {}
+
+    def _blocks_for_budget(self, mcfg) -> int:
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        per_block = 2 * mcfg.num_layers * self.config.block_size * mcfg.num_kv_heads * mcfg.head_dim * elem
+        return max(int(self.config.kv_cache_memory_gb * 2**30) // per_block, 1)
+
+    @property
+    def spec_arms(self) -> list[str]:
+        return [NO_SPEC, *self.drafters]
+
+    # ---- requests ---------------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        *,
+        spec_arm: str | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Queue a request (its n samples); raises ValueError for anything that cannot be served."""
+        if request_id in self.groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        arm = spec_arm or self.default_arm
+        if arm not in self.spec_arms:
+            raise ValueError(f"unknown speculative arm {arm!r}; this engine has {self.spec_arms}")
+        prompt_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model.config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        max_tokens = params.max_tokens or self.max_model_len - len(prompt_ids)
+        if len(prompt_ids) + max_tokens > self.max_model_len:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the messages, {max_tokens} in "
+                "the completion). Please reduce the length of the messages or completion."
+            )
+        now = arrival_time or time.time()
+        group = []
+        for i in range(params.n):
+            gen = self.generator if params.seed is None else torch.Generator().manual_seed(params.seed + i)
+            req = Request(
+                request_id=f"{request_id}#{i}",
+                group_id=request_id,
+                index=i,
+                token_ids=list(prompt_ids),
+                num_prompt_tokens=len(prompt_ids),
+                params=params,
+                max_tokens=max_tokens,
+                eos_token_ids=frozenset() if params.ignore_eos else self.eos_token_ids,
+                detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens, params.stop),
+                generator=gen,
+                spec_arm=arm,
+                metrics=RequestMetrics(arrival_time=now, num_prompt_tokens=len(prompt_ids), spec_arm=arm),
+                logprobs=[] if params.logprobs is not None else None,
+            )
+            group.append(req)
+            self.scheduler.add(req)
+        self.groups[request_id] = group
+        self.prompts[request_id] = prompt if isinstance(prompt, str) else None
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request and return its KV blocks; unknown or finished ids are ignored."""
+        for req in self.groups.pop(request_id, []):
+            if not req.finished:
+                req.status, req.finish_reason = RequestStatus.FINISHED, "abort"
+                self.scheduler.remove(req)
+        self.prompts.pop(request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.groups)
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(
+            num_running=len(s.running),
+            num_waiting=len(s.waiting),
+            kv_usage=self.kv.usage(),
+            num_free_blocks=self.kv.num_free_blocks,
+            num_total_blocks=self.kv.pool.num_blocks,
+            prefix_cache_queries=self.kv.prefix_stats.queries,
+            prefix_cache_hits=self.kv.prefix_stats.hits,
+            num_preemptions=s.num_preemptions,
+        )
+
+    # ---- the step ---------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule({name: d.max_num_tokens for name, d in self.drafters.items()})
+        if not sched.scheduled:
+            return []
+        proposals = self._propose(sched.scheduled)
+        batch = self.runner.prepare(sched.scheduled, proposals)
+        out = self.runner.forward(batch)
+        items = [
+            VerifyItem(s.request, p, row, s.request.generator)
+            for s, p, row in zip(sched.scheduled, proposals, batch.row_starts, strict=True)
+            if row >= 0
+        ]
+        results = dict(zip((id(it.request) for it in items), verify(items, out.logits), strict=True))
+        touched = self._commit(sched.scheduled, results, out)
+        self._observe(sched.scheduled, results, out)
+        return self._outputs(touched)
+
+    def _propose(self, scheduled: list[ScheduledRequest]) -> list[DraftProposal | None]:
+        proposals: list[DraftProposal | None] = [None] * len(scheduled)
+        for arm, drafter in self.drafters.items():
+            idx = [i for i, s in enumerate(scheduled) if s.request.spec_arm == arm and s.max_draft_tokens > 0]
+            if not idx:
+                continue
+            budgets = [scheduled[i].max_draft_tokens for i in idx]
+            for i, k, prop in zip(idx, budgets, drafter.propose([scheduled[i].request for i in idx], budgets),
+                                  strict=True):
+                if prop is not None and len(prop.tokens) > k:
+                    raise RuntimeError(f"drafter {arm!r} proposed {len(prop.tokens)} nodes over its budget {k}")
+                proposals[i] = prop if prop is not None and prop.tokens else None
+        return proposals
+
+    def _commit(
+        self, scheduled: list[ScheduledRequest], results: dict[int, VerifyResult], out: ForwardOutput
+    ) -> set[str]:
+        """Advance each request's KV, append accepted tokens (cut at stops), free finished requests."""
+        now = time.time()
+        moves = []
+        emitted: list[tuple[Request, VerifyResult, int]] = []
+        for s in scheduled:
+            req = s.request
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = now
+                req.metrics.num_cached_tokens = req.num_computed_tokens
+            res = results.get(id(req))
+            if res is None:  # a prefill chunk that does not reach the last token yet
+                req.num_computed_tokens += s.num_new_tokens
+                continue
+            root = req.num_computed_tokens + s.num_new_tokens - 1
+            moves += [(req.block_ids, root + a, root + d) for d, a in enumerate(res.accepted_nodes) if a != d]
+            req.num_computed_tokens = root + len(res.accepted_nodes)
+            emitted.append((req, res, self._append(req, res.token_ids)))
+            self._record_spec(req, res, now)
+        self.runner.compact(moves)
+        self._add_logprobs(emitted, out)
+        touched = set()
+        for s in scheduled:
+            req = s.request
+            touched.add(req.group_id)
+            if req.finished:
+                self.scheduler.remove(req)
+            else:
+                self.kv.commit(req)
+        return touched
+
+    def _append(self, req: Request, tokens: list[int]) -> int:
+        """Append tokens one by one until a stop condition; returns how many were kept."""
+        p = req.params
+        for n, tok in enumerate(tokens, start=1):
+            req.token_ids.append(tok)
+            stop_str = req.detokenizer.append(req.token_ids)
+            if tok in req.eos_token_ids:
+                reason, stop_reason = "stop", None
+            elif tok in p.stop_token_ids:
+                reason, stop_reason = "stop", tok
+            elif stop_str is not None:
+                reason, stop_reason = "stop", stop_str
+            elif req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
+                reason, stop_reason = "length", None
+            else:
+                continue
+            req.status, req.finish_reason, req.stop_reason = RequestStatus.FINISHED, reason, stop_reason
+            return n
+        return len(tokens)
+
+    def _record_spec(self, req: Request, res: VerifyResult, now: float) -> None:
+        m = req.metrics
+        kept = req.num_output_tokens - m.num_generated_tokens
+        if m.first_token_time is None and kept:
+            m.first_token_time = now
+        m.last_token_time = now
+        m.num_steps += 1
+        m.num_generated_tokens += kept
+        m.num_draft_tokens += res.num_draft_tokens
+        m.num_accepted_tokens += len(res.accepted_nodes) - 1
+        depth = res.draft_depth
+        while len(m.drafts_per_position) < depth:
+            m.drafts_per_position.append(0)
+            m.accepted_per_position.append(0)
+        for d in range(depth):
+            m.drafts_per_position[d] += 1
+            m.accepted_per_position[d] += d < len(res.accepted_nodes) - 1
+        if req.finished:
+            m.finished_time = now
+
+    def _add_logprobs(self, emitted: list[tuple[Request, VerifyResult, int]], out: ForwardOutput) -> None:
+        wanted = [(r, res.rows[:kept], res.token_ids[:kept]) for r, res, kept in emitted if r.logprobs is not None]
+        rows = [r for _, rs, _ in wanted for r in rs]
+        if not rows:
+            return
+        toks = [t for _, _, ts in wanted for t in ts]
+        nums = [req.params.logprobs for req, rs, _ in wanted for _ in rs]
+        entries = iter(top_logprobs(out.logits[rows], toks, nums, self.tokenizer))
+        for req, rs, _ in wanted:
+            for _ in rs:
+                entry = next(entries)
+                req.logprobs.append(entry)
+                req.cumulative_logprob += next(iter(entry.values())).logprob
+
+    def _observe(self, scheduled: list[ScheduledRequest], results: dict[int, VerifyResult], out: ForwardOutput):
+        for arm, drafter in self.drafters.items():
+            reqs = [s.request for s in scheduled if s.request.spec_arm == arm]
+            if reqs:
+                drafter.observe(reqs, [results.get(id(r)) for r in reqs], out)
+
+    def _outputs(self, group_ids: set[str]) -> list[RequestOutput]:
+        outputs = []
+        for gid in group_ids:
+            group = self.groups.get(gid)
+            if group is None:
+                continue
+            finished = all(r.finished for r in group)
+            outputs.append(
+                RequestOutput(
+                    request_id=gid,
+                    prompt=self.prompts[gid],
+                    prompt_token_ids=group[0].token_ids[: group[0].num_prompt_tokens],
+                    outputs=[self._completion(r) for r in group],
+                    finished=finished,
+                    metrics=_merge_metrics([r.metrics for r in group]),
+                )
+            )
+            if finished:
+                del self.groups[gid]
+                del self.prompts[gid]
+        return outputs
+
+    @staticmethod
+    def _completion(req: Request) -> CompletionOutput:
+        return CompletionOutput(
+            index=req.index,
+            text=req.detokenizer.visible_text(req.finished),
+            token_ids=req.output_token_ids,
+            cumulative_logprob=req.cumulative_logprob if req.logprobs is not None else None,
+            logprobs=list(req.logprobs) if req.logprobs is not None else None,
+            finish_reason=req.finish_reason,
+            stop_reason=req.stop_reason,
+        )
+
+
+def _merge_metrics(ms: Sequence[RequestMetrics]) -> RequestMetrics:
+    """One request's metrics from its n samples' (sums of counts, earliest/latest times)."""
+    if len(ms) == 1:
+        return ms[0]
+    first = [m.first_token_time for m in ms if m.first_token_time is not None]
+    width = max(len(m.drafts_per_position) for m in ms)
+
+    def pos_sum(attr: str) -> list[int]:
+        return [sum(getattr(m, attr)[d] for m in ms if d < len(getattr(m, attr))) for d in range(width)]
+
+    fin = [m.finished_time for m in ms]
+    return RequestMetrics(
+        arrival_time=ms[0].arrival_time,
+        first_scheduled_time=ms[0].first_scheduled_time,
+        first_token_time=min(first) if first else None,
+        last_token_time=max((m.last_token_time or 0.0) for m in ms) or None,
+        finished_time=max(fin) if all(f is not None for f in fin) else None,
+        num_prompt_tokens=ms[0].num_prompt_tokens,
+        num_cached_tokens=ms[0].num_cached_tokens,
+        num_steps=sum(m.num_steps for m in ms),
+        num_generated_tokens=sum(m.num_generated_tokens for m in ms),
+        num_draft_tokens=sum(m.num_draft_tokens for m in ms),
+        num_accepted_tokens=sum(m.num_accepted_tokens for m in ms),
+        accepted_per_position=pos_sum("accepted_per_position"),
+        drafts_per_position=pos_sum("drafts_per_position"),
+        num_preemptions=sum(m.num_preemptions for m in ms),
+        spec_arm=ms[0].spec_arm,
+    )

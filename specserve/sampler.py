@@ -1,0 +1,104 @@
+"""Target distributions: logits -> the p that sampling and verification use, after every sampling filter.
+
+Each row is one verify-tree node of one request. Penalties and min_tokens see the tokens on that node's
+path as if they had been generated, so p is exactly the distribution plain decoding would sample from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from specserve.outputs import Logprob
+from specserve.sampling_params import SamplingParams
+
+
+@dataclass
+class RowContext:
+    """What processing one logits row needs: its request's params and the tokens it is conditioned on."""
+
+    params: SamplingParams
+    token_ids: list[int]  # prompt + output + the row's draft path
+    num_prompt_tokens: int
+    banned_until_min_tokens: frozenset[int]  # eos + stop_token_ids, masked while output < min_tokens
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+
+def _apply_penalties(logits: torch.Tensor, rows: list[RowContext]) -> None:
+    for i, ctx in enumerate(rows):
+        p = ctx.params
+        if p.has_penalties:
+            seen = torch.tensor(ctx.token_ids, device=logits.device)
+            if p.repetition_penalty != 1.0:  # over prompt and output, as in vLLM / HF
+                ids = seen.unique()
+                vals = logits[i, ids]
+                logits[i, ids] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+            out = seen[ctx.num_prompt_tokens :]
+            if out.numel():
+                counts = torch.bincount(out, minlength=logits.shape[1]).to(logits.dtype)
+                logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+        if ctx.num_output_tokens < p.min_tokens and ctx.banned_until_min_tokens:
+            logits[i, list(ctx.banned_until_min_tokens)] = float("-inf")
+
+
+def process_logits(logits: torch.Tensor, rows: list[RowContext]) -> torch.Tensor:
+    """Penalties and min_tokens applied to a copy of logits ([N, vocab] float32)."""
+    logits = logits.float().clone()
+    if any(r.params.has_penalties or r.num_output_tokens < r.params.min_tokens for r in rows):
+        _apply_penalties(logits, rows)
+    return logits
+
+
+def target_probs(logits: torch.Tensor, rows: list[RowContext]) -> torch.Tensor:
+    """Softmax after temperature, top-k, top-p and min-p ([N, vocab] float32); rows must not be greedy."""
+    device = logits.device
+    temp = torch.tensor([r.params.temperature for r in rows], device=device)
+    logits = logits / temp[:, None]
+    top_k = [r.params.top_k for r in rows]
+    if any(top_k):
+        k = torch.tensor([kk if kk else logits.shape[1] for kk in top_k], device=device).clamp(max=logits.shape[1])
+        kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    top_p = torch.tensor([r.params.top_p for r in rows], device=device)
+    if (top_p < 1.0).any():
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        # Keep the smallest set whose mass reaches top_p: a token is cut if the mass before it already does.
+        cut = (sorted_p.cumsum(dim=-1) - sorted_p) >= top_p[:, None]
+        probs = probs.scatter(1, idx, sorted_p.masked_fill(cut, 0.0))
+    min_p = torch.tensor([r.params.min_p for r in rows], device=device)
+    if (min_p > 0).any():
+        probs = probs.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def sample_from(probs: torch.Tensor, u: float) -> int:
+    """Inverse-CDF draw from one unnormalized distribution with a uniform u in [0, 1)."""
+    cdf = probs.cumsum(dim=-1)
+    x = torch.tensor([u * float(cdf[-1])], device=probs.device, dtype=cdf.dtype)
+    return min(int(torch.searchsorted(cdf, x, right=True)), probs.shape[-1] - 1)
+
+
+def top_logprobs(
+    logits: torch.Tensor, token_ids: list[int], num: list[int], tokenizer
+) -> list[dict[int, Logprob]]:
+    """For each row: the emitted token's logprob and the top-`num` of the model's distribution."""
+    logp = logits.float().log_softmax(dim=-1)  # [N, vocab]
+    k = max(num) if num else 0
+    top_vals, top_ids = logp.topk(max(k, 1), dim=-1)
+    chosen = logp.gather(1, torch.tensor(token_ids, device=logp.device)[:, None]).squeeze(1)
+    ranks = (logp > chosen[:, None]).sum(dim=-1) + 1
+    top_vals, top_ids, chosen, ranks = top_vals.tolist(), top_ids.tolist(), chosen.tolist(), ranks.tolist()
+    result = []
+    for i, tok in enumerate(token_ids):
+        entry = {tok: Logprob(chosen[i], ranks[i], tokenizer.decode([tok]))}
+        for r in range(num[i]):
+            t = top_ids[i][r]
+            if t not in entry:
+                entry[t] = Logprob(top_vals[i][r], r + 1, tokenizer.decode([t]))
+        result.append(entry)
+    return result

@@ -1,0 +1,134 @@
+"""Verification: which draft nodes the target accepts, and the token that follows them.
+
+Vocabulary (as in vLLM's rejection sampler): an *accepted* token is a draft token the target keeps; when a
+draft is rejected the target samples a *recovered* token from the residual distribution; when every draft
+on the path is accepted it samples a *bonus* token. Either way a request gains its accepted draft tokens
+plus one. Row j of a request's logits is the target's prediction after tree node j (root = node 0).
+
+Greedy: follow the child whose token equals the target argmax, until none does.
+Sampling (SpecInfer / EAGLE recursive rejection sampling; Leviathan et al. for chains): at a node, try the
+children in order; accept child c with probability min(1, p(c) / q(c)); on rejection p <- norm(max(0, p - q))
+and try the next child; when none is accepted, sample from what is left of p. Deterministic drafters have
+a one-hot q, so acceptance is p(c) and the residual is p with c removed. The output is distributed exactly
+as the target's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from specserve.attention import tree_depths
+from specserve.drafters.base import DraftProposal
+from specserve.request import Request
+from specserve.sampler import RowContext, process_logits, sample_from, target_probs
+
+
+@dataclass
+class VerifyResult:
+    """accepted_nodes: tree nodes on the accepted path, root first. token_ids: the accepted draft tokens
+    then the recovered/bonus token (as many as accepted_nodes). rows: logits row each token came from."""
+
+    accepted_nodes: list[int]
+    token_ids: list[int]
+    rows: list[int]
+    num_draft_tokens: int
+    draft_depth: int  # depth of the proposed tree (chain length for chains)
+
+
+@dataclass
+class VerifyItem:
+    request: Request
+    proposal: DraftProposal | None
+    row_start: int  # first logits row (the root's)
+    generator: torch.Generator  # source of this request's uniforms
+
+    @property
+    def num_nodes(self) -> int:
+        return 1 + (len(self.proposal.tokens) if self.proposal else 0)
+
+    @property
+    def depth(self) -> int:
+        return max(tree_depths(self.proposal.parents)) if self.proposal else 0
+
+    def children(self) -> list[list[int]]:
+        kids: list[list[int]] = [[] for _ in range(self.num_nodes)]
+        for j, p in enumerate(self.proposal.parents if self.proposal else []):
+            kids[p].append(j + 1)
+        return kids
+
+    def row_contexts(self, banned: frozenset[int]) -> list[RowContext]:
+        req = self.request
+        paths: list[list[int]] = [[]]
+        for j, p in enumerate(self.proposal.parents if self.proposal else []):
+            paths.append(paths[p] + [self.proposal.tokens[j]])
+        return [RowContext(req.params, req.token_ids + path, req.num_prompt_tokens, banned) for path in paths]
+
+
+def _walk_greedy(item: VerifyItem, argmax: list[int]) -> VerifyResult:
+    kids, node, nodes = item.children(), 0, [0]
+    tokens = item.proposal.tokens if item.proposal else []
+    while True:
+        target = argmax[item.row_start + node]
+        nxt = next((c for c in kids[node] if tokens[c - 1] == target), None)
+        if nxt is None:
+            break
+        node = nxt
+        nodes.append(node)
+    out = [tokens[c - 1] for c in nodes[1:]] + [argmax[item.row_start + node]]
+    return VerifyResult(nodes, out, [item.row_start + n for n in nodes], item.num_nodes - 1, item.depth)
+
+
+def _walk_sampling(item: VerifyItem, probs: torch.Tensor) -> VerifyResult:
+    """probs: [num_nodes, vocab] target distributions of this request's rows."""
+    kids, node, nodes = item.children(), 0, [0]
+    prop = item.proposal
+    while True:
+        p = probs[node]
+        for c in kids[node]:
+            tok = prop.tokens[c - 1]
+            q = prop.draft_probs[c - 1] if prop.draft_probs is not None else None
+            q_tok = float(q[tok]) if q is not None else 1.0
+            u = float(torch.rand((), generator=item.generator))
+            if q_tok > 0 and u * q_tok < float(p[tok]):
+                node = c
+                break
+            if q is None:
+                residual = p.clone()
+                residual[tok] = 0.0
+            else:
+                residual = (p - q.to(p.device)).clamp(min=0.0)
+            if float(residual.sum()) > 0.0:  # an empty residual is only reachable through rounding
+                p = residual
+        else:
+            last = sample_from(p, float(torch.rand((), generator=item.generator)))
+            break
+        nodes.append(node)
+    out = [prop.tokens[c - 1] for c in nodes[1:]] + [last] if prop else [last]
+    return VerifyResult(nodes, out, [item.row_start + n for n in nodes], item.num_nodes - 1, item.depth)
+
+
+def verify(items: Sequence[VerifyItem], logits: torch.Tensor) -> list[VerifyResult]:
+    """Verify every request's tree against its logits rows ([num_rows, vocab]); one host sync for greedy."""
+    rows: list[RowContext] = []
+    for it in items:
+        # eos_token_ids is already empty for ignore_eos requests
+        rows.extend(it.row_contexts(frozenset(it.request.params.stop_token_ids) | it.request.eos_token_ids))
+    logits = process_logits(logits, rows)
+    greedy = [it for it in items if it.request.params.greedy]
+    results: dict[int, VerifyResult] = {}
+    if greedy:
+        argmax = logits.argmax(dim=-1).tolist()
+        for it in greedy:
+            results[id(it)] = _walk_greedy(it, argmax)
+    sampled = [it for it in items if not it.request.params.greedy]
+    if sampled:
+        idx = [it.row_start + n for it in sampled for n in range(it.num_nodes)]
+        probs = target_probs(logits[idx], [rows[i] for i in idx])
+        start = 0
+        for it in sampled:
+            results[id(it)] = _walk_sampling(it, probs[start : start + it.num_nodes])
+            start += it.num_nodes
+    return [results[id(it)] for it in items]
