@@ -1,0 +1,228 @@
+"""Llama-family decoder (Llama 2/3.x, SmolLM2, Mistral, Qwen2, Qwen3) over the paged KV pool.
+
+The whole batch is one flat run of T query tokens; `AttentionMetadata` says which sequence each belongs
+to, where its K/V go and what it may attend (causal chunks and draft trees alike). Parameter names are
+Hugging Face's, so an HF state_dict loads as is. The math follows transformers op for op (RMSNorm in
+fp32, rope as q * cos + rotate_half(q) * sin) so fp32 logits match it to rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specserve.attention import AttentionMetadata
+from specserve.models.config import ModelConfig
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # [num_blocks, block_size, num_kv_heads, head_dim] each
+
+
+def make_linear(in_features: int, out_features: int, bias: bool) -> nn.Module:
+    """Every projection is built here: the seam for quantized and tensor-parallel linear layers."""
+    return nn.Linear(in_features, out_features, bias=bias)
+
+
+@dataclass
+class ModelOutput:
+    hidden_states: torch.Tensor  # [T, hidden] after the final norm: what compute_logits takes
+    prenorm_hidden_states: torch.Tensor  # [T, hidden] last layer's output before the final norm (EAGLE-1)
+    aux_hidden_states: list[torch.Tensor] = field(default_factory=list)  # [T, hidden] per aux layer (EAGLE-3)
+
+
+class RMSNorm(nn.Module):
+    """HF's RMSNorm: normalize in fp32, cast back, then scale."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """[head_dim // 2] fp32 inverse frequencies, linear or Llama 3.1 scaling as transformers does it."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    if s.rope_type == "linear":
+        return inv_freq / s.factor
+    # llama3: keep high frequencies, divide low ones by factor, interpolate smoothly in between.
+    low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables in fp32 indexed by position; built on first use on the device that needs them.
+
+    The tables are plain attributes, not buffers: a model built on the meta device and materialized later
+    gets them right, and model.to(bf16) does not round the fp32 tables (they are cast per use, like HF).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.cos: torch.Tensor | None = None  # [max_positions, head_dim // 2]
+        self.sin: torch.Tensor | None = None
+
+    def reserve(self, num_positions: int, device: torch.device) -> None:
+        """Make the tables cover positions [0, num_positions) on device."""
+        if self.cos is not None and self.cos.device == device and self.cos.shape[0] >= num_positions:
+            return
+        inv_freq = rope_inv_freq(self.config).to(device)
+        t = torch.arange(num_positions, device=device, dtype=torch.float)
+        freqs = t[:, None] * inv_freq[None, :]  # [num_positions, head_dim // 2]
+        self.cos, self.sin = freqs.cos(), freqs.sin()
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Rotate x [T, heads, head_dim] at positions [T]."""
+        # Covers max_position_embeddings; longer contexts call reserve() up front (no host sync here).
+        self.reserve(self.config.max_position_embeddings, positions.device)
+        cos = self.cos[positions].to(x.dtype)[:, None, :]  # [T, 1, head_dim // 2]
+        sin = self.sin[positions].to(x.dtype)[:, None, :]
+        x1, x2 = x.chunk(2, dim=-1)  # [T, heads, head_dim // 2] each
+        # = x * cat(cos, cos) + rotate_half(x) * cat(sin, sin), half by half
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_heads,
+            config.num_kv_heads,
+            config.head_dim,
+        )
+        self.scale = self.head_dim**-0.5
+        hidden, bias = config.hidden_size, config.qkv_bias
+        self.q_proj = make_linear(hidden, self.num_heads * self.head_dim, bias)
+        self.k_proj = make_linear(hidden, self.num_kv_heads * self.head_dim, bias)
+        self.v_proj = make_linear(hidden, self.num_kv_heads * self.head_dim, bias)
+        self.o_proj = make_linear(self.num_heads * self.head_dim, hidden, False)
+        if config.qk_norm:  # Qwen3: RMSNorm over each head before rope
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, hidden]
+        positions: torch.Tensor,  # [T]
+        rotary: RotaryEmbedding,
+        meta: AttentionMetadata,
+        kv_cache: KVCache,
+        backend: ModuleType,
+    ) -> torch.Tensor:
+        q = self.q_proj(x).view(-1, self.num_heads, self.head_dim)  # [T, num_heads, head_dim]
+        k = self.k_proj(x).view(-1, self.num_kv_heads, self.head_dim)  # [T, num_kv_heads, head_dim]
+        v = self.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)  # [T, num_kv_heads, head_dim]
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary(positions, q), rotary(positions, k)
+        k_cache, v_cache = kv_cache
+        backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = backend.paged_attention(q, k_cache, v_cache, meta, self.scale)  # [T, num_heads, head_dim]
+        return self.o_proj(out.flatten(1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        hidden, inter, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = make_linear(hidden, inter, bias)
+        self.up_proj = make_linear(hidden, inter, bias)
+        self.down_proj = make_linear(inter, hidden, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.self_attn = LlamaAttention(config)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, positions, rotary, meta, kv_cache, backend) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, meta, kv_cache, backend)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Causal LM over paged KV. `aux_layers` picks the residual streams handed to EAGLE-3.
+
+    aux_hidden_states[j] is the residual stream entering layer aux_layers[j] (the output of layer
+    aux_layers[j] - 1; 0 is the embeddings), i.e. transformers' `output_hidden_states[aux_layers[j]]`.
+    That is where EAGLE-3 taps the target (`if idx in (2, L // 2, L - 3)` before running layer idx, as in
+    its training code and vLLM), so trained EAGLE-3 heads see what they were trained on.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = make_linear(config.hidden_size, config.vocab_size, False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.aux_layers: tuple[int, ...] = ()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T] int64
+        positions: torch.Tensor,  # [T] int64
+        meta: AttentionMetadata,
+        kv_caches: list[KVCache],  # one (k_cache, v_cache) per layer
+        backend: ModuleType,
+    ) -> ModelOutput:
+        m = self.model
+        x = m.embed_tokens(input_ids)  # [T, hidden]
+        aux = []
+        for i, layer in enumerate(m.layers):
+            if i in self.aux_layers:
+                aux.append(x)
+            x = layer(x, positions, m.rotary_emb, meta, kv_caches[i], backend)
+        return ModelOutput(hidden_states=m.norm(x), prenorm_hidden_states=x, aux_hidden_states=aux)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> [N, vocab] float32."""
+        return self.lm_head(hidden).float()
+
+
+@torch.no_grad()
+def init_dummy_weights(model: nn.Module, seed: int) -> None:
+    """Random weights of sane scale (normal std 0.02, norm weights 1), the same for a seed on any device."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        else:
+            # drawn on the CPU so that a seed gives the same model on every device
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)

