@@ -19,7 +19,7 @@ from specserve.drafters.base import DraftProposal
 from specserve.kernels import get_backend
 from specserve.kv_cache import KVCacheManager
 from specserve.model_runner import ForwardOutput, ModelRunner
-from specserve.models.loader import load_model
+from specserve.models.loader import LoadedModel, load_model
 from specserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from specserve.request import Request, RequestStatus
 from specserve.sampler import top_logprobs
@@ -67,10 +67,13 @@ def _resolve_device_dtype(config: EngineConfig) -> tuple[torch.device, torch.dty
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    """`loaded` reuses weights already in memory (tests and benchmarks that build several engines)."""
+
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
         self.config = config
         self.device, self.dtype = _resolve_device_dtype(config)
-        loaded = load_model(config.model, self.dtype, self.device, config.load_format)
+        if loaded is None:
+            loaded = load_model(config.model, self.dtype, self.device, config.load_format, seed=config.seed)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         mcfg = loaded.config
         self.max_model_len = min(config.max_model_len or mcfg.max_model_len, mcfg.max_model_len)

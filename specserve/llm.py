@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from specserve.config import EngineConfig
 from specserve.engine import LLMEngine
+from specserve.models.loader import LoadedModel
 from specserve.outputs import RequestOutput
 from specserve.sampling_params import SamplingParams
 
@@ -19,7 +20,7 @@ Message = dict[str, Any]
 class LLM:
     """Load a model once, then `generate` or `chat` over batches of prompts.
 
-    Keyword arguments beyond model/speculative_config/device/dtype are EngineConfig fields.
+    Keyword arguments beyond these are EngineConfig fields; `loaded_model` reuses weights already in memory.
     """
 
     def __init__(
@@ -28,12 +29,13 @@ class LLM:
         speculative_config: dict | str | None = None,
         device: str = "auto",
         dtype: str = "auto",
+        loaded_model: LoadedModel | None = None,
         **engine_kwargs: Any,
     ):
         config = EngineConfig(
             model=model, speculative_config=speculative_config, device=device, dtype=dtype, **engine_kwargs
         )
-        self.engine = LLMEngine(config)
+        self.engine = LLMEngine(config, loaded_model)
         self._ids = itertools.count()
 
     def get_tokenizer(self):
