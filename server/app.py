@@ -29,7 +29,7 @@ from .protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from .state import STATE, ServerState, base_headers, json_response, read_request, state_of
+from .state import REQUEST_ID, STATE, ServerState, base_headers, json_response, read_request, state_of
 
 logger = logging.getLogger(__name__)
 
@@ -98,10 +98,10 @@ async def _stop(app: web.Application) -> None:
 @web.middleware
 async def _request_id(request: web.Request, handler: Any) -> web.StreamResponse:
     given = request.headers.get("x-request-id", "")
-    request["request_id"] = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    request[REQUEST_ID] = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
     response = await handler(request)
     if not response.prepared:
-        response.headers["x-request-id"] = request["request_id"]
+        response.headers["x-request-id"] = request[REQUEST_ID]
     return response
 
 

@@ -40,6 +40,7 @@ class ServerState:
 
 
 STATE = web.AppKey("specserve_state", ServerState)
+REQUEST_ID = web.RequestKey("specserve_request_id", str)
 
 
 def state_of(request: web.Request) -> ServerState:
@@ -52,7 +53,7 @@ async def read_request(request: web.Request, cls: type[T]) -> T:
 
 
 def base_headers(request: web.Request) -> dict[str, str]:
-    return {"x-request-id": request["request_id"]}
+    return {"x-request-id": request[REQUEST_ID]}
 
 
 def json_response(obj: msgspec.Struct, headers: dict[str, str] | None = None) -> web.Response:

