@@ -70,9 +70,7 @@ def _tiny_config(family: str, vocab_size: int):
             "high_freq_factor": 4.0,
             "original_max_position_embeddings": 64,
         }
-        return LlamaConfig(
-            **{**common, "eos_token_id": [2, 0]}, rope_parameters=rope, tie_word_embeddings=False
-        )
+        return LlamaConfig(**{**common, "eos_token_id": [2, 0]}, rope_parameters=rope, tie_word_embeddings=False)
     if family == "mistral":
         return MistralConfig(**common, sliding_window=None, tie_word_embeddings=False)
     if family == "qwen2":

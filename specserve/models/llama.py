@@ -180,7 +180,8 @@ class LlamaForCausalLM(nn.Module):
     """Causal LM over paged KV. `aux_layers` picks the residual streams handed to EAGLE-3.
 
     aux_hidden_states[j] is the residual stream entering layer aux_layers[j] (the output of layer
-    aux_layers[j] - 1; 0 is the embeddings), i.e. transformers' `output_hidden_states[aux_layers[j]]`.
+    aux_layers[j] - 1; 0 is the embeddings, num_layers the last output before the final norm), i.e.
+    transformers' `output_hidden_states[aux_layers[j]]` without its final norm.
     That is where EAGLE-3 taps the target (`if idx in (2, L // 2, L - 3)` before running layer idx, as in
     its training code and vLLM), so trained EAGLE-3 heads see what they were trained on.
     """
@@ -204,11 +205,13 @@ class LlamaForCausalLM(nn.Module):
     ) -> ModelOutput:
         m = self.model
         x = m.embed_tokens(input_ids)  # [T, hidden]
-        aux = []
+        taps = {}  # layer index -> residual stream entering it
         for i, layer in enumerate(m.layers):
             if i in self.aux_layers:
-                aux.append(x)
+                taps[i] = x
             x = layer(x, positions, m.rotary_emb, meta, kv_caches[i], backend)
+        taps[len(m.layers)] = x
+        aux = [taps[i] for i in self.aux_layers]
         return ModelOutput(hidden_states=m.norm(x), prenorm_hidden_states=x, aux_hidden_states=aux)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
