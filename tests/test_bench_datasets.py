@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from specserve.bench.arm_specs import parse_arm, parse_drafters
+from specserve.bench.arm_specs import arms_from_drafter_config, parse_arm, parse_drafters
 from specserve.bench.datasets import DatasetError, load_dataset, load_jsonl
 
 
@@ -98,3 +98,23 @@ def test_parse_drafters_puts_baseline_first():
 def test_parse_drafters_rejects_bad_specs(spec, message):
     with pytest.raises(ValueError, match=message):
         parse_drafters(spec)
+
+
+def test_arms_from_the_servers_drafter_config(tmp_path):
+    path = tmp_path / "arms.toml"
+    spec = '{ method = "ngram", num_speculative_tokens = 4 }'
+    ngram = f'{{ name = "ngram4", weight = 0.8, speculative_config = {spec} }}'
+    path.write_text(f'["SmolLM2-135M-Instruct"]\narms = [ {{ name = "baseline", weight = 0.2 }}, {ngram} ]\n')
+    arms = arms_from_drafter_config(str(path), "SmolLM2-135M-Instruct")
+    assert [(a.name, a.speculative_config) for a in arms] == [
+        ("baseline", None),
+        ("ngram4", {"method": "ngram", "num_speculative_tokens": 4}),
+    ]
+    with pytest.raises(ValueError, match="has no arms for model 'other'; it names"):
+        arms_from_drafter_config(str(path), "other")
+    path.write_text('["m"]\narms = [ { name = "x", speculative_config = { method = "nope" } } ]\n')
+    with pytest.raises(ValueError, match="method must be one of"):
+        arms_from_drafter_config(str(path), "m")
+    path.write_text("not toml [")
+    with pytest.raises(ValueError, match="not valid TOML"):
+        arms_from_drafter_config(str(path), "m")
