@@ -209,10 +209,9 @@ class AsyncEngine:
         running: set[str] = set()  # requests the engine holds
         try:
             while True:
-                commands = self._drain(block=not self.engine.has_unfinished_requests())
-                if _STOP in commands:
-                    return
-                for command in commands:
+                for command in self._drain(block=not self.engine.has_unfinished_requests()):
+                    if command is _STOP:  # after the aborts queued before it: the engine is left empty
+                        return
                     self._apply(command, running)
                 if self.engine.has_unfinished_requests():
                     self._step(running)

