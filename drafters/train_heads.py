@@ -1,0 +1,367 @@
+"""Trainable drafter modules with the parameter names of their published checkpoints, run densely.
+
+Training runs on padded [B, S] batches with plain causal attention (no paged KV), reusing our Llama
+modules (`LlamaDecoderLayer`, `RMSNorm`, `RotaryEmbedding`) so the math is the runtime's op for op:
+- EAGLE-1/2 (SafeAILab/EAGLE `cnets.py`): `fc` over cat(token embedding, target feature), then one decoder
+  layer without input_layernorm; its output goes straight to the target's LM head.
+- EAGLE-3 (`traineagle3/cnets.py`): `fc` over the concatenated aux features, `midlayer` whose attention
+  reads cat(input_layernorm(embedding), hidden_norm(hidden)) [2H], `norm`, and its own `lm_head` over a
+  draft vocabulary (`d2t`/`t2d` map it to the target's).
+- Medusa (FasterDecoding/Medusa `medusa_model.py`): per head, ResBlocks x + SiLU(linear(x)) then an LM head
+  (the target's, when shared).
+Unrolled ("training-time test") steps j >= 1 of the EAGLE heads feed their own output back, as drafting
+does: a query at position t attends step 0's keys at <= t and step i's key at t only, rope at t + j.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from specserve.drafters.train_data import Batch
+from torch import nn
+
+from specserve.models.config import ModelConfig
+from specserve.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, RMSNorm, RotaryEmbedding
+
+KV = tuple[torch.Tensor, torch.Tensor]  # [B, num_kv_heads, S, head_dim] each, rope applied
+
+
+def draft_layer_config(target: ModelConfig) -> ModelConfig:
+    """The EAGLE draft layer: the target's shapes as a plain one-layer Llama (no biases, no q/k norm)."""
+    return dataclasses.replace(target, model_type="llama", num_layers=1, qkv_bias=False, mlp_bias=False, qk_norm=False)
+
+
+def attention(
+    attn: LlamaAttention, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, cache: list[KV]
+) -> torch.Tensor:
+    """Attention of x [B, S, in] at positions [S]; appends its K/V to cache (earlier unrolled steps)."""
+    b, s, _ = x.shape
+    q = attn.q_proj(x).view(b, s, attn.num_heads, attn.head_dim)  # [B, S, heads, head_dim]
+    k = attn.k_proj(x).view(b, s, attn.num_kv_heads, attn.head_dim)
+    v = attn.v_proj(x).view(b, s, attn.num_kv_heads, attn.head_dim)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = rotary(positions, q).transpose(1, 2), rotary(positions, k).transpose(1, 2)  # [B, heads, S, hd]
+    cache.append((k, v.transpose(1, 2)))
+    group = attn.num_heads // attn.num_kv_heads
+    keys = torch.cat([kv[0] for kv in cache], dim=2).repeat_interleave(group, dim=1)  # [B, heads, J*S, hd]
+    values = torch.cat([kv[1] for kv in cache], dim=2).repeat_interleave(group, dim=1)
+    if len(cache) == 1:
+        out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=attn.scale)
+    else:
+        causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
+        eye = torch.eye(s, dtype=torch.bool, device=x.device)
+        mask = torch.cat([causal] + [eye] * (len(cache) - 1), dim=1)  # [S, J*S]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scale)
+    return attn.o_proj(out.transpose(1, 2).flatten(2))  # [B, S, H]
+
+
+def decoder_layer(layer: LlamaDecoderLayer, x, positions, rotary, cache: list[KV]) -> torch.Tensor:
+    """A Llama decoder layer on [B, S, H]; EAGLE-1's first layer has no input_layernorm."""
+    normed = layer.input_layernorm(x) if hasattr(layer, "input_layernorm") else x
+    x = x + attention(layer.self_attn, normed, positions, rotary, cache)
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+class EagleHead(nn.Module):
+    """EAGLE-1/2 draft: keys fc.weight [H, 2H] (+ fc.bias), layers.0.* (no input_layernorm)."""
+
+    def __init__(self, target: ModelConfig, bias: bool = True):
+        super().__init__()
+        cfg = draft_layer_config(target)
+        h = cfg.hidden_size
+        self.fc = nn.Linear(2 * h, h, bias=bias)
+        layer = LlamaDecoderLayer(cfg)
+        del layer.input_layernorm  # EAGLE's first layer reads fc's output as is
+        self.layers = nn.ModuleList([layer])
+        self.rotary = RotaryEmbedding(cfg)  # no parameters: not in the state dict
+
+    def step(self, emb, feature, positions, cache: list[KV]) -> torch.Tensor:
+        """Next-feature prediction [B, S, H] from embeddings of x_{t+1} and features f_t, both [B, S, H]."""
+        x = self.fc(torch.cat((emb, feature), dim=-1))
+        return decoder_layer(self.layers[0], x, positions, self.rotary, cache)
+
+
+class Eagle3Midlayer(LlamaDecoderLayer):
+    """EAGLE-3's decoder layer: attention over cat(input_layernorm(emb), hidden_norm(hidden)) [.., 2H]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        h, a = cfg.hidden_size, self.self_attn
+        self.hidden_norm = RMSNorm(h, cfg.rms_norm_eps)
+        a.q_proj = nn.Linear(2 * h, a.num_heads * a.head_dim, bias=False)
+        a.k_proj = nn.Linear(2 * h, a.num_kv_heads * a.head_dim, bias=False)
+        a.v_proj = nn.Linear(2 * h, a.num_kv_heads * a.head_dim, bias=False)
+
+    def step(self, emb, hidden, positions, rotary, cache: list[KV]) -> torch.Tensor:
+        x = torch.cat((self.input_layernorm(emb), self.hidden_norm(hidden)), dim=-1)  # [B, S, 2H]
+        h = hidden + attention(self.self_attn, x, positions, rotary, cache)  # residual is the raw hidden
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Eagle3Head(nn.Module):
+    """EAGLE-3 draft: fc.weight [H, 3H], midlayer.*, norm.weight, lm_head.weight [Vd, H], d2t [Vd], t2d [V]."""
+
+    def __init__(self, target: ModelConfig, draft_vocab: torch.Tensor, num_aux: int = 3):
+        super().__init__()
+        cfg = draft_layer_config(target)
+        h = cfg.hidden_size
+        self.fc = nn.Linear(num_aux * h, h, bias=False)
+        self.midlayer = Eagle3Midlayer(cfg)
+        self.norm = RMSNorm(h, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(h, len(draft_vocab), bias=False)
+        # draft id i is target id draft_vocab[i] = i + d2t[i]; t2d marks target ids the draft can emit
+        self.register_buffer("d2t", draft_vocab - torch.arange(len(draft_vocab)))
+        t2d = torch.zeros(target.vocab_size, dtype=torch.bool)
+        t2d[draft_vocab] = True
+        self.register_buffer("t2d", t2d)
+        self.rotary = RotaryEmbedding(cfg)
+
+    def step(self, emb, hidden, positions, cache: list[KV]) -> torch.Tensor:
+        """Next hidden [B, S, H] (pre-norm: fed back at the next step; logits = lm_head(norm(.)))."""
+        return self.midlayer.step(emb, hidden, positions, self.rotary, cache)
+
+
+def draft_vocab_from_counts(counts: torch.Tensor, size: int) -> torch.Tensor:
+    """[size] sorted target ids: the most frequent (ties and unseen ids by lower id), as EAGLE-3 builds it."""
+    order = torch.sort(counts, descending=True, stable=True).indices  # stable: equal counts keep id order
+    return order[:size].sort().values
+
+
+class ResBlock(nn.Module):
+    """Medusa's x + SiLU(linear(x)); zero weights start it as the identity."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden, hidden)
+        nn.init.zeros_(self.linear.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + F.silu(self.linear(x))
+
+
+class MedusaHeads(nn.ModuleList):
+    """Medusa heads as Medusa saves them: keys {head}.{layer}.linear.weight/.bias (+ {head}.{L}.weight)."""
+
+    def __init__(self, hidden: int, vocab: int, num_heads: int, num_layers: int, share_lm_head: bool):
+        heads = []
+        for _ in range(num_heads):
+            blocks = [ResBlock(hidden) for _ in range(num_layers)]
+            heads.append(nn.Sequential(*blocks, *([] if share_lm_head else [nn.Linear(hidden, vocab, bias=False)])))
+        super().__init__(heads)
+
+
+def dense_causal_lm(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Our LlamaForCausalLM on padded ids [B, S] with causal attention, no KV: post-norm hidden [B, S, H]."""
+    m = model.model
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    x = m.embed_tokens(input_ids)
+    for layer in m.layers:
+        x = decoder_layer(layer, x, positions, m.rotary_emb, [])
+    return m.norm(x)
+
+
+# ---- objectives: what each kind trains, its loss on a Batch, and the checkpoint it writes -------------
+
+
+def target_probs(target, hidden: torch.Tensor) -> torch.Tensor:
+    """[R, V] float32 target distribution from post-norm hidden rows [R, H] (never stored: recomputed)."""
+    with torch.no_grad():
+        return torch.softmax(target.compute_logits(hidden), dim=-1)
+
+
+def soft_ce(logits: torch.Tensor, p: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over rows of -sum p * log softmax(logits); rows where keep is False count as zero."""
+    ce = -(p * torch.log_softmax(logits.float(), dim=-1)).sum(-1)  # [R]
+    return (ce if keep is None else ce * keep).mean()
+
+
+def _save(module: nn.Module, path: str, dtype: torch.dtype, skip: tuple[str, ...] = ()) -> None:
+    """safetensors of the module's state: floats in dtype, integer/bool buffers (d2t, t2d) as they are."""
+    state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
+             for k, v in module.state_dict().items() if k not in skip}
+    save_file(state, path)
+
+
+def llama_config(cfg: ModelConfig, **extra) -> dict:
+    """config.json of a draft in Llama spelling (what EAGLE's and HF's loaders read)."""
+    rope = None
+    if cfg.rope_scaling is not None:
+        s = cfg.rope_scaling
+        rope = {"rope_type": s.rope_type, "factor": s.factor}
+        if s.rope_type == "llama3":
+            rope.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
+                        original_max_position_embeddings=s.original_max_position_embeddings)
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+        "num_hidden_layers": 1, "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
+        "rope_scaling": rope, "max_position_embeddings": cfg.max_position_embeddings,
+        "vocab_size": cfg.vocab_size, "tie_word_embeddings": False,
+        "bos_token_id": cfg.bos_token_id, "eos_token_id": list(cfg.eos_token_ids), **extra,
+    }
+
+
+def _write_json(obj: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+class EagleObjective:
+    """EAGLE-1/2: smooth-L1 on the next feature (weight 1.0) + CE of its logits through the target's LM head
+    against the target's next-token distribution (0.1), as in the EAGLE paper; unrolled steps weigh 0.8^j."""
+
+    v_weight, p_weight = 1.0, 0.1
+
+    def __init__(self, target, steps: int = 1, prenorm: bool = False):
+        self.target, self.steps, self.prenorm, self.aux = target, steps, prenorm, False
+        self.max_shift = steps
+        self.module = EagleHead(target.config)
+
+    def logits(self, feature: torch.Tensor) -> torch.Tensor:
+        return self.target.compute_logits(self.target.model.norm(feature) if self.prenorm else feature)
+
+    def loss(self, b: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        fs, embed = b.fs, self.target.model.embed_tokens
+        feats = fs.prenorm if self.prenorm else fs.hidden  # [N, H]
+        feature, cache, total, metrics = feats[b.at(0)], [], 0.0, {}
+        for j in range(self.steps):
+            idx = b.at(1 + j)  # [B, S]: x_{t+1+j}, and the feature f_{t+1+j} step j predicts
+            out = self.module.step(embed(fs.tokens[idx]), feature, b.pos + j, cache)  # [B, S, H]
+            mask = b.answer_mask(1 + j)
+            rows, tidx = out[mask], idx[mask]  # [R, H], [R]
+            logits = self.logits(rows)  # [R, V]
+            p = target_probs(self.target, fs.hidden[tidx])
+            vloss = F.smooth_l1_loss(rows.float(), feats[tidx].float())
+            ploss = soft_ce(logits, p)
+            total = total + 0.8**j * (self.v_weight * vloss + self.p_weight * ploss)
+            metrics |= {f"acc_{j}": (logits.argmax(-1) == p.argmax(-1)).float().mean(),
+                        f"vloss_{j}": vloss, f"ploss_{j}": ploss}
+            feature = out  # drafting feeds its own prediction back
+        return total, metrics
+
+    def save(self, out_dir: str, dtype: torch.dtype) -> None:
+        _save(self.module, os.path.join(out_dir, "model.safetensors"), dtype)
+        _write_json(llama_config(self.target.config, bias=True), os.path.join(out_dir, "config.json"))
+
+
+def eagle3_aux_layers(num_layers: int) -> tuple[int, ...]:
+    """Low, mid and high target layers whose input EAGLE-3 reads (its training code and vLLM's choice)."""
+    return (2, num_layers // 2, num_layers - 3)
+
+
+class Eagle3Objective:
+    """EAGLE-3: CE of the draft-vocab logits against the target's distribution restricted to the draft
+    vocab, at positions whose target argmax the draft vocab holds; unrolled steps weigh 0.8^j."""
+
+    prenorm, aux = False, True
+
+    def __init__(self, target, draft_vocab: torch.Tensor, steps: int = 1):
+        self.target, self.steps, self.max_shift = target, steps, steps
+        self.aux_layers = eagle3_aux_layers(target.config.num_layers)
+        self.vocab = draft_vocab  # [Vd] sorted target ids
+        self.module = Eagle3Head(target.config, draft_vocab, len(self.aux_layers))
+
+    def loss(self, b: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        fs, m, embed = b.fs, self.module, self.target.model.embed_tokens
+        hidden, cache, total, metrics = m.fc(fs.aux[b.at(0)]), [], 0.0, {}
+        vocab = self.vocab.to(fs.tokens.device)
+        for j in range(self.steps):
+            idx = b.at(1 + j)
+            out = m.step(embed(fs.tokens[idx]), hidden, b.pos + j, cache)  # [B, S, H]
+            mask = b.answer_mask(1 + j)
+            rows, tidx = out[mask], idx[mask]
+            logits = m.lm_head(m.norm(rows)).float()  # [R, Vd]
+            with torch.no_grad():
+                tlogits = self.target.compute_logits(fs.hidden[tidx])  # [R, V]
+                best = tlogits.argmax(-1)
+                p = torch.softmax(tlogits[:, vocab], dim=-1)  # [R, Vd]
+            loss = soft_ce(logits, p, keep=m.t2d[best])
+            total = total + 0.8**j * loss
+            pred = logits.argmax(-1)
+            metrics |= {f"acc_{j}": (pred + m.d2t[pred] == best).float().mean(), f"ploss_{j}": loss}
+            hidden = out
+        return total, metrics
+
+    def save(self, out_dir: str, dtype: torch.dtype) -> None:
+        _save(self.module, os.path.join(out_dir, "model.safetensors"), dtype)
+        cfg = llama_config(self.target.config, draft_vocab_size=len(self.vocab),
+                           eagle_config={"eagle_aux_hidden_state_layer_ids": list(self.aux_layers)})
+        _write_json(cfg, os.path.join(out_dir, "config.json"))
+
+
+class MedusaObjective:
+    """Medusa: head i at position t predicts token t + i + 2 (the LM head itself predicts t + 1): CE against
+    the target's distribution there, head i weighted 0.8^i as in Medusa's training."""
+
+    prenorm, aux = False, False
+
+    def __init__(self, target, num_heads: int, num_layers: int, model_path: str):
+        cfg = target.config
+        self.target, self.max_shift, self.num_layers, self.model_path = target, num_heads, num_layers, model_path
+        self.module = MedusaHeads(cfg.hidden_size, cfg.vocab_size, num_heads, num_layers, share_lm_head=True)
+
+    def loss(self, b: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        fs, base, total, metrics = b.fs, b.at(0), 0.0, {}
+        for i, head in enumerate(self.module):
+            mask = b.answer_mask(1 + i)  # the target's p at u = t + 1 + i is over token t + i + 2
+            logits = self.target.compute_logits(head(fs.hidden[base[mask]]))  # [R, V]
+            p = target_probs(self.target, fs.hidden[b.at(1 + i)[mask]])
+            loss = soft_ce(logits, p)
+            total = total + 0.8**i * loss
+            metrics |= {f"acc_{i}": (logits.argmax(-1) == p.argmax(-1)).float().mean(), f"ploss_{i}": loss}
+        return total, metrics
+
+    def save(self, out_dir: str, dtype: torch.dtype) -> None:
+        _save(self.module, os.path.join(out_dir, "medusa_lm_head.safetensors"), dtype)
+        cfg = self.target.config
+        _write_json({"medusa_num_heads": len(self.module), "medusa_num_layers": self.num_layers,
+                     "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size, "share_lm_head": True,
+                     "base_model_name_or_path": self.model_path}, os.path.join(out_dir, "config.json"))
+
+
+class DraftModelObjective:
+    """A small Llama of the target's first layers (plus its embedding, final norm and LM head), trained with
+    KL(target || draft) on every answer position. Embedding and LM head stay frozen: shared output space."""
+
+    prenorm, aux, max_shift = False, False, 0
+
+    def __init__(self, loaded, num_layers: int):
+        self.loaded, self.target = loaded, loaded.model
+        cfg = dataclasses.replace(loaded.config, num_layers=num_layers)
+        device = self.target.lm_head.weight.device
+        self.module = LlamaForCausalLM(cfg).to(device)
+        src = self.target.state_dict()
+        self.module.load_state_dict({k: src[k].float() for k in self.module.state_dict()})
+        self.module.model.embed_tokens.requires_grad_(False)
+        self.module.lm_head.requires_grad_(False)
+
+    def loss(self, b: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        fs, idx = b.fs, b.at(0)
+        hidden = dense_causal_lm(self.module, fs.tokens[idx])  # [B, S, H]
+        mask = b.answer_mask(0)
+        logits = self.module.compute_logits(hidden[mask])  # [R, V]
+        p = target_probs(self.target, fs.hidden[idx[mask]])
+        kl = (p * (torch.log(p.clamp_min(1e-30)) - torch.log_softmax(logits, dim=-1))).sum(-1).mean()
+        return kl, {"acc_0": (logits.argmax(-1) == p.argmax(-1)).float().mean(), "kl": kl}
+
+    def save(self, out_dir: str, dtype: torch.dtype) -> None:
+        """An HF model directory our loader (and transformers) reads: config.json, model.safetensors, tokenizer."""
+        cfg = self.module.config
+        _save(self.module, os.path.join(out_dir, "model.safetensors"), dtype,
+              skip=("lm_head.weight",) if cfg.tie_word_embeddings else ())
+        hf = copy.deepcopy(self.loaded.hf_config)
+        hf.num_hidden_layers = cfg.num_layers
+        if getattr(hf, "layer_types", None):
+            hf.layer_types = hf.layer_types[: cfg.num_layers]
+        if hasattr(hf, "quantization_config"):  # a GGUF target's: these weights are plain floats
+            del hf.quantization_config
+        hf.save_pretrained(out_dir)
+        self.loaded.tokenizer.save_pretrained(out_dir)
