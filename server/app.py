@@ -46,15 +46,14 @@ class ServerConfig:
     api_key: str | None = None
     ab_arms: list[Arm] | None = None
     max_body_bytes: int = 16 * 2**20  # long contexts need more than aiohttp's 1 MiB, but keep a cap
+    keep_alive_s: float = 15.0
 
 
 def build_app(engine: Any, config: ServerConfig) -> web.Application:
     """An app serving `engine`; its engine thread runs from app startup to cleanup."""
     missing = sorted(set(engine.spec_arms) ^ set(config.arm_configs))
     if missing:
-        raise ValueError(
-            f"arm configs {sorted(config.arm_configs)} do not match the engine's {engine.spec_arms}"
-        )
+        raise ValueError(f"arm configs {sorted(config.arm_configs)} do not match the engine's {engine.spec_arms}")
     metrics = ServerMetrics(config.model_name)
     state = ServerState(
         engine=AsyncEngine(engine, capacity=config.max_num_seqs + config.max_queue, observer=metrics),
@@ -65,10 +64,9 @@ def build_app(engine: Any, config: ServerConfig) -> web.Application:
         arms=ArmSelector(config.arm_configs, engine.default_arm, config.ab_arms),
         metrics=metrics,
         api_key=config.api_key,
+        keep_alive_s=config.keep_alive_s,
     )
-    app = web.Application(
-        client_max_size=config.max_body_bytes, middlewares=[_request_id, _errors, _auth, _drain]
-    )
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[_request_id, _errors, _auth, _drain])
     app[STATE] = state
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
@@ -179,9 +177,7 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def metrics_route(request: web.Request) -> web.Response:
-    return web.Response(
-        body=state_of(request).metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
-    )
+    return web.Response(body=state_of(request).metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def tokenize(request: web.Request) -> web.Response:

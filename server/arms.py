@@ -92,9 +92,7 @@ def _parse_arm(arm: Any, where: str) -> Arm:
     spec = arm.get("speculative_config")
     if spec is not None:
         if name == NO_SPEC:
-            raise ValueError(
-                f"{where}: the arm named 'none' is plain decoding and takes no speculative_config"
-            )
+            raise ValueError(f"{where}: the arm named 'none' is plain decoding and takes no speculative_config")
         try:
             SpeculativeConfig.parse(spec)
         except (TypeError, ValueError) as e:
@@ -153,9 +151,7 @@ class ArmSelector:
             return self._of(self._labels[name])
         if name in self._configs:
             return ArmChoice(name, name)
-        raise bad_request(
-            f"Unknown speculative arm {name!r}; this server has {self.names}.", param="speculative"
-        )
+        raise bad_request(f"Unknown speculative arm {name!r}; this server has {self.names}.", param="speculative")
 
     def _by_method(self, wanted: SpeculativeChoice) -> ArmChoice:
         for name, cfg in self._configs.items():

@@ -91,13 +91,12 @@ async def _stream(
     await stream.open()
     num_choices = len(gen.prompts) * gen.n
     await stream.send(
-        *(
-            reply.chunk(ChatChunkChoice(i, Delta(role="assistant", content="")), usage)
-            for i in range(num_choices)
-        )
+        *(reply.chunk(ChatChunkChoice(i, Delta(role="assistant", content="")), usage) for i in range(num_choices))
     )
     try:
-        async for batch in gen.deltas():
+        async for batch in gen.deltas(state_of(request).keep_alive_s):
+            if not batch:
+                await stream.keep_alive()
             await stream.send(*(c for d in batch for c in _chunks(reply, d, usage)))
     except APIError as e:
         await stream.fail(e)

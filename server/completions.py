@@ -30,8 +30,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     n = req.n or 1
     if len(prompts) * n > state.engine.capacity:
         raise bad_request(
-            f"{len(prompts)} prompts x n={n} exceed the {state.engine.capacity} sequences this "
-            "server admits at once.",
+            f"{len(prompts)} prompts x n={n} exceed the {state.engine.capacity} sequences this server admits at once.",
             "prompt",
         )
     requested = req.max_tokens if req.max_tokens is not None else DEFAULT_MAX_TOKENS
@@ -101,7 +100,9 @@ async def _stream(
     offsets = [len(e) for e in echoes]
     await stream.send(*(reply.chunk([CompletionChoice(i, e)], usage) for i, e in enumerate(echoes) if e))
     try:
-        async for batch in gen.deltas():
+        async for batch in gen.deltas(state_of(request).keep_alive_s):
+            if not batch:
+                await stream.keep_alive()
             await stream.send(*(c for d in batch for c in _chunks(reply, d, offsets, usage)))
     except APIError as e:
         await stream.fail(e)

@@ -69,9 +69,7 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 
 def not_found_model(model: str) -> APIError:
-    return APIError(
-        404, f"The model `{truncate(model, 128)}` does not exist.", param="model", code="model_not_found"
-    )
+    return APIError(404, f"The model `{truncate(model, 128)}` does not exist.", param="model", code="model_not_found")
 
 
 def server_error(message: str = "The engine failed while processing this request.") -> APIError:

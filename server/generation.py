@@ -7,6 +7,7 @@ Choice index = prompt index * n + sample index (OpenAI orders batch choices prom
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -77,10 +78,18 @@ class Generation:
     def finished(self) -> bool:
         return not self._unfinished
 
-    async def deltas(self) -> AsyncIterator[list[ChoiceDelta]]:
-        """Batches of new text per choice until every choice has finished (APIError if the engine fails)."""
+    async def deltas(self, idle_timeout: float | None = None) -> AsyncIterator[list[ChoiceDelta]]:
+        """Batches of new text per choice until every choice has finished (APIError if the engine fails).
+
+        With `idle_timeout`, an empty batch means nothing happened for that long (time for a keep-alive).
+        """
         while self._unfinished:
-            batch = [d for out in await self._sink.next() for d in self._apply(out)]
+            try:
+                outputs = await asyncio.wait_for(self._sink.next(), idle_timeout)
+            except asyncio.TimeoutError:
+                yield []
+                continue
+            batch = [d for out in outputs for d in self._apply(out)]
             if batch:
                 yield batch
 

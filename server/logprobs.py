@@ -21,9 +21,7 @@ def chat_logprobs(token_ids: list[int], entries: list[dict[int, Logprob]], top_n
     out = []
     for tok, entry in zip(token_ids, entries, strict=True):
         chosen = entry[tok]
-        top = [
-            TopLogprob(lp.decoded_token, lp.logprob, _bytes(lp.decoded_token)) for lp in _ranked(entry, top_n)
-        ]
+        top = [TopLogprob(lp.decoded_token, lp.logprob, _bytes(lp.decoded_token)) for lp in _ranked(entry, top_n)]
         out.append(TokenLogprob(chosen.decoded_token, chosen.logprob, _bytes(chosen.decoded_token), top))
     return out
 

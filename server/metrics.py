@@ -92,21 +92,15 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.running = Gauge(P + "num_requests_running", "Requests in the running batch.", ENGINE, registry=r)
-        self.waiting = Gauge(
-            P + "num_requests_waiting", "Requests waiting to be scheduled.", ENGINE, registry=r
-        )
-        self.kv_usage = Gauge(
-            P + "kv_cache_usage_perc", "Fraction of KV blocks in use (0..1).", ENGINE, registry=r
-        )
+        self.waiting = Gauge(P + "num_requests_waiting", "Requests waiting to be scheduled.", ENGINE, registry=r)
+        self.kv_usage = Gauge(P + "kv_cache_usage_perc", "Fraction of KV blocks in use (0..1).", ENGINE, registry=r)
         self.prefix_queries = Counter(
             P + "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", ENGINE, registry=r
         )
         self.prefix_hits = Counter(
             P + "prefix_cache_hits", "Prompt tokens found in the prefix cache.", ENGINE, registry=r
         )
-        self.preemptions = Counter(
-            P + "num_preemptions", "Requests preempted for KV space.", ENGINE, registry=r
-        )
+        self.preemptions = Counter(P + "num_preemptions", "Requests preempted for KV space.", ENGINE, registry=r)
         self.prompt_tokens = Counter(P + "prompt_tokens", "Prompt tokens admitted.", REQUEST, registry=r)
         self.generation_tokens = Counter(P + "generation_tokens", "Tokens generated.", REQUEST, registry=r)
         self.success = Counter(
@@ -144,12 +138,8 @@ class ServerMetrics:
             registry=r,
         )
         self.drafts = Counter(P + "spec_decode_num_drafts", "Draft proposals verified.", REQUEST, registry=r)
-        self.draft_tokens = Counter(
-            P + "spec_decode_num_draft_tokens", "Draft tokens verified.", REQUEST, registry=r
-        )
-        self.accepted = Counter(
-            P + "spec_decode_num_accepted_tokens", "Draft tokens accepted.", REQUEST, registry=r
-        )
+        self.draft_tokens = Counter(P + "spec_decode_num_draft_tokens", "Draft tokens verified.", REQUEST, registry=r)
+        self.accepted = Counter(P + "spec_decode_num_accepted_tokens", "Draft tokens accepted.", REQUEST, registry=r)
         self.accepted_per_pos = Counter(
             P + "spec_decode_num_accepted_tokens_per_pos",
             "Draft tokens accepted at each draft depth (0-based).",

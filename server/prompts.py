@@ -29,9 +29,7 @@ def chat_prompt(
         raise bad_request("messages must be a non-empty array.", "messages")
     rendered = [_template_message(m, i) for i, m in enumerate(messages)]
     try:
-        text = tokenizer.apply_chat_template(
-            rendered, add_generation_prompt=add_generation_prompt, tokenize=False
-        )
+        text = tokenizer.apply_chat_template(rendered, add_generation_prompt=add_generation_prompt, tokenize=False)
     except Exception as e:  # jinja raises on role orders a template refuses
         raise bad_request(f"The chat template rejected these messages: {e}", "messages") from None
     return Prompt(tokenizer.encode(text, add_special_tokens=add_special_tokens), text)

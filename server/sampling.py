@@ -54,18 +54,12 @@ def check_chat(req: ChatCompletionRequest) -> None:
         if not req.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true.", "top_logprobs")
     if req.tools or req.functions:
-        raise bad_request(
-            "Tool and function calling are not supported by this server.", "tools", "unsupported"
-        )
+        raise bad_request("Tool and function calling are not supported by this server.", "tools", "unsupported")
     if req.tool_choice not in (None, "none", "auto") or req.function_call not in (None, "none", "auto"):
-        raise bad_request(
-            "tool_choice needs tools, which this server does not support.", "tool_choice", "unsupported"
-        )
+        raise bad_request("tool_choice needs tools, which this server does not support.", "tool_choice", "unsupported")
     fmt = (req.response_format or {}).get("type", "text")
     if fmt != "text":
-        raise bad_request(
-            f"response_format {fmt!r} is not supported; only 'text'.", "response_format", "unsupported"
-        )
+        raise bad_request(f"response_format {fmt!r} is not supported; only 'text'.", "response_format", "unsupported")
     if req.modalities not in (None, ["text"]) or req.audio is not None:
         raise bad_request("Only text output is supported.", "modalities", "unsupported")
     if req.prediction is not None or req.web_search_options is not None:

@@ -38,6 +38,10 @@ class EventStream:
         await self.response.write(b"data: " + encoder.encode(error.body()) + b"\n\n" + DONE)
         await self.response.write_eof()
 
+    async def keep_alive(self) -> None:
+        """An SSE comment: proxies see traffic while a request waits in the queue; clients skip it."""
+        await self.response.write(b": keep-alive\n\n")
+
     async def done(self) -> None:
         await self.response.write(DONE)
         await self.response.write_eof()

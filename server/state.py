@@ -29,6 +29,7 @@ class ServerState:
     arms: ArmSelector
     metrics: ServerMetrics
     api_key: str | None = None
+    keep_alive_s: float = 15.0  # SSE comment after this long without output (queued or slow requests)
     created: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False  # SIGTERM seen: refuse new work, let in-flight requests finish
     in_flight: int = 0

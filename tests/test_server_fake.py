@@ -363,3 +363,46 @@ def test_drain_with_no_grace_ends_streams_with_abort():
         wait_for(lambda: not engine.requests, what="engine abort")
     finally:
         s.stop()
+
+
+def test_keep_alive_comments_while_waiting():
+    s = fake_server(engine=FakeEngine(step_delay=0.3), keep_alive_s=0.05)
+    try:
+        body = {"model": MODEL, "messages": MSGS, "max_tokens": 3, "temperature": 0, "stream": True}
+        raw = fetch(s, "POST", CHAT, body).body
+        assert b"\n\n: keep-alive\n\n" in raw
+        frames = [f for f in raw.split(b"\n\n") if not f.startswith(b":")]
+        assert sse_payloads(b"\n\n".join(frames))
+        chunks = client(s).chat.completions.create(stream=True, **{k: v for k, v in body.items() if k != "stream"})
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == "the"
+    finally:
+        s.stop()
+
+
+def test_vllm_and_openai_extra_fields_are_accepted(fake):
+    body = {
+        "model": MODEL,
+        "messages": [
+            {"role": "developer", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "hi"}], "name": "ann"},
+        ],
+        "max_completion_tokens": 5,
+        "top_k": 5,
+        "min_p": 0.1,
+        "repetition_penalty": 1.1,
+        "ignore_eos": True,
+        "min_tokens": 2,
+        "stop_token_ids": [7],
+        "user": "ann",
+        "metadata": {"k": "v"},
+        "store": False,
+        "tool_choice": "none",
+        "response_format": {"type": "text"},
+        "reasoning_effort": "low",
+        "seed": 3,
+    }
+    reply = fetch(fake, "POST", CHAT, body)
+    assert reply.status == 200, reply.body
+    _, params, _ = fake.state().engine.engine.added[-1]
+    assert (params.max_tokens, params.top_k, params.min_p, params.repetition_penalty) == (5, 5, 0.1, 1.1)
+    assert (params.ignore_eos, params.min_tokens, params.stop_token_ids, params.seed) == (True, 2, [7], 3)
