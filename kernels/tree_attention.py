@@ -44,19 +44,59 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attend_split(
-    q, k_base, v_base, table_row, lo, hi, row_lim, bits_lo, bits_hi, tree_base, qk_scale,
+def _normalize(m, l_sum, acc):
+    """(o, lse) of one split's softmax state; a row that saw no key gets o = 0, lse = -inf."""
+    l_ok = l_sum > 0
+    l_safe = tl.where(l_ok, l_sum, 1.0)
+    return acc / l_safe[:, None], tl.where(l_ok, m + tl.log2(l_safe), float("-inf"))
+
+
+@triton.jit
+def _fold(mx, den, num, lse, o):
+    """Fold one split (lse [R], o [R, D]) into the running (max, denominator, numerator)."""
+    m_new = tl.maximum(mx, lse)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    a = tl.exp2(mx - m_safe)
+    w = tl.exp2(lse - m_safe)
+    return m_new, den * a + w, num * a[:, None] + w[:, None] * o
+
+
+@triton.jit
+def _finish(num, den):
+    """Folded output; pad rows (den = 0) give 0 instead of 0/0."""
+    return num / tl.where(den > 0, den, 1.0)[:, None]
+
+
+@triton.jit
+def _attend(
+    q, k_base, v_base, table_row, lo, hi, row_lim, bits_lo, bits_hi, tree_base, qk_scale, ws_o,
     stride_kb, stride_ks, stride_vb, stride_vs,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HEAD_DIM_P: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    HEAD_DIM_P: tl.constexpr, SPLIT: tl.constexpr, FOLD: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
-    """Softmax of a row tile over keys [lo, hi) from a fresh state: (o [BLOCK_M, HEAD_DIM_P], lse [BLOCK_M])."""
+    """Online softmax of a row tile over keys [lo, hi): the last split's (m, l, acc) and the folded earlier ones.
+
+    With FOLD the state restarts at every SPLIT boundary and the finished split is folded into (mx, den, num)
+    inside the one loop, so the K/V pipeline never drains; without it (mx, den, num) stay empty.
+    """
     d = tl.arange(0, HEAD_DIM_P)
     d_ok = d < HEAD_DIM
+    mx = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    den = tl.zeros([BLOCK_M], tl.float32)
+    num = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
     for start in range(lo, hi, BLOCK_N):
+        if FOLD:
+            if (start % SPLIT == 0) & (start > lo):
+                o, lse = _normalize(m, l_sum, acc)
+                o = o.to(ws_o.dtype.element_ty).to(tl.float32)  # the rounding a split-mode workspace applies
+                mx, den, num = _fold(mx, den, num, lse, o)
+                m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+                l_sum = tl.zeros([BLOCK_M], tl.float32)
+                acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
         kpos = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] sequence positions
         k_ok = kpos < hi  # keys past hi are never read: they may be unwritten (NaN) slots
         blk = tl.load(table_row + kpos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
@@ -75,7 +115,7 @@ def _attend_split(
         vis = k_ok[None, :] & (kpos[None, :] <= row_lim[:, None])
         if start + BLOCK_N > tree_base:  # the block reaches into the tree: apply the ancestor bits
             node = kpos - tree_base  # [BLOCK_N] tree node of each key (negative: before the root)
-            word = tl.where(node[None, :] < 32, bits_lo[:, None], bits_hi[:, None])  # int32 halves: fewer registers
+            word = tl.where(node[None, :] < 32, bits_lo[:, None], bits_hi[:, None])
             bit = (word >> (node[None, :] & 31)) & 1
             vis = vis & ((node[None, :] < 0) | (bit != 0))
         s = tl.where(vis, s, float("-inf"))
@@ -90,26 +130,7 @@ def _attend_split(
             v = v.to(tl.float32)
         acc = tl.dot(p, v, acc * alpha[:, None], input_precision=DOT_PREC)
         m = m_new
-    l_ok = l_sum > 0
-    o = acc / tl.where(l_ok, l_sum, 1.0)[:, None]  # a row that saw no key has acc = 0: o = 0
-    lse = tl.where(l_ok, m + tl.log2(tl.where(l_ok, l_sum, 1.0)), float("-inf"))
-    return o, lse
-
-
-@triton.jit
-def _fold(mx, den, num, lse, o):
-    """Fold one split (lse [R], o [R, D]) into the running (max, denominator, numerator)."""
-    m_new = tl.maximum(mx, lse)
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    a = tl.exp2(mx - m_safe)
-    w = tl.exp2(lse - m_safe)
-    return m_new, den * a + w, num * a[:, None] + w[:, None] * o
-
-
-@triton.jit
-def _finish(num, den):
-    """Folded output; pad rows (den = 0) give 0 instead of 0/0."""
-    return num / tl.where(den > 0, den, 1.0)[:, None]
+    return m, l_sum, acc, mx, den, num
 
 
 @triton.jit
@@ -137,6 +158,9 @@ def _tree_attn_kernel(
     ctx = tl.load(context_lens + b)
     tree_base = ctx + tl.load(tree_offsets + b)  # sequence position of the root
     kv_end = tl.minimum(tl.load(seq_lens + b), ctx + tl.minimum(t0 + BLOCK_Q, q_len))  # past every row's limit
+    lo = split * SPLIT
+    if lo >= kv_end:  # split mode: no row of the tile reaches this split
+        return
 
     r = tl.arange(0, BLOCK_M)
     t = t0 + r // GROUP_P  # [BLOCK_M] query index within the sequence
@@ -144,7 +168,7 @@ def _tree_attn_kernel(
     row_ok = (t < q_len) & (r % GROUP_P < GROUP)
     row_lim = tl.where(row_ok, ctx + t, -1)  # last causally visible key; -1 hides every key from pad rows
     row_bits = tl.load(tree_mask + q_start + t, mask=row_ok & (ctx + t >= tree_base), other=0)
-    bits_lo = row_bits.to(tl.int32)  # nodes 0..31 (truncation keeps the low word)
+    bits_lo = row_bits.to(tl.int32)  # nodes 0..31 (truncation keeps the low word): int32 saves registers
     bits_hi = (row_bits >> 32).to(tl.int32)  # nodes 32..63
     d = tl.arange(0, HEAD_DIM_P)
     io_mask = row_ok[:, None] & (d[None, :] < HEAD_DIM)
@@ -152,52 +176,30 @@ def _tree_attn_kernel(
                 mask=io_mask, other=0.0)  # [BLOCK_M, HEAD_DIM_P]
     if UPCAST:
         q = q.to(tl.float32)
-    k_base = k_cache + kvh * stride_kh
-    v_base = v_cache + kvh * stride_vh
-    table_row = block_tables + b.to(tl.int64) * stride_bt
     out_ptrs = out_ptr + (q_start + t)[:, None].to(tl.int64) * stride_ot + head[:, None] * stride_oh + d[None, :]
-
+    hi = kv_end if MODE != "split" else tl.minimum(lo + SPLIT, kv_end)
+    m, l_sum, acc, mx, den, num = _attend(
+        q, k_cache + kvh * stride_kh, v_cache + kvh * stride_vh, block_tables + b.to(tl.int64) * stride_bt,
+        lo, hi, row_lim, bits_lo, bits_hi, tree_base, qk_scale, ws_o, stride_kb, stride_ks, stride_vb, stride_vs,
+        BLOCK_M, BLOCK_N, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_P, SPLIT, MODE == "fused", UPCAST, DOT_PREC,
+    )
+    o, lse = _normalize(m, l_sum, acc)
     if MODE == "whole":  # prefill chunk: one softmax over all its keys, no split grid to honour
-        o, lse = _attend_split(
-            q, k_base, v_base, table_row, 0, kv_end, row_lim, bits_lo, bits_hi, tree_base, qk_scale,
-            stride_kb, stride_ks, stride_vb, stride_vs,
-            BLOCK_M, BLOCK_N, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_P, UPCAST, DOT_PREC,
-        )
         tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=io_mask)
         return
-    mx = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    den = tl.zeros([BLOCK_M], tl.float32)
-    num = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
+    o = o.to(ws_o.dtype.element_ty).to(tl.float32)
+    mx, den, num = _fold(mx, den, num, lse, o)
     if MODE == "fused":
-        for s in range(0, tl.cdiv(kv_end, SPLIT)):
-            o, lse = _attend_split(
-                q, k_base, v_base, table_row, s * SPLIT, tl.minimum(s * SPLIT + SPLIT, kv_end), row_lim,
-                bits_lo, bits_hi, tree_base, qk_scale, stride_kb, stride_ks, stride_vb, stride_vs,
-                BLOCK_M, BLOCK_N, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_P, UPCAST, DOT_PREC,
-            )
-            o = o.to(ws_o.dtype.element_ty).to(tl.float32)  # the rounding a split-mode workspace applies
-            mx, den, num = _fold(mx, den, num, lse, o)
         tl.store(out_ptrs, _finish(num, den).to(out_ptr.dtype.element_ty), mask=io_mask)
-    else:
-        lo = split * SPLIT
-        if lo >= kv_end:  # no row of the tile reaches this split
-            return
-        o, lse = _attend_split(
-            q, k_base, v_base, table_row, lo, tl.minimum(lo + SPLIT, kv_end), row_lim,
-            bits_lo, bits_hi, tree_base, qk_scale, stride_kb, stride_ks, stride_vb, stride_vs,
-            BLOCK_M, BLOCK_N, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_P, UPCAST, DOT_PREC,
-        )
-        # rows that need split 0 only are final now (the same fold the reduce would do); others go to the
-        # workspace for every split they reach, and _fold_splits_kernel finishes them
-        o = o.to(ws_o.dtype.element_ty).to(tl.float32)
-        mx, den, num = _fold(mx, den, num, lse, o)
-        done = row_lim < tl.where(split == 0, SPLIT, 0)  # only split 0 can finish a row
-        tl.store(out_ptrs, _finish(num, den).to(out_ptr.dtype.element_ty), mask=io_mask & done[:, None])
-        ws_row = ((b * ws_rows_per_seq + t).to(tl.int64) * (NUM_KV_HEADS * GROUP) + head) * ws_splits + split
-        todo = row_ok & (row_lim >= SPLIT) & (row_lim >= lo)
-        tl.store(ws_lse + ws_row, lse, mask=todo)
-        tl.store(ws_o + ws_row[:, None] * HEAD_DIM_P + d[None, :], o.to(ws_o.dtype.element_ty),
-                 mask=todo[:, None])
+        return
+    # split: rows that need split 0 only are final now (the same fold the reduce would do); the others go to
+    # the workspace for every split they reach, and _fold_splits_kernel finishes them
+    done = row_lim < tl.where(split == 0, SPLIT, 0)
+    tl.store(out_ptrs, _finish(num, den).to(out_ptr.dtype.element_ty), mask=io_mask & done[:, None])
+    ws_row = ((b * ws_rows_per_seq + t).to(tl.int64) * (NUM_KV_HEADS * GROUP) + head) * ws_splits + split
+    todo = row_ok & (row_lim >= SPLIT) & (row_lim >= lo)
+    tl.store(ws_lse + ws_row, lse, mask=todo)
+    tl.store(ws_o + ws_row[:, None] * HEAD_DIM_P + d[None, :], o.to(ws_o.dtype.element_ty), mask=todo[:, None])
 
 
 @triton.jit
@@ -234,8 +236,19 @@ def _fold_splits_kernel(
 
 @functools.cache
 def _num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (1 elsewhere)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    """Streaming multiprocessors of a CUDA device."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode_mode(num_programs: int, num_splits: int, device: torch.device) -> str:
+    """Fused when one program per (tile, sequence, kv head) fills the GPU twice over, else split.
+
+    Only speed depends on this: fused reads K/V once with no workspace traffic, split gives small batches
+    (and long contexts) the parallelism of one program per split.
+    """
+    if num_splits == 1 or (device.type == "cuda" and num_programs >= 2 * _num_sms(device)):
+        return "fused"
+    return "split"
 
 
 def tree_attention(
@@ -282,10 +295,10 @@ def tree_attention(
     tiles = triton.cdiv(q_cap, block_q)
     num_splits = triton.cdiv(max_seq, split_size)
     if mode == "auto":
-        enough = tiles * num_seqs * num_kv_heads >= 2 * _num_sms(q.device)
-        mode = "fused" if num_splits == 1 or (q.device.type == "cuda" and enough) else "split"
+        mode = decode_mode(tiles * num_seqs * num_kv_heads, num_splits, q.device)
     fused = mode == "fused"
     block_n = 32 if fp32 else 64  # fp32 tiles are twice the bytes: halve them to stay in registers
+    assert split_size % block_n == 0, "splits start on key-block boundaries"
     ws_dtype = torch.float32 if fp32 else q.dtype
     if fused:
         ws_o = ws_lse = torch.empty(0, device=q.device, dtype=ws_dtype)

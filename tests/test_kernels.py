@@ -30,7 +30,7 @@ if not CUDA and type(tree_attention._tree_attn_kernel).__name__ != "InterpretedF
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 # small splits and a low prefill threshold let small CPU shapes reach every path; CUDA runs the defaults
-SPLIT = tree_attention.SPLIT if CUDA else 32
+SPLIT = tree_attention.SPLIT if CUDA else 64
 DECODE_MAX_Q = tree_attention.DECODE_MAX_Q if CUDA else 72
 
 
@@ -106,7 +106,7 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 def scenario(kind: str, rng: random.Random, scale: int) -> list[Seq]:
     """Sequences of one kind; `scale` multiplies context lengths (CPU 1, CUDA larger)."""
-    ctx = lambda: rng.randrange(0, 90 * scale)  # noqa: E731
+    ctx = lambda: rng.randrange(0, 150 * scale)  # noqa: E731
     prefill = DECODE_MAX_Q + rng.randrange(1, 40)  # long enough for the prefill launch
     if kind == "tree":
         sizes = [1, 5, 31, 32, 63]  # 63 drafts = 64 nodes: the sign bit of the int64 ancestor mask

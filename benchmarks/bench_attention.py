@@ -1,0 +1,192 @@
+"""Decode/verify attention on paged KV: Triton tree attention vs SDPA (and flex_attention) on gathered K/V.
+
+    python benchmarks/bench_attention.py --out attention.json     # GPU sweep, < 4 min on an H100
+    python benchmarks/bench_attention.py --quick --out /tmp/a.json  # tiny subset, CPU interpreter
+
+Sweep: batch {1, 8, 32, 64} x query tokens per sequence {1, 4, 8, 16, 64} (root + a random draft tree) x
+cached context {512, 2048, 8192}; head_dim 128, 32 q heads over 8 kv heads, bf16, block size 16, blocks
+shuffled over the pool. Bandwidth counts the K/V bytes of every sequence (context + query tokens) read once;
+the ceiling is a device-to-device copy measured in the same run (bytes read + written over time).
+SDPA and flex time includes gathering K/V out of the pages; their masks are built beforehand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module defines its kernels
+
+import triton  # noqa: E402
+from specserve.kernels import reference, tree_attention  # noqa: E402
+
+from specserve.attention import AttentionMetadata, ancestor_masks  # noqa: E402
+
+Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
+BATCHES, QUERY_LENS, CONTEXTS = (1, 8, 32, 64), (1, 4, 8, 16, 64), (512, 2048, 8192)
+FLEX_DEADLINE_S = 170  # stop starting flex compiles past this point of the run (budget: 4 min)
+
+
+def timed(fn, cuda: bool) -> float:
+    """Median seconds of fn(): do_bench (L2 flushed between runs) on CUDA, two wall-clock runs elsewhere."""
+    if cuda:
+        return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e-3
+    fn()
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def copy_bandwidth(device: torch.device, cuda: bool) -> float:
+    """Bytes/s of a large device-to-device copy, counting both the read and the write."""
+    src = torch.empty(1 << (29 if cuda else 22), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / timed(lambda: dst.copy_(src), cuda)
+
+
+def make_case(batch: int, q_len: int, ctx: int, device: torch.device, seed: int):
+    """Queries, a paged bf16 pool with shuffled blocks, and metadata: every sequence = ctx + a q_len tree."""
+    rng = random.Random(seed)
+    parents = [rng.randrange(j + 1) for j in range(q_len - 1)]  # same random tree for every sequence
+    seq_len = ctx + q_len
+    blocks_per_seq = triton.cdiv(seq_len, BLOCK_SIZE)
+    perm = torch.randperm(batch * blocks_per_seq, device=device).int()
+    tables = perm.view(batch, blocks_per_seq)  # [B, blocks_per_seq]
+    shape = (batch * blocks_per_seq, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
+    k_cache = torch.randn(shape, dtype=torch.bfloat16, device=device)
+    v_cache = torch.randn(shape, dtype=torch.bfloat16, device=device)
+    q = torch.randn(batch * q_len, Q_HEADS, HEAD_DIM, dtype=torch.bfloat16, device=device)
+    i32 = dict(dtype=torch.int32, device=device)
+    pos = torch.arange(ctx, seq_len, device=device)
+    meta = AttentionMetadata(
+        query_start_loc=torch.arange(0, batch * q_len + 1, q_len, **i32),
+        seq_lens=torch.full((batch,), seq_len, **i32),
+        context_lens=torch.full((batch,), ctx, **i32),
+        block_tables=tables,
+        slot_mapping=(tables[:, pos // BLOCK_SIZE].long() * BLOCK_SIZE + pos % BLOCK_SIZE).flatten(),
+        tree_offsets=torch.zeros(batch, **i32),
+        tree_mask=torch.tensor(ancestor_masks(parents) * batch, dtype=torch.int64, device=device),
+        max_query_len=q_len,
+        max_seq_len=seq_len,
+        block_size=BLOCK_SIZE,
+    )
+    return q, k_cache, v_cache, meta
+
+
+def gathered(q, k_cache, v_cache, meta, batch, q_len):
+    """The SDPA layout: q [B, Hq, q_len, D], K/V [B, Hkv, seq_len, D] gathered out of the pages."""
+    k = k_cache[meta.block_tables.long()].flatten(1, 2)[:, : meta.max_seq_len].transpose(1, 2)
+    v = v_cache[meta.block_tables.long()].flatten(1, 2)[:, : meta.max_seq_len].transpose(1, 2)
+    return q.view(batch, q_len, Q_HEADS, HEAD_DIM).transpose(1, 2), k, v
+
+
+def run_case(batch, q_len, ctx, device, cuda, copy_bw, flex, started) -> dict:
+    """Time every implementation on one shape; check the kernel against SDPA."""
+    q, k_cache, v_cache, meta = make_case(batch, q_len, ctx, device, seed=batch * 1000 + q_len)
+    scale = HEAD_DIM**-0.5
+    mask = torch.stack([reference.visible_mask(meta, b) for b in range(batch)])[:, None]  # [B, 1, q, seq]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def run_sdpa():
+        qb, k, v = gathered(q, k_cache, v_cache, meta, batch, q_len)
+        return sdpa(qb, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+    row = dict(batch=batch, q_len=q_len, ctx=ctx)
+    ours = {m: (lambda m=m: tree_attention.tree_attention(q, k_cache, v_cache, meta, scale, mode=m))
+            for m in ("split", "fused")}
+    tiles = triton.cdiv(q_len, 64 // (Q_HEADS // KV_HEADS))  # the decode launch's row tiles (64 rows each)
+    row["mode"] = tree_attention.decode_mode(tiles * batch * KV_HEADS,
+                                             triton.cdiv(meta.max_seq_len, tree_attention.SPLIT), device)
+    for m, fn in ours.items():
+        row[f"{m}_us"] = timed(fn, cuda) * 1e6
+    row["ours_us"] = row[f"{row['mode']}_us"]
+    kv_bytes = batch * meta.max_seq_len * KV_HEADS * HEAD_DIM * 2 * k_cache.element_size()
+    row["GBps"] = kv_bytes / row["ours_us"] * 1e-3
+    row["copy_frac"] = row["GBps"] * 1e9 / copy_bw
+    expected = run_sdpa().transpose(1, 2).flatten(0, 1)  # [B * q_len, Hq, D]
+    row["max_err"] = (ours[row["mode"]]().float() - expected.float()).abs().max().item()
+    row["sdpa_us"] = timed(run_sdpa, cuda) * 1e6
+    row["flex_us"] = None
+    flex_shape = not cuda or (q_len in (1, 16) and ctx == 2048)  # it compiles per shape: a subset only
+    if flex is not None and flex_shape and time.perf_counter() - started < FLEX_DEADLINE_S:
+        flex_attention, create_block_mask = flex
+        vis = mask[:, 0]  # [B, q, seq]
+        block_mask = create_block_mask(lambda b, h, qi, ki: vis[b, qi, ki], batch, None, q_len,
+                                       meta.max_seq_len, device=device)
+
+        def run_flex():
+            qb, k, v = gathered(q, k_cache, v_cache, meta, batch, q_len)
+            return flex_attention(qb, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
+
+        try:
+            row["flex_us"] = timed(run_flex, cuda) * 1e6
+        except Exception as exc:  # flex is an optional comparison: report and go on
+            print(f"flex_attention failed on {row}: {exc!r}"[:300], file=sys.stderr)
+    return row
+
+
+def load_flex(cuda: bool):
+    """(compiled flex_attention, create_block_mask), or None where flex_attention does not import."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    torch._dynamo.config.cache_size_limit = 64  # one compile per shape and mask
+    return (torch.compile(flex_attention) if cuda else flex_attention), create_block_mask
+
+
+def markdown(rows: list[dict]) -> str:
+    """The sweep as a markdown table, then the verify-16 / decode-1 cost ratios."""
+    fmt = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
+    lines = ["| batch | q/seq | ctx | mode | ours us | split us | fused us | GB/s | % copy BW | SDPA us | flex us"
+             " | SDPA/ours | max err |", "|" + "---|" * 13]
+    for r in rows:
+        lines.append(
+            f"| {r['batch']} | {r['q_len']} | {r['ctx']} | {r['mode']} | {fmt(r['ours_us'])} | {fmt(r['split_us'])}"
+            f" | {fmt(r['fused_us'])} | {r['GBps']:.0f} | {100 * r['copy_frac']:.0f} | {fmt(r['sdpa_us'])}"
+            f" | {fmt(r['flex_us'])} | {r['sdpa_us'] / r['ours_us']:.2f} | {r['max_err']:.3g} |"
+        )
+    by_shape = {(r["batch"], r["ctx"], r["q_len"]): r["ours_us"] for r in rows}
+    lines += ["", "| batch | ctx | verify 16 / decode 1 |", "|---|---|---|"]
+    for (b, c, ql), us in by_shape.items():
+        if ql == 16 and (b, c, 1) in by_shape:
+            lines.append(f"| {b} | {c} | {us / by_shape[(b, c, 1)]:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Run the sweep, print the table, write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="JSON results path")
+    parser.add_argument("--quick", action="store_true", help="tiny subset (runs on CPU under the interpreter)")
+    parser.add_argument("--no-flex", action="store_true", help="skip flex_attention")
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    started = time.perf_counter()
+    copy_bw = copy_bandwidth(device, cuda)
+    flex = None if args.no_flex else load_flex(cuda)
+    shapes = [(b, ql, c) for c in CONTEXTS for b in BATCHES for ql in QUERY_LENS]
+    if args.quick:
+        shapes = [(1, 1, 64), (1, 16, 64), (2, 4, 100)]
+    rows = []
+    for batch, q_len, ctx in shapes:
+        rows.append(run_case(batch, q_len, ctx, device, cuda, copy_bw, flex, started))
+        print(f"{batch=} {q_len=} {ctx=}: {rows[-1]['ours_us']:.1f} us", file=sys.stderr, flush=True)
+    name = torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter)"
+    print(f"# Tree attention on {name}; copy bandwidth {copy_bw * 1e-9:.0f} GB/s\n")
+    print(markdown(rows))
+    with open(args.out, "w") as f:
+        json.dump(dict(device=name, copy_GBps=copy_bw * 1e-9, seconds=time.perf_counter() - started, rows=rows),
+                  f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
