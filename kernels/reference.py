@@ -7,6 +7,7 @@ Slot s lives at block s // block_size, offset s % block_size.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from specserve.attention import AttentionMetadata
 
@@ -56,6 +57,28 @@ def visible_mask(meta: AttentionMetadata, b: int) -> torch.Tensor:
     return causal & torch.where(in_tree, bits == 1, True)
 
 
+# Sequences with at most this many query tokens (decode, verify) are batched into one padded SDPA call;
+# longer ones (prefill chunks) run one by one so padding never multiplies a long query by the batch.
+_BATCHED_MAX_QUERY = 64
+
+
+def _batched_mask(meta: AttentionMetadata, seqs: torch.Tensor, max_q: int, max_s: int) -> torch.Tensor:
+    """[len(seqs), max_q, max_s] bool: visible_mask for several sequences, padded rows fully visible."""
+    device = meta.slot_mapping.device
+    start = meta.query_start_loc[seqs].long()[:, None, None]
+    q_len = (meta.query_start_loc[seqs + 1].long() - start[:, 0, 0])[:, None, None]
+    ctx = meta.context_lens[seqs].long()[:, None, None]
+    off = meta.tree_offsets[seqs].long()[:, None, None]
+    seq_len = meta.seq_lens[seqs].long()[:, None, None]
+    qi = torch.arange(max_q, device=device)[None, :, None]  # [1, q, 1]
+    kk = torch.arange(max_s, device=device)[None, None, :]  # [1, 1, s]
+    tok = (start + qi).clamp(max=meta.tree_mask.shape[0] - 1)  # [n, q, 1]
+    bits = (meta.tree_mask[tok] >> (kk - ctx - off).clamp(0, 63)) & 1  # [n, q, s]
+    in_tree = (qi >= off) & (kk >= ctx + off)
+    visible = (kk <= ctx + qi) & torch.where(in_tree, bits == 1, True) & (kk < seq_len)
+    return visible | (qi >= q_len)  # padded query rows: anything, they are dropped
+
+
 def paged_attention(
     q: torch.Tensor,  # [num_tokens, num_q_heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -65,21 +88,36 @@ def paged_attention(
 ) -> torch.Tensor:
     """Attention of every query token over its sequence's cached keys and tree ancestors (K/V written)."""
     out = torch.empty_like(q)  # [num_tokens, num_q_heads, head_dim]
-    num_q_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
-    group = num_q_heads // num_kv_heads
     bs = meta.block_size
-    for b in range(meta.num_seqs):
-        start, end = int(meta.query_start_loc[b]), int(meta.query_start_loc[b + 1])
-        if end == start:
-            continue
+    qsl = meta.query_start_loc.tolist()
+    q_lens = [e - s for s, e in zip(qsl[:-1], qsl[1:], strict=True)]
+    short = [b for b, n in enumerate(q_lens) if 0 < n <= _BATCHED_MAX_QUERY]
+    if short:
+        seqs = torch.tensor(short, device=q.device)
+        max_q = max(q_lens[b] for b in short)
+        max_s = int(meta.seq_lens[seqs].max())
+        blocks = meta.block_tables[seqs, : -(-max_s // bs)].long()
+        # Slots past a sequence's end may hold anything (even NaN): zero them so masked keys contribute 0.
+        past_end = torch.arange(max_s, device=q.device) >= meta.seq_lens[seqs][:, None]  # [n, max_s]
+        past_end = past_end[:, None, :, None]
+        k = k_cache[blocks].flatten(1, 2)[:, :max_s].transpose(1, 2).float()  # [n, num_kv_heads, max_s, head_dim]
+        v = v_cache[blocks].flatten(1, 2)[:, :max_s].transpose(1, 2).float()
+        k, v = k.masked_fill(past_end, 0.0), v.masked_fill(past_end, 0.0)
+        rows = (meta.query_start_loc[seqs].long()[:, None] + torch.arange(max_q, device=q.device)).clamp(
+            max=q.shape[0] - 1
+        )  # [n, max_q] token index of each padded query row
+        qb = q[rows].transpose(1, 2).float()  # [n, num_q_heads, max_q, head_dim]
+        mask = _batched_mask(meta, seqs, max_q, max_s)[:, None]
+        o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        o = o.transpose(1, 2).to(q.dtype)  # [n, max_q, num_q_heads, head_dim]
+        for i, b in enumerate(short):
+            out[qsl[b] : qsl[b + 1]] = o[i, : q_lens[b]]
+    for b in (b for b, n in enumerate(q_lens) if n > _BATCHED_MAX_QUERY):
         seq_len = int(meta.seq_lens[b])
-        blocks = meta.block_tables[b, : (seq_len + bs - 1) // bs].long()
-        k = k_cache[blocks].flatten(0, 1)[:seq_len]  # [seq_len, num_kv_heads, head_dim]
-        v = v_cache[blocks].flatten(0, 1)[:seq_len]
-        k = k.repeat_interleave(group, dim=1).transpose(0, 1).float()  # [num_q_heads, seq_len, head_dim]
-        v = v.repeat_interleave(group, dim=1).transpose(0, 1).float()
-        qb = q[start:end].transpose(0, 1).float()  # [num_q_heads, q_len, head_dim]
-        mask = visible_mask(meta, b)
-        o = torch.nn.functional.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale)
-        out[start:end] = o.transpose(0, 1).to(q.dtype)
+        blocks = meta.block_tables[b, : -(-seq_len // bs)].long()
+        k = k_cache[blocks].flatten(0, 1)[:seq_len].transpose(0, 1).float()  # [num_kv_heads, seq_len, head_dim]
+        v = v_cache[blocks].flatten(0, 1)[:seq_len].transpose(0, 1).float()
+        qb = q[qsl[b] : qsl[b + 1]].transpose(0, 1).float()  # [num_q_heads, q_len, head_dim]
+        o = F.scaled_dot_product_attention(qb, k, v, attn_mask=visible_mask(meta, b), scale=scale, enable_gqa=True)
+        out[qsl[b] : qsl[b + 1]] = o.transpose(0, 1).to(q.dtype)
     return out
