@@ -87,6 +87,7 @@ class _Live:
     num_seqs: int
     prompt_token_ids: list[int]
     arrival_time: float
+    ack: asyncio.Future[None]  # resolved when the engine thread has taken (or refused) the request
     last: RequestOutput | None = None
 
 
@@ -146,9 +147,9 @@ class AsyncEngine:
                 retry_after=1,
             )
         assert self._loop is not None
-        self._live[request_id] = _Live(sink, params.n, prompt_token_ids, time.time())
-        self._num_seqs += params.n
         ack = self._loop.create_future()
+        self._live[request_id] = _Live(sink, params.n, prompt_token_ids, time.time(), ack)
+        self._num_seqs += params.n
         self._commands.put(_Add(request_id, prompt_token_ids, params, arm, ack))
         try:
             await ack
@@ -195,6 +196,7 @@ class AsyncEngine:
             live = self._live.get(request_id)
             if live is not None:
                 live.sink.fail(error)
+                _settle(live.ack, error)  # a request still waiting to be taken must hear it too
                 self._forget(request_id)
 
     def _post(self, fn: Any, *args: Any) -> None:

@@ -204,6 +204,7 @@ class FakeEngine:
         self.step_delay = step_delay
         self.fail_steps = 0  # the next N steps raise
         self.die = False  # has_unfinished_requests raises: the loop thread dies
+        self.die_in_add = False  # add_request raises past the loop's handlers: dies with a request unacked
         self.requests: dict[str, _Req] = {}
         self.added: list[tuple[str, SamplingParams, str]] = []
 
@@ -215,6 +216,8 @@ class FakeEngine:
         return spec.num_speculative_tokens if spec else 0
 
     def add_request(self, request_id, prompt, params, *, spec_arm=None) -> None:
+        if self.die_in_add:
+            raise SystemExit("injected: engine loop death inside add_request")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")

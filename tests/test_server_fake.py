@@ -289,6 +289,17 @@ def test_dead_engine_loop_makes_health_503():
         s.stop()
 
 
+def test_engine_death_answers_a_request_still_waiting_to_be_taken():
+    s = fake_server()
+    try:
+        s.state().engine.engine.die_in_add = True
+        reply = fetch(s, "POST", CHAT, {"model": MODEL, "messages": MSGS, "max_tokens": 2})
+        assert reply.status == 503 and reply.json()["error"]["type"] == "service_unavailable"
+        assert fetch(s, "GET", "/health").status == 503
+    finally:
+        s.stop()
+
+
 def open_stream(server, max_tokens: int = 200) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     body = json.dumps({"model": MODEL, "messages": MSGS, "max_tokens": max_tokens, "stream": True})
