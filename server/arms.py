@@ -52,6 +52,16 @@ def load_drafter_config(path: str) -> dict[str, list[Arm]]:
     return parse_drafter_config(data, source=path)
 
 
+def arms_for_model(path: str, model_name: str) -> list[Arm]:
+    """The arms a drafter file lists for one served model; ValueError if it lists none."""
+    models = load_drafter_config(path)
+    if model_name not in models:
+        raise ValueError(
+            f"drafter config {path} has no table for the served model {model_name!r} (it has {sorted(models)})"
+        )
+    return models[model_name]
+
+
 def parse_drafter_config(data: dict[str, Any], source: str = "<drafter config>") -> dict[str, list[Arm]]:
     """The checked form of an already-parsed drafter file: model name -> arms."""
     if not data:

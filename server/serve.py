@@ -16,7 +16,7 @@ import sys
 from aiohttp import web
 
 from .app import ServerConfig, build_app
-from .arms import Arm, arm_configs, engine_arms, load_drafter_config
+from .arms import arm_configs, arms_for_model, engine_arms
 from .state import STATE
 
 logger = logging.getLogger("specserve.server")
@@ -63,7 +63,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.model_path is not None:
         args.model = args.model_path
     name = args.served_model_name or args.model or DEFAULT_MODEL_NAME
-    ab = _ab_arms(args.drafter_config, name)
+    ab = arms_for_model(args.drafter_config, name) if args.drafter_config else None
     config = EngineConfig(**engine_kwargs(args), speculative_arms=engine_arms(ab or []))
     engine = LLMEngine(config)
     app = build_app(
@@ -79,17 +79,6 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     asyncio.run(serve(app, args.host, args.port, args.shutdown_timeout))
     return 0
-
-
-def _ab_arms(path: str | None, model_name: str) -> list[Arm] | None:
-    if path is None:
-        return None
-    models = load_drafter_config(path)
-    if model_name not in models:
-        raise ValueError(
-            f"drafter config {path} has no table for the served model {model_name!r} (it has {sorted(models)})"
-        )
-    return models[model_name]
 
 
 def make_runner(app: web.Application, shutdown_timeout: float = 5.0) -> web.AppRunner:

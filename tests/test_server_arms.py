@@ -6,7 +6,7 @@ import random
 from collections import Counter
 
 import pytest
-from specserve.server.arms import Arm, ArmSelector, engine_arms, load_drafter_config
+from specserve.server.arms import Arm, ArmSelector, arms_for_model, engine_arms, load_drafter_config
 from specserve.server.errors import APIError
 from specserve.server.protocol import SpeculativeChoice
 
@@ -68,6 +68,13 @@ def test_bad_files_are_rejected_with_a_clear_message(tmp_path, text, phrase):
     with pytest.raises(ValueError, match="drafter config") as info:
         load_drafter_config(path)
     assert phrase in str(info.value)
+
+
+def test_arms_for_the_served_model(tmp_path):
+    path = write(tmp_path, GOOD)
+    assert [a.name for a in arms_for_model(path, "other-model")] == ["ngram2"]
+    with pytest.raises(ValueError, match="no table for the served model 'gpt-9'"):
+        arms_for_model(path, "gpt-9")
 
 
 def test_missing_file(tmp_path):
