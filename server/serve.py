@@ -93,9 +93,15 @@ async def serve(app: web.Application, host: str, port: int, grace: float) -> Non
     await site.start()
     logger.info("serving %s on http://%s:%d", app[STATE].model_name, host, port)
     stop = asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set():  # a second signal: stop waiting for in-flight requests
+            app[STATE].engine.abort_all()
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     await stop.wait()
     await drain(app, site, grace)
     await runner.cleanup()
