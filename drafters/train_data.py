@@ -147,8 +147,8 @@ def collect_features(
     num_blocks = max(sum(-(-lens[i] // block_size) for i in g) for g in groups)
     dtype = next(model.parameters()).dtype
     shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-    kv = [(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
-          for _ in range(cfg.num_layers)]  # scratch pool: every slot is written before it is read
+    kv = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+          for _ in range(cfg.num_layers)]  # zeros: a backend may read (masked) padding slots
     hidden, pre, auxes = [], [], []
     for g in tqdm(groups, desc="target features"):
         ids = torch.tensor([t for i in g for t in data.sequences[i]], device=device)  # [T]
