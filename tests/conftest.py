@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+
+# Tests run small ops on 2 shared cores (and servers in subprocesses): one intra-op thread per process
+# avoids oversubscription, which made steps 5-10x slower when several processes compete.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
 from helpers import make_tiny_model_dir
 
 from specserve.models.loader import LoadedModel, load_model
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
