@@ -237,6 +237,7 @@ def test_metrics_scrape_parses(live):
     assert all(0 <= s.value <= 1 for s in gauges)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydantic warns about litellm's own types on import
 def test_litellm_streams_a_chat(live):
     litellm = pytest.importorskip("litellm")
     chunks = litellm.completion(
