@@ -82,8 +82,9 @@ def _copy_slots_kernel(cache_ptrs, like, src_slots, dst_slots, n, row_len, N_P: 
 
 @functools.lru_cache(maxsize=8)
 def _pointer_table(ptrs: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """[num_caches] int64 device addresses, kept so a step's compaction makes no host-to-device copy."""
-    return torch.tensor(ptrs, dtype=torch.int64, device=device)
+    """[num_caches] int64 device addresses, built once per set of caches; the copy from pinned memory is async."""
+    host = torch.tensor(ptrs, dtype=torch.int64)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
 
 
 def copy_slots(

@@ -11,27 +11,44 @@ import torch
 
 CUDA = torch.cuda.is_available()
 if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel modules define their kernels
+    os.environ["TRITON_INTERPRET"] = "1"  # must come before the process first imports triton
 
-import importlib  # noqa: E402
 import itertools  # noqa: E402
 import random  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
 import pytest  # noqa: E402
+import triton.language as tl  # noqa: E402
 from specserve.kernels import kv_ops, reference, tree_attention, triton_backend  # noqa: E402
 
 from specserve.attention import AttentionMetadata, ancestor_masks  # noqa: E402
 
-if not CUDA and type(tree_attention._tree_attn_kernel).__name__ != "InterpretedFunction":
-    for _module in (kv_ops, tree_attention, triton_backend):  # imported earlier without the interpreter
-        importlib.reload(_module)
-
+# Triton's own jit helpers (tl.zeros, ...) are defined when triton is imported: if another test imported it
+# before TRITON_INTERPRET was set, no kernel can run on CPU in this process, and test_in_fresh_process
+# runs this file again in a new one.
+IN_PROCESS = CUDA or type(tl.zeros).__name__ == "InterpretedFunction"
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 # small splits and a low prefill threshold let small CPU shapes reach every path; CUDA runs the defaults
 SPLIT = tree_attention.SPLIT if CUDA else 64
 DECODE_MAX_Q = tree_attention.DECODE_MAX_Q if CUDA else 72
+
+
+@pytest.fixture(autouse=True)
+def _kernels_can_run(request):
+    """Skip in-process tests where this process cannot run the kernels (see IN_PROCESS)."""
+    if not IN_PROCESS and request.function is not test_in_fresh_process:
+        pytest.skip("triton was imported before TRITON_INTERPRET was set: test_in_fresh_process runs this")
+
+
+@pytest.mark.skipif(IN_PROCESS, reason="the kernel tests run in this process")
+def test_in_fresh_process():
+    """Run this file in a new Python that sets TRITON_INTERPRET before anything imports triton."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                          env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-4000:]
 
 
 @dataclass
