@@ -10,7 +10,7 @@ import sys
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by every subcommand that builds an engine."""
     p.add_argument("--model", default=None, help="HF model dir or .gguf (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--speculative-config", default=None, help='JSON, e.g. {"method": "ngram", "num_speculative_tokens": 4}')
+    p.add_argument("--speculative-config", default=None, help='JSON: {"method": "ngram", "num_speculative_tokens": 4}')
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--max-model-len", type=int, default=None)
@@ -81,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--sampling-seed", type=int, default=None)
     gen.set_defaults(func=run_generate)
+
+    from specserve.bench.cli import add_bench_args, run_bench
+    from specserve.drafters.train import add_train_args, run_train
+    from specserve.server.serve import add_serve_args, run_serve
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    add_serve_args(serve)
+    serve.set_defaults(func=run_serve)
+    add_bench_args(sub).set_defaults(func=run_bench)
+    train = sub.add_parser("train-drafter", help="self-distil a drafter (EAGLE, EAGLE-3, Medusa, draft model)")
+    add_train_args(train)
+    train.set_defaults(func=run_train)
     return parser
 
 
