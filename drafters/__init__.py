@@ -12,6 +12,10 @@ from specserve.config import SpeculativeConfig
 # method -> "module:Class" under specserve.drafters, imported on first use
 DRAFTERS = {
     "ngram": "ngram:NgramDrafter",
+    "draft_model": "draft_model:DraftModelDrafter",
+    "medusa": "medusa:MedusaDrafter",
+    "eagle": "eagle:EagleDrafter",
+    "eagle3": "eagle3:Eagle3Drafter",
 }
 
 

@@ -1,0 +1,217 @@
+"""Draft KV layers in the target's block pool, and where each request's draft KV stands.
+
+Drafters with layers of their own (draft model, EAGLE) store K/V in extra layer tensors shaped like the
+target's, `[num_blocks (+ scratch), block_size, kv_heads, head_dim]`, addressed through the request's own
+block table: slot s of the request holds the draft entry of sequence position s. There is no second cache
+manager; rejected drafts are simply overwritten later, and `progress` says how many leading entries of a
+request are valid.
+
+Prefix caching hands a new request blocks that another request filled. Their draft entries are valid only
+if this drafter wrote them for the same tokens, so each block remembers the hash of the token prefix its
+draft entries were computed for: set when a request's entries fill the block, dropped whenever a draft
+forward writes into it. A new request trusts its leading blocks whose remembered hash equals its own.
+
+EAGLE trees need more slots than the scheduler reserves (top_k nodes per level), so a forward may extend a
+request's table with scratch blocks past `num_blocks`, owned by that forward only.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from specserve.attention import AttentionMetadata, ancestor_masks, tree_depths
+
+
+@dataclass
+class DraftQuery:
+    """One sequence of a draft forward: a causal run of entries ending at a root, then tree nodes under it."""
+
+    block_table: list[int]
+    context_len: int  # entries already in the draft KV before this query
+    num_causal: int  # causal run, root last
+    parents: Sequence[int] = ()  # tree nodes after the root, DraftProposal convention
+
+
+@dataclass
+class _Progress:
+    num_valid: int  # leading entries whose draft K/V is valid
+    num_preemptions: int  # the request's count when this was set: a preemption starts it over
+    block_hashes: list[int] = field(default_factory=list)  # chained hash of each full block of its tokens
+
+
+class DraftKVCache:
+    """Extra KV layers over the target's blocks, with per-request progress and per-block validity."""
+
+    def __init__(self, target, num_layers: int, num_kv_heads: int, head_dim: int):
+        self.block_size = target.block_size
+        self.num_blocks = target.num_blocks
+        self.device, self.dtype = target.device, target.dtype
+        self._head_shape = (num_kv_heads, head_dim)
+        self.num_scratch = 0
+        self.layers = [self._zeros(self.num_blocks) for _ in range(num_layers)]
+        self._progress: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Request -> _Progress
+        self._block_hash: dict[int, int] = {}  # block id -> token-prefix hash its draft entries were made for
+
+    def _zeros(self, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (num_blocks, self.block_size, *self._head_shape)
+        return (torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.dtype, device=self.device))
+
+    # ---- progress ----------------------------------------------------------------------------------
+
+    def num_valid(self, req) -> int:
+        """Leading entries of req whose draft K/V is valid (a new or preempted request: its trusted blocks)."""
+        prog = self._progress.get(req)
+        if prog is None or prog.num_preemptions != req.metrics.num_preemptions:
+            prog = _Progress(0, req.metrics.num_preemptions)
+            self._progress[req] = prog
+            bs = self.block_size
+            for i in range(req.num_computed_tokens // bs):
+                h = self._hash(req, prog, i)
+                if self._block_hash.get(req.block_ids[i]) != h:
+                    break
+                prog.num_valid = (i + 1) * bs
+        return prog.num_valid
+
+    def set_valid(self, req, num_valid: int) -> None:
+        """Record that entries [0, num_valid) of req are valid; blocks they fill become reusable."""
+        prog = self._progress[req]
+        bs = self.block_size
+        for i in range(prog.num_valid // bs, min(num_valid, req.num_computed_tokens) // bs):
+            self._block_hash[req.block_ids[i]] = self._hash(req, prog, i)
+        prog.num_valid = num_valid
+
+    def skip_to(self, req, num_valid: int) -> None:
+        """Count entries before num_valid as done without vouching for them (their inputs are gone)."""
+        self.num_valid(req)
+        self._progress[req].num_valid = num_valid
+
+    def forget(self, req) -> None:
+        self._progress.pop(req, None)
+
+    def _hash(self, req, prog: _Progress, i: int) -> int:
+        """Chained hash of block i's tokens (and all before), cached per request."""
+        bs = self.block_size
+        while len(prog.block_hashes) <= i:
+            j = len(prog.block_hashes)
+            prev = prog.block_hashes[-1] if prog.block_hashes else None
+            prog.block_hashes.append(hash((prev, tuple(req.token_ids[j * bs : (j + 1) * bs]))))
+        return prog.block_hashes[i]
+
+    # ---- forwards ----------------------------------------------------------------------------------
+
+    def block_tables(self, requests: Sequence, num_slots: Sequence[int]) -> list[list[int]]:
+        """Each request's block table, extended with scratch blocks to cover num_slots sequence slots."""
+        bs = self.block_size
+        extra = [max(0, -(-n // bs) - len(r.block_ids)) for r, n in zip(requests, num_slots, strict=True)]
+        if sum(extra) > self.num_scratch:
+            self._grow_scratch(sum(extra))
+        tables, next_block = [], self.num_blocks
+        for r, e in zip(requests, extra, strict=True):
+            tables.append(list(r.block_ids) + list(range(next_block, next_block + e)))
+            next_block += e
+        return tables
+
+    def _grow_scratch(self, num_scratch: int) -> None:
+        grown = []
+        for k, v in self.layers:
+            nk, nv = self._zeros(self.num_blocks + num_scratch)
+            nk[: k.shape[0]] = k
+            nv[: v.shape[0]] = v
+            grown.append((nk, nv))
+        self.layers, self.num_scratch = grown, num_scratch
+
+    def prepare(self, queries: Sequence[DraftQuery]) -> tuple[torch.Tensor, AttentionMetadata, list[int]]:
+        """(positions [T], metadata, query_start_loc) of a draft forward; drops validity of written blocks.
+
+        Positions follow the target's: causal entries at context_len + i, tree nodes at root + depth.
+        """
+        bs = self.block_size
+        pos, slots, masks, qsl, seq_lens = [], [], [], [0], []
+        for q in queries:
+            n = q.num_causal
+            depth = np.asarray(tree_depths(list(q.parents))[1:], dtype=np.int64)
+            pos.append(np.concatenate([np.arange(q.context_len, q.context_len + n), q.context_len + n - 1 + depth]))
+            q_len = n + len(q.parents)
+            logical = np.arange(q.context_len, q.context_len + q_len)
+            slots.append(np.asarray(q.block_table, dtype=np.int64)[logical // bs] * bs + logical % bs)
+            masks.append(np.asarray([0] * (n - 1) + ancestor_masks(list(q.parents)), dtype=np.int64))
+            qsl.append(qsl[-1] + q_len)
+            seq_lens.append(q.context_len + q_len)
+        slot_mapping = np.concatenate(slots)
+        for block in np.unique(slot_mapping // bs).tolist():
+            self._block_hash.pop(block, None)
+        width = max(len(q.block_table) for q in queries)
+        tables = np.zeros((len(queries), width), dtype=np.int32)
+        for b, q in enumerate(queries):
+            tables[b, : len(q.block_table)] = q.block_table
+
+        def dev(x, dtype=torch.int64):
+            return torch.from_numpy(np.asarray(x)).to(device=self.device, dtype=dtype, non_blocking=True)
+
+        meta = AttentionMetadata(
+            query_start_loc=dev(qsl, torch.int32),
+            seq_lens=dev(seq_lens, torch.int32),
+            context_lens=dev([q.context_len for q in queries], torch.int32),
+            block_tables=dev(tables, torch.int32),
+            slot_mapping=dev(slot_mapping),
+            tree_offsets=dev([q.num_causal - 1 for q in queries], torch.int32),
+            tree_mask=dev(np.concatenate(masks)),
+            max_query_len=int(max(np.diff(qsl))),
+            max_seq_len=max(seq_lens),
+            block_size=bs,
+        )
+        return dev(np.concatenate(pos)), meta, qsl
+
+
+def plan_chunks(spans: Sequence[tuple[int, int]], max_tokens: int) -> list[list[tuple[int, int, int]]]:
+    """Split per-request spans [start, end) into forwards of at most max_tokens entries.
+
+    Returns forwards as lists of (request index, start, end); a span cut in two continues in the next
+    forward, after its first part's K/V is written. Example: spans [(0, 5), (3, 4)], max 4 ->
+    [[(0, 0, 4)], [(0, 4, 5), (1, 3, 4)]].
+    """
+    forwards: list[list[tuple[int, int, int]]] = [[]]
+    room = max_tokens
+    for i, (start, end) in enumerate(spans):
+        while start < end:
+            if room == 0:
+                forwards.append([])
+                room = max_tokens
+            take = min(end - start, room)
+            forwards[-1].append((i, start, start + take))
+            start, room = start + take, room - take
+    return [f for f in forwards if f]
+
+
+def committed_rows(requests: Sequence, results: Sequence, batch) -> list[tuple[int, list[int]] | None]:
+    """Per request: (position of its first token the target committed this step, their flat query rows).
+
+    A verified request's committed tokens are its causal run up to the root, then the accepted path (root
+    first). A prefill chunk that produces no token is the step's one sequence without a logits row (the
+    scheduler cuts at most one chunk short per step). None for requests that finished (their KV is freed).
+    """
+    qsl = batch.query_start_loc
+    by_root_row = {row: b for b, row in enumerate(batch.row_starts) if row >= 0}
+    chunks = [b for b, row in enumerate(batch.row_starts) if row < 0]
+    out: list[tuple[int, list[int]] | None] = []
+    for req, res in zip(requests, results, strict=True):
+        if req.finished:
+            out.append(None)
+            continue
+        if res is None:
+            if len(chunks) != 1:
+                raise RuntimeError(f"cannot tell which of {len(chunks)} partial prefill chunks is {req.request_id}")
+            b = chunks[0]
+            rows = list(range(qsl[b], qsl[b + 1]))
+        else:
+            b = by_root_row[res.rows[0]]
+            root = qsl[b + 1] - res.num_draft_tokens - 1  # flat row of the root
+            rows = list(range(qsl[b], root)) + [root + node for node in res.accepted_nodes]
+        out.append((req.num_computed_tokens - len(rows), rows))
+    return out

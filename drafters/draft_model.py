@@ -1,0 +1,145 @@
+"""Draft model: a smaller Llama-family model with the target's tokenizer drafts a chain, greedy or sampled.
+
+Its KV lives in the target's block pool (DraftKVCache): slot s of a request holds the draft model's K/V of
+token s. propose() runs, per request, the entries the draft has not seen yet (the accepted tokens and the
+root) as one causal chunk, then k - 1 one-token steps. A draft token's entry stays valid when the target
+accepts it (same token, same position), so after verification the draft lags by at most two entries: as
+in gpt-fast, when all k drafts are accepted the last one was never fed, and the next chunk runs it with the
+bonus token. observe() catches up long runs (prefill chunks) in chunked forwards, keeping propose small.
+
+Sampled requests draw drafts from the draft's own distribution after the request's temperature / top-k /
+top-p / min-p and hand it to verification as draft_probs, which keeps rejection sampling exact.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+
+import torch
+from specserve.drafters.base import DraftProposal
+from specserve.drafters.draft_kv import DraftKVCache, DraftQuery, plan_chunks
+
+from specserve.attention import MAX_TREE_NODES
+from specserve.config import SpeculativeConfig
+from specserve.models.loader import load_model
+from specserve.sampler import RowContext, target_probs
+
+CATCHUP_TOKENS = 2048  # entries per catch-up forward
+
+
+class DraftModelDrafter:
+    """Chain drafter backed by a small causal LM whose KV shares the target's blocks."""
+
+    def __init__(self, spec: SpeculativeConfig, target):
+        loaded = load_model(spec.model, target.dtype, target.device)
+        check_same_vocab(loaded, target)
+        self.model = loaded.model
+        cfg = loaded.config
+        # Rope tables must reach every position the target serves (plus a draft tree's depth).
+        self.model.model.rotary_emb.reserve(target.model.config.max_position_embeddings + MAX_TREE_NODES,
+                                            target.device)
+        self.kv = DraftKVCache(target, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+        self.backend = target.backend
+        self.max_num_tokens = spec.num_speculative_tokens
+        self.num_kv_layers = cfg.num_layers
+        self._drafted: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Request -> entries past the root
+
+    @torch.inference_mode()
+    def propose(self, requests: Sequence, max_tokens: Sequence[int]) -> list[DraftProposal | None]:
+        active = [(r, k) for r, k in zip(requests, max_tokens, strict=True) if k > 0]
+        if not active:
+            return [None] * len(requests)
+        reqs = [r for r, _ in active]
+        spans = [(self.kv.num_valid(r), r.num_computed_tokens + 1) for r in reqs]  # through the root
+        logits = self._catch_up(reqs, spans, want_logits=True)  # [B, vocab] at each root
+        for r in reqs:
+            self.kv.set_valid(r, r.num_computed_tokens + 1)
+        tokens: list[list[int]] = [[] for _ in reqs]
+        probs: list[list[torch.Tensor]] = [[] for _ in reqs]
+        live = list(range(len(reqs)))  # requests still drafting, rows of logits
+        for step in range(max(k for _, k in active)):
+            picked, q = self._pick([reqs[i] for i in live], logits)
+            for j, i in enumerate(live):
+                tokens[i].append(picked[j])
+                if q[j] is not None:
+                    probs[i].append(q[j])
+            live = [i for i in live if active[i][1] > step + 1]
+            if not live:
+                break
+            # feed the token just drafted at position root + 1 + step to get the next one
+            queries = [DraftQuery(reqs[i].block_ids, reqs[i].num_computed_tokens + 1 + step, 1) for i in live]
+            ids = [tokens[i][-1] for i in live]
+            logits = self._forward(queries, ids, [[0] for _ in live])
+        by_req = {}
+        for i, r in enumerate(reqs):
+            self._drafted[r] = len(tokens[i]) - 1  # entries written for d1 .. d(k-1)
+            by_req[id(r)] = DraftProposal.chain(tokens[i], torch.stack(probs[i]) if probs[i] else None)
+        return [by_req.get(id(r)) for r in requests]
+
+    @torch.inference_mode()
+    def observe(self, requests, results, out) -> None:
+        """Credit accepted drafts' entries, then catch up requests lagging more than a step's worth."""
+        lagging = []
+        for req, res in zip(requests, results, strict=True):
+            if req.finished:
+                self.kv.forget(req)
+                continue
+            drafted = self._drafted.pop(req, None)
+            if res is not None and drafted is not None:
+                accepted = len(res.accepted_nodes) - 1
+                root = req.num_computed_tokens - accepted - 1
+                self.kv.set_valid(req, root + 1 + min(accepted, drafted))
+            if req.num_computed_tokens - self.kv.num_valid(req) > self.max_num_tokens:
+                lagging.append(req)
+        if lagging:
+            self._catch_up(lagging, [(self.kv.num_valid(r), r.num_computed_tokens) for r in lagging], False)
+            for r in lagging:
+                self.kv.set_valid(r, r.num_computed_tokens)
+
+    def _catch_up(self, reqs: list, spans: list[tuple[int, int]], want_logits: bool) -> torch.Tensor | None:
+        """Run entries [start, end) of each request in chunked forwards; logits [B, vocab] at each end."""
+        last: dict[int, torch.Tensor] = {}
+        for forward in plan_chunks(spans, CATCHUP_TOKENS):
+            queries = [DraftQuery(reqs[i].block_ids, s, e - s) for i, s, e in forward]
+            ids = [t for i, s, e in forward for t in reqs[i].token_ids[s:e]]
+            ends = [i for i, _, e in forward if want_logits and e == spans[i][1]]  # spans finishing here
+            rows = self._forward(queries, ids, [[e - s - 1] if i in ends else [] for i, s, e in forward])
+            last.update(zip(ends, rows, strict=True))
+        return torch.stack([last[i] for i in range(len(reqs))]) if want_logits else None
+
+    def _forward(self, queries: list[DraftQuery], ids: list[int], wanted: list[list[int]]) -> torch.Tensor:
+        """One draft forward; logits [R, vocab] of the query-relative rows wanted per sequence."""
+        positions, meta, qsl = self.kv.prepare(queries)
+        input_ids = torch.tensor(ids, dtype=torch.int64, device=positions.device)
+        hidden = self.model(input_ids, positions, meta, self.kv.layers, self.backend).hidden_states
+        rows = [qsl[b] + j for b, js in enumerate(wanted) for j in js]
+        return self.model.compute_logits(hidden[rows])
+
+    def _pick(self, reqs: list, logits: torch.Tensor) -> tuple[list[int], list[torch.Tensor | None]]:
+        """Next draft token per request: argmax for greedy ones, else a draw from q (returned as [vocab])."""
+        picked = logits.argmax(dim=-1)  # [B]
+        sampled = [j for j, r in enumerate(reqs) if not r.params.greedy]
+        q: list[torch.Tensor | None] = [None] * len(reqs)
+        if sampled:
+            rows = [RowContext(reqs[j].params, reqs[j].token_ids, reqs[j].num_prompt_tokens, frozenset())
+                    for j in sampled]
+            probs = target_probs(logits[sampled], rows)  # [S, vocab] float32
+            u = torch.tensor([float(torch.rand((), generator=reqs[j].generator)) for j in sampled],
+                             device=logits.device)
+            cdf = probs.cumsum(dim=-1)
+            draws = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
+            picked[sampled] = draws.clamp(max=logits.shape[-1] - 1)
+            for j, row in zip(sampled, probs, strict=True):
+                q[j] = row
+        return picked.tolist(), q
+
+
+def check_same_vocab(loaded, target) -> None:
+    """ValueError unless the draft model shares the target's vocabulary (size and tokenizer)."""
+    draft_vocab, target_vocab = loaded.config.vocab_size, target.model.config.vocab_size
+    if draft_vocab != target_vocab:
+        raise ValueError(f"draft model vocab size {draft_vocab} does not match the target's {target_vocab}")
+    if loaded.tokenizer is not None and target.tokenizer is not None:
+        if loaded.tokenizer.get_vocab() != target.tokenizer.get_vocab():
+            raise ValueError("the draft model's tokenizer differs from the target's (same size, other tokens)")

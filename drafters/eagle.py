@@ -1,0 +1,247 @@
+"""EAGLE-1/2: a one-layer draft that predicts the target's next feature, drafted as an EAGLE-2 dynamic tree.
+
+Checkpoint (SafeAILab/EAGLE `cnets1.py`): config.json (Llama spelling, plus `bias` for fc, default true) and
+model.safetensors or pytorch_model.bin with fc.weight [H, 2H] (+ fc.bias), layers.{i}.* (layer 0 without
+input_layernorm) and optionally embed_tokens.weight (else the target's embedding). Logits are the target's
+LM head on the draft output; features are the target's last hidden state after the final norm (EAGLE's
+`outputs[0]`).
+
+Entries. The draft entry at sequence position s reads token t_s and the target feature f_{s-1} and predicts
+t_{s+1}, so its K/V sits in slot s of the request's blocks, next to the target's K/V of t_s. (EAGLE stores
+it one slot earlier; rope only sees relative positions, so nothing changes except that an entry depends on
+tokens up to its own slot, which is what prefix-cached blocks need.) Entries with no feature before them
+(position 0, and the first one after a prefix-cache hit) read a zero feature. Target features come from the
+ForwardOutput of every step, prefill chunks included: observe() keeps those of entries not yet run, and
+propose() runs them with the root as one causal chunk (observe runs long prefill runs itself).
+
+Tree (EAGLE-2, `topK_genrate`): the root's top_k tokens are the first level; each level, the top_k nodes by
+cumulative log-prob are expanded to their top_k children, `depth` levels in all; the num_speculative_tokens
+best of every scored node form the draft. A level's forward is the root plus every node expanded so far, as
+a tree query (earlier nodes are recomputed from the same inputs), so the attention kernels see the same
+kind of tree as verification. Drafts are deterministic top-k, so q is one-hot in verification.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+
+import torch
+from specserve.drafters.base import DraftProposal
+from specserve.drafters.checkpoint import check_dim, load_module, read_config, read_tensors
+from specserve.drafters.draft_kv import DraftKVCache, DraftQuery, committed_rows, plan_chunks
+from specserve.drafters.tree import expand_level, rerank
+from torch import nn
+
+from specserve.attention import MAX_TREE_NODES
+from specserve.config import SpeculativeConfig
+from specserve.models.config import ModelConfig
+from specserve.models.llama import LlamaDecoderLayer, RotaryEmbedding
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+CATCHUP_TOKENS = 2048  # entries per catch-up forward
+
+
+def draft_config(cfg: dict, target, what: str) -> ModelConfig:
+    """The draft layer's ModelConfig from a Llama-spelled config.json, checked against the target."""
+    from transformers import LlamaConfig
+
+    known = {k: v for k, v in cfg.items() if k not in ("model_type", "architectures")}
+    mcfg = ModelConfig.from_hf(LlamaConfig(**known))
+    tcfg = target.model.config
+    check_dim(what, mcfg.hidden_size, tcfg.hidden_size, "hidden_size")
+    check_dim(what, mcfg.vocab_size, tcfg.vocab_size, "vocab_size")
+    return mcfg
+
+
+class Eagle1Head(nn.Module):
+    """fc over [embedding; feature], then decoder layers (the first without input_layernorm)."""
+
+    def __init__(self, cfg: ModelConfig, bias: bool, target_logits):
+        super().__init__()
+        h = cfg.hidden_size
+        self.fc = nn.Linear(2 * h, h, bias=bias)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers[0].input_layernorm = nn.Identity()  # EAGLE's first layer reads fc's output as is
+        self.rotary = RotaryEmbedding(cfg)
+        self._target_logits = target_logits  # a bound method: the target's LM head stays out of this module
+
+    def fuse(self, out, rows: list[int]) -> torch.Tensor:
+        """[m, H] inputs for the entries after the given flat rows of a target step."""
+        return out.hidden_states[rows]
+
+    def forward(self, emb, hidden, positions, meta, kv_layers, backend) -> torch.Tensor:
+        """Draft outputs [T, H] from token embeddings and input features/hiddens, both [T, H]."""
+        x = self.fc(torch.cat((emb, hidden), dim=-1))
+        for layer, kv in zip(self.layers, kv_layers, strict=True):
+            x = layer(x, positions, self.rotary, meta, kv, backend)
+        return x
+
+    def top_k(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probs [N, k], target token ids [N, k]) of the k likeliest next tokens."""
+        return self._target_logits(hidden).log_softmax(dim=-1).topk(k, dim=-1)
+
+
+def load_eagle1(path: str, target) -> tuple[Eagle1Head, nn.Embedding | None]:
+    """EAGLE-1/2 head (and its own embedding, if the checkpoint has one) on the target's device/dtype."""
+    what = f"EAGLE checkpoint {path!r}"
+    raw = read_config(path)
+    cfg = draft_config(raw, target, what)
+    tensors = read_tensors(path, WEIGHT_FILES)
+    head = Eagle1Head(cfg, bool(raw.get("bias", True)), target.model.compute_logits)
+    if "fc.weight" in tensors:
+        check_dim(what, tensors["fc.weight"].shape[1], 2 * target.model.config.hidden_size, "fc input size")
+    embed = _own_embedding(tensors, target, what)
+    head.to(device=target.device, dtype=target.dtype)
+    load_module(head, tensors, what)
+    return head.requires_grad_(False).eval(), embed
+
+
+def _own_embedding(tensors: dict, target, what: str) -> nn.Embedding | None:
+    """Pop embed_tokens.weight from tensors into an embedding checked against the target's vocabulary."""
+    weight = tensors.pop("embed_tokens.weight", None)
+    if weight is None:
+        return None
+    tcfg = target.model.config
+    check_dim(what, weight.shape[0], tcfg.vocab_size, "vocab_size")
+    check_dim(what, weight.shape[1], tcfg.hidden_size, "hidden_size")
+    return nn.Embedding.from_pretrained(weight.to(device=target.device, dtype=target.dtype))
+
+
+class EagleDrafter:
+    """EAGLE-2 dynamic-tree drafter; subclasses swap the head (EAGLE-3)."""
+
+    def __init__(self, spec: SpeculativeConfig, target):
+        self.head, embed = self.load_head(spec.model, target)
+        self.embed = embed or target.model.model.embed_tokens
+        self.head.rotary.reserve(target.model.config.max_position_embeddings + MAX_TREE_NODES, target.device)
+        self.top_k, self.depth = spec.top_k, spec.depth
+        if spec.top_k < 1 or spec.depth < 1 or 1 + spec.top_k * (spec.depth - 1) > MAX_TREE_NODES:
+            raise ValueError(f"EAGLE needs top_k >= 1, depth >= 1 and 1 + top_k * (depth - 1) <= "
+                             f"{MAX_TREE_NODES}; got top_k {spec.top_k}, depth {spec.depth}")
+        attn = self.head.layers[0].self_attn
+        self.num_kv_layers = len(self.head.layers)
+        self.kv = DraftKVCache(target, self.num_kv_layers, attn.num_kv_heads, attn.head_dim)
+        self.backend = target.backend
+        self.max_num_tokens = spec.num_speculative_tokens
+        self.hidden_size = target.model.config.hidden_size
+        # Request -> [m, H] inputs of entries [num_valid, num_computed_tokens] (the root's last)
+        self._pending: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def load_head(self, path: str, target) -> tuple[nn.Module, nn.Embedding | None]:
+        return load_eagle1(path, target)
+
+    # ---- following the target -----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def observe(self, requests, results, out) -> None:
+        """Keep the features of this step's committed tokens; run long runs of pending entries now."""
+        spans = committed_rows(requests, results, out.batch)
+        live = [(r, s) for r, s in zip(requests, spans, strict=True) if s is not None]
+        for r in requests:
+            if r.finished:
+                self.kv.forget(r)
+                self._pending.pop(r, None)
+        if not live:
+            return
+        feats = self.head.fuse(out, [row for _, (_, rows) in live for row in rows])  # [R, H]
+        lagging, start = [], 0
+        for req, (first, rows) in live:
+            new = feats[start : start + len(rows)]  # inputs of entries first + 1 .. first + len(rows)
+            start += len(rows)
+            pend = self._pending.get(req)
+            if pend is None or self.kv.num_valid(req) + len(pend) != first + 1:
+                # (re)starting: entries before `first` have no features here, and f_{first - 1} is unknown
+                self.kv.skip_to(req, first)
+                pend = new.new_zeros(1, new.shape[1])
+            self._pending[req] = torch.cat((pend, new))
+            if len(self._pending[req]) > self.max_num_tokens + 2:
+                lagging.append(req)
+        if lagging:
+            spans = [(self.kv.num_valid(r), r.num_computed_tokens) for r in lagging]  # all but the root
+            self._run_entries(lagging, spans, want_last=False)
+            for r in lagging:
+                self._pending[r] = self._pending[r][-1:]
+                self.kv.set_valid(r, r.num_computed_tokens)
+
+    def _run_entries(self, reqs: list, spans: list[tuple[int, int]], want_last: bool) -> torch.Tensor | None:
+        """Run entries [start, end) of each request from its pending inputs; outputs [B, H] at each end."""
+        last: dict[int, torch.Tensor] = {}
+        for forward in plan_chunks(spans, CATCHUP_TOKENS):
+            queries = [DraftQuery(reqs[i].block_ids, s, e - s) for i, s, e in forward]
+            ids = [t for i, s, e in forward for t in reqs[i].token_ids[s:e]]
+            base = [self.kv.num_valid(reqs[i]) for i, _, _ in forward]
+            hidden = torch.cat([self._pending[reqs[i]][s - b : e - b] for (i, s, e), b in
+                                zip(forward, base, strict=True)])
+            outs, qsl = self._forward(queries, ids, hidden)
+            for j, (i, _, e) in enumerate(forward):
+                if want_last and e == spans[i][1]:
+                    last[i] = outs[qsl[j + 1] - 1]
+        return torch.stack([last[i] for i in range(len(reqs))]) if want_last else None
+
+    def _forward(self, queries: list[DraftQuery], ids, hidden: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        positions, meta, qsl = self.kv.prepare(queries)
+        ids = torch.as_tensor(ids, dtype=torch.int64, device=positions.device)
+        return self.head(self.embed(ids), hidden, positions, meta, self.kv.layers, self.backend), qsl
+
+    # ---- drafting -----------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def propose(self, requests: Sequence, max_tokens: Sequence[int]) -> list[DraftProposal | None]:
+        idx = [i for i, (r, k) in enumerate(zip(requests, max_tokens, strict=True)) if k > 0 and r in self._pending]
+        out: list[DraftProposal | None] = [None] * len(requests)
+        if not idx:
+            return out
+        reqs = [requests[i] for i in idx]
+        roots = [r.num_computed_tokens for r in reqs]
+        # 1. pending entries and the root, one causal chunk each: the root's output starts the tree
+        root_in = torch.stack([self._pending[r][-1] for r in reqs])  # [B, H] the root entry's input
+        g_root = self._run_entries(reqs, [(self.kv.num_valid(r), n + 1) for r, n in zip(reqs, roots, strict=True)],
+                                   want_last=True)
+        for r, n in zip(reqs, roots, strict=True):
+            self.kv.set_valid(r, n + 1)
+            self._pending[r] = root_in.new_zeros(0, root_in.shape[1])
+        # 2. EAGLE-2 levels
+        trees = self._grow(reqs, roots, root_in, g_root)
+        for i, k, (scores, parents, tokens) in zip(idx, [max_tokens[i] for i in idx], trees, strict=True):
+            kept, tree_parents = rerank(scores, parents, min(k, self.max_num_tokens))
+            out[i] = DraftProposal([tokens[c] for c in kept], tree_parents)
+        return out
+
+    def _grow(self, reqs, roots, root_in, g_root) -> list[tuple[list[float], list[int], list[int]]]:
+        """Per request, every scored candidate: (cumulative log-probs, parent candidate or -1, token ids)."""
+        b, k, dev = len(reqs), self.top_k, root_in.device
+        logp, tok = self.head.top_k(g_root, k)  # [B, k]: the first level, under the root
+        cands = [(lp, [-1] * k, t) for lp, t in zip(logp.tolist(), tok.tolist(), strict=True)]
+        front = torch.arange(k, device=dev).expand(b, k)  # [B, k] candidate ids of the frontier
+        front_scores, front_tok = logp, tok
+        inputs = root_in[:, None]  # [B, 1 + E, H] input hidden of each query node (root first)
+        ids = torch.tensor([[r.token_ids[n]] for r, n in zip(reqs, roots, strict=True)], device=dev)  # [B, 1 + E]
+        qparents: list[list[int]] = [[] for _ in reqs]  # query tree of expanded nodes
+        node_of: list[dict[int, int]] = [{-1: 0} for _ in reqs]  # candidate id -> query node
+        parent_out = g_root[:, None].expand(b, k, -1)  # [B, k, H] output of each frontier node's parent
+        for _ in range(self.depth - 1):
+            front_list = front.tolist()
+            for j in range(b):
+                for c in front_list[j]:
+                    qparents[j].append(node_of[j][cands[j][1][c]])
+                    node_of[j][c] = len(qparents[j])
+            inputs = torch.cat((inputs, parent_out), dim=1)
+            ids = torch.cat((ids, front_tok), dim=1)
+            e = ids.shape[1]
+            tables = self.kv.block_tables(reqs, [n + e for n in roots])
+            queries = [DraftQuery(t, n, 1, p) for t, n, p in zip(tables, roots, qparents, strict=True)]
+            outs, _ = self._forward(queries, ids.flatten(), inputs.flatten(0, 1))
+            front_out = outs.view(b, e, -1)[:, -k:]  # [B, k, H] the frontier's rows come last
+            child_logp, child_tok = self.head.top_k(front_out.flatten(0, 1), k)  # [B * k, k]
+            scores, nxt = expand_level(front_scores, child_logp.view(b, k, k), k)  # [B, k * k], [B, k]
+            child_tok = child_tok.view(b, k * k)
+            base = [len(c[0]) for c in cands]
+            for j, (s, t) in enumerate(zip(scores.tolist(), child_tok.tolist(), strict=True)):
+                cands[j][0].extend(s)
+                cands[j][1].extend(front_list[j][f // k] for f in range(k * k))
+                cands[j][2].extend(t)
+            front = nxt + torch.tensor(base, device=dev)[:, None]
+            front_scores, front_tok = scores.gather(1, nxt), child_tok.gather(1, nxt)
+            parent_out = front_out.gather(1, (nxt // k)[:, :, None].expand(-1, -1, front_out.shape[-1]))
+        return cands

@@ -1,0 +1,109 @@
+"""EAGLE-3: the draft reads low, mid and high target features fused by fc, and has its own small vocabulary.
+
+Checkpoint (SafeAILab/EAGLE `cnets.py`): config.json in Llama spelling with draft_vocab_size and, in vLLM's
+spelling, eagle_config.eagle_aux_hidden_state_layer_ids (default (2, L // 2, L - 3): the residual streams
+entering those target layers); model.safetensors or pytorch_model.bin with fc.weight [H, 3H],
+midlayer.* (also read as layers.0.*), norm.weight, lm_head.weight [Vd, H], d2t [Vd] (target id = draft
+id + d2t[draft id]; optional when Vd = V), t2d [V] (unused here) and optionally embed_tokens.weight.
+
+The midlayer's attention reads cat(input_layernorm(embedding), hidden_norm(hidden)) [2H] and its residual
+is the raw hidden. fc only fuses target features (an entry's input); inside the tree a node's input is its
+parent's draft output as is, and logits are lm_head(norm(output)). Entries, KV and the EAGLE-2 tree are
+EagleDrafter's.
+"""
+
+from __future__ import annotations
+
+import torch
+from specserve.drafters.checkpoint import check_dim, load_module, read_config, read_tensors
+from specserve.drafters.eagle import WEIGHT_FILES, EagleDrafter, _own_embedding, draft_config
+from torch import nn
+
+from specserve.models.config import ModelConfig
+from specserve.models.llama import LlamaDecoderLayer, RMSNorm, RotaryEmbedding, make_linear
+
+
+class Eagle3Layer(LlamaDecoderLayer):
+    """EAGLE-3's decoder layer: q/k/v read [normed embedding; normed hidden] (2H)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        h, a = cfg.hidden_size, self.self_attn
+        self.hidden_norm = RMSNorm(h, cfg.rms_norm_eps)
+        a.q_proj = make_linear(2 * h, a.num_heads * a.head_dim, False)
+        a.k_proj = make_linear(2 * h, a.num_kv_heads * a.head_dim, False)
+        a.v_proj = make_linear(2 * h, a.num_kv_heads * a.head_dim, False)
+
+    def forward(self, emb, hidden, positions, rotary, meta, kv_cache, backend) -> torch.Tensor:
+        x = torch.cat((self.input_layernorm(emb), self.hidden_norm(hidden)), dim=-1)  # [T, 2H]
+        h = hidden + self.self_attn(x, positions, rotary, meta, kv_cache, backend)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Eagle3Head(nn.Module):
+    """fc over the aux features, the midlayer, norm, and an LM head over the draft vocabulary."""
+
+    def __init__(self, cfg: ModelConfig, num_aux: int, draft_vocab_size: int):
+        super().__init__()
+        h = cfg.hidden_size
+        self.fc = nn.Linear(num_aux * h, h, bias=False)
+        self.midlayer = Eagle3Layer(cfg)
+        self.norm = RMSNorm(h, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(h, draft_vocab_size, bias=False)
+        self.register_buffer("d2t", torch.zeros(draft_vocab_size, dtype=torch.int64))
+        self.rotary = RotaryEmbedding(cfg)
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        return [self.midlayer]
+
+    def fuse(self, out, rows: list[int]) -> torch.Tensor:
+        """[m, H] fc(cat(low, mid, high)) of the given flat rows of a target step."""
+        return self.fc(torch.cat([a[rows] for a in out.aux_hidden_states], dim=-1))
+
+    def forward(self, emb, hidden, positions, meta, kv_layers, backend) -> torch.Tensor:
+        return self.midlayer(emb, hidden, positions, self.rotary, meta, kv_layers[0], backend)
+
+    def top_k(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probs [N, k], target token ids [N, k]) of the k likeliest draft-vocabulary tokens."""
+        logp, ids = self.lm_head(self.norm(hidden)).float().log_softmax(dim=-1).topk(k, dim=-1)
+        return logp, ids + self.d2t[ids]
+
+
+def aux_layers(raw: dict, num_layers: int, what: str) -> tuple[int, ...]:
+    """The target layers whose input EAGLE-3 fuses: the checkpoint's choice, else (2, L // 2, L - 3)."""
+    layers = tuple((raw.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
+                   or (2, num_layers // 2, num_layers - 3))
+    if any(not 0 <= i <= num_layers for i in layers):
+        raise ValueError(f"{what}: aux layers {list(layers)} are outside the target's 0..{num_layers}")
+    return layers
+
+
+def load_eagle3(path: str, target) -> tuple[Eagle3Head, nn.Embedding | None, tuple[int, ...]]:
+    """EAGLE-3 head (and its own embedding, if any) on the target's device/dtype, and the aux layers it reads."""
+    what = f"EAGLE-3 checkpoint {path!r}"
+    raw = read_config(path)
+    cfg = draft_config(raw, target, what)
+    tcfg = target.model.config
+    layers = aux_layers(raw, tcfg.num_layers, what)
+    draft_vocab = int(raw.get("draft_vocab_size") or cfg.vocab_size)
+    tensors = {k.replace("layers.0.", "midlayer.", 1) if k.startswith("layers.0.") else k: v
+               for k, v in read_tensors(path, WEIGHT_FILES).items()}
+    tensors.pop("t2d", None)  # the target -> draft map: training needs it, drafting does not
+    if draft_vocab == cfg.vocab_size:
+        tensors.setdefault("d2t", torch.zeros(draft_vocab, dtype=torch.int64))  # the identity map
+    if "fc.weight" in tensors:
+        check_dim(what, tensors["fc.weight"].shape[1], len(layers) * tcfg.hidden_size, "fc input size")
+    embed = _own_embedding(tensors, target, what)
+    head = Eagle3Head(cfg, len(layers), draft_vocab).to(device=target.device, dtype=target.dtype)
+    load_module(head, tensors, what)
+    return head.requires_grad_(False).eval(), embed, layers
+
+
+class Eagle3Drafter(EagleDrafter):
+    """EAGLE-2 dynamic trees drafted by an EAGLE-3 head; the target hands it its aux layers' features."""
+
+    def load_head(self, path: str, target) -> tuple[nn.Module, nn.Embedding | None]:
+        head, embed, layers = load_eagle3(path, target)
+        target.model.aux_layers = layers  # from now on every target forward returns these features
+        return head, embed

@@ -1,0 +1,119 @@
+"""Medusa-1: extra heads on the target's last hidden state guess the tokens 2, 3, ... positions ahead.
+
+Checkpoint (FasterDecoding/Medusa): config.json with medusa_num_heads and medusa_num_layers, weights in
+medusa_lm_head.safetensors (or .pt) keyed `{head}.{layer}.linear.weight/bias` for the ResBlocks
+(x + SiLU(linear(x))) and `{head}.{num_layers}.weight` for each head's LM head. With `"share_lm_head": true`
+in config.json the heads have no LM head of their own and use the target's.
+
+The hidden state h_t (after the final norm) at the last accepted node gives the bonus token through the
+LM head; head i on h_t guesses the token at depth i + 1 below it. The draft is a static tree of top-k ranks
+(`SpeculativeConfig.tree`, Medusa's mc_sim paths, or tree.default_tree sized to num_speculative_tokens), so
+it is deterministic: verification takes q as one-hot, which stays exact for sampled requests.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from specserve.drafters.base import DraftProposal
+from specserve.drafters.checkpoint import check_dim, load_module, read_config, read_tensors
+from specserve.drafters.tree import default_tree, static_tree
+from torch import nn
+
+from specserve.config import SpeculativeConfig
+
+WEIGHT_FILES = ("medusa_lm_head.safetensors", "medusa_lm_head.pt")
+
+
+class ResBlock(nn.Module):
+    """Medusa's residual block: x + SiLU(linear(x))."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + F.silu(self.linear(x))
+
+
+def medusa_heads(hidden: int, vocab: int, num_heads: int, num_layers: int, share_lm_head: bool) -> nn.ModuleList:
+    """Heads named as Medusa saves them: head i is Sequential(ResBlock x num_layers[, Linear(hidden, vocab)])."""
+    return nn.ModuleList(
+        nn.Sequential(*[ResBlock(hidden) for _ in range(num_layers)],
+                      *([] if share_lm_head else [nn.Linear(hidden, vocab, bias=False)]))
+        for _ in range(num_heads)
+    )
+
+
+def load_medusa(path: str, target) -> tuple[nn.ModuleList, bool]:
+    """(heads on the target's device and dtype, share_lm_head) from a Medusa checkpoint directory."""
+    cfg = read_config(path)
+    what = f"Medusa checkpoint {path!r}"
+    if "medusa_num_heads" not in cfg:
+        raise ValueError(f"{what}: config.json lacks medusa_num_heads")
+    num_heads, num_layers = int(cfg["medusa_num_heads"]), int(cfg.get("medusa_num_layers", 1))
+    share = bool(cfg.get("share_lm_head", False))
+    tensors = read_tensors(path, WEIGHT_FILES)
+    tcfg = target.model.config
+    for name, t in tensors.items():  # shapes say what the config may not: hidden size and vocabulary
+        if name.endswith("linear.weight"):
+            check_dim(what, t.shape[1], tcfg.hidden_size, "hidden_size")
+        elif name.endswith(f".{num_layers}.weight"):
+            check_dim(what, t.shape[0], tcfg.vocab_size, "vocab_size")
+            check_dim(what, t.shape[1], tcfg.hidden_size, "hidden_size")
+    heads = medusa_heads(tcfg.hidden_size, tcfg.vocab_size, num_heads, num_layers, share)
+    heads.to(device=target.device, dtype=target.dtype)
+    load_module(heads, tensors, what)
+    return heads.requires_grad_(False).eval(), share
+
+
+class MedusaDrafter:
+    """Static-tree drafter over Medusa heads; no KV of its own."""
+
+    num_kv_layers = 0
+
+    def __init__(self, spec: SpeculativeConfig, target):
+        self.heads, share = load_medusa(spec.model, target)
+        self.lm_head = target.model.compute_logits if share else None
+        num_heads = len(self.heads)
+        self.tree = static_tree(spec.tree) if spec.tree else default_tree(spec.num_speculative_tokens, num_heads)
+        if self.tree.depth > num_heads:
+            raise ValueError(f"speculative_config.tree is {self.tree.depth} deep, but the checkpoint has "
+                             f"{num_heads} Medusa heads")
+        self.max_num_tokens = self.tree.num_nodes
+        self._hidden: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Request -> [H] at its last node
+
+    @torch.inference_mode()
+    def propose(self, requests: Sequence, max_tokens: Sequence[int]) -> list[DraftProposal | None]:
+        idx = [i for i, (r, k) in enumerate(zip(requests, max_tokens, strict=True)) if k > 0 and r in self._hidden]
+        out: list[DraftProposal | None] = [None] * len(requests)
+        if not idx:
+            return out
+        trees = [self.tree.prefix(max_tokens[i]) for i in idx]
+        depth = max(t.depth for t in trees)
+        hidden = torch.stack([self._hidden[requests[i]] for i in idx])  # [B, H]
+        ranked = torch.stack([self._logits(d, hidden).topk(self.tree.top_k, dim=-1).indices for d in range(depth)],
+                             dim=1).tolist()  # [B, depth, top_k]
+        for i, tree, r in zip(idx, trees, ranked, strict=True):
+            out[i] = DraftProposal(tree.tokens(r), list(tree.parents))
+        return out
+
+    def _logits(self, head: int, hidden: torch.Tensor) -> torch.Tensor:
+        """[B, vocab] guesses of head `head` (the token head + 2 positions after the hidden state's)."""
+        h = self.heads[head](hidden)
+        return self.lm_head(h) if self.lm_head is not None else h.float()
+
+    @torch.inference_mode()
+    def observe(self, requests, results, out) -> None:
+        """Keep each request's hidden state at its last accepted node (the one that gave the bonus token)."""
+        kept = [(r, res.rows[-1]) for r, res in zip(requests, results, strict=True) if res is not None]
+        for r, _ in kept:
+            self._hidden.pop(r, None)
+        kept = [(r, row) for r, row in kept if not r.finished]
+        if kept:
+            rows = out.batch.logits_indices[[row for _, row in kept]]  # logits row -> flat query row
+            for (r, _), h in zip(kept, out.hidden_states[rows], strict=True):
+                self._hidden[r] = h

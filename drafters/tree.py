@@ -1,0 +1,128 @@
+"""Draft trees as data: static trees from paths of top-k ranks (Medusa) and dynamic top-k trees (EAGLE-2).
+
+Both follow DraftProposal's convention: node 0 is the root (the last committed token), draft node j + 1 has
+parent parents[j] <= j, so nodes come in topological order and a prefix of the nodes is again a tree.
+
+A static tree is a list of paths of ranks, as Medusa writes its `mc_sim_*` choices. Path (0, 1) is the
+second-best token of head 1 under the best token of head 0. Example: paths [(0,), (1,), (0, 0)] give
+    nodes  root, (0,), (1,), (0, 0)      parents [0, 0, 1]      depths [1, 1, 2]      ranks [0, 1, 0]
+
+EAGLE-2's dynamic tree grows top_k children under each of the top_k best nodes per level (by cumulative
+draft log-probability), then keeps the `budget` best of every candidate it has scored. A child never
+scores above its parent, so the kept set contains each kept node's parent (ties go to the earlier node).
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import torch
+
+# Rough top-r accuracy of a draft head (Medusa paper, fig. 3): rank r is right about 0.6 / (r + 1)^2 of the
+# time. default_tree keeps the paths whose product of these is largest, the way mc_sim trees are made.
+TOP1_ACCURACY = 0.6
+
+
+@dataclass(frozen=True)
+class StaticTree:
+    """A fixed tree of top-k ranks; node j + 1 is paths[j] (sorted by depth, then ranks)."""
+
+    paths: tuple[tuple[int, ...], ...]
+    parents: tuple[int, ...]
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.paths)
+
+    @property
+    def depth(self) -> int:
+        return max(len(p) for p in self.paths)
+
+    @property
+    def top_k(self) -> int:
+        """Candidates each level needs: the largest rank used, plus one."""
+        return 1 + max(r for p in self.paths for r in p)
+
+    def prefix(self, num_nodes: int) -> StaticTree:
+        """The first num_nodes nodes: still a tree, since parents come first."""
+        return StaticTree(self.paths[:num_nodes], self.parents[:num_nodes])
+
+    def tokens(self, ranked: list[list[int]]) -> list[int]:
+        """Node tokens from ranked[d][r], the rank-r candidate of level d + 1 (Medusa: head d's top-k)."""
+        return [ranked[len(p) - 1][p[-1]] for p in self.paths]
+
+
+def static_tree(paths: list[list[int]] | list[tuple[int, ...]]) -> StaticTree:
+    """Validate Medusa-style paths (non-empty, ranks >= 0, each parent path present) and order them."""
+    if not paths:
+        raise ValueError("a draft tree needs at least one path")
+    seen = set()
+    for p in paths:
+        path = tuple(p)
+        if not path or any(not isinstance(r, int) or r < 0 for r in path):
+            raise ValueError(f"tree path {list(p)!r} must be a non-empty list of ranks >= 0")
+        if path in seen:
+            raise ValueError(f"tree path {list(p)!r} appears twice")
+        seen.add(path)
+    ordered = sorted(seen, key=lambda p: (len(p), p))
+    index = {p: j + 1 for j, p in enumerate(ordered)}  # path -> node number
+    parents = []
+    for p in ordered:
+        if len(p) > 1 and p[:-1] not in index:
+            raise ValueError(f"tree path {list(p)!r} has no parent path {list(p[:-1])!r}")
+        parents.append(index[p[:-1]] if len(p) > 1 else 0)
+    return StaticTree(tuple(ordered), tuple(parents))
+
+
+def default_tree(num_nodes: int, max_depth: int) -> StaticTree:
+    """The num_nodes paths of highest estimated acceptance (product of per-rank accuracies), depth <= max_depth.
+
+    Best-first: popping a path pushes its first child and its next sibling, both scoring no higher, so paths
+    leave the heap in score order. num_nodes 4, max_depth 3 -> (0,), (0, 0), (0, 0, 0), (1,).
+    """
+    if num_nodes < 1 or max_depth < 1:
+        raise ValueError("default_tree needs num_nodes >= 1 and max_depth >= 1")
+
+    def acc(rank: int) -> float:
+        return TOP1_ACCURACY / (rank + 1) ** 2
+
+    heap = [(-acc(0), (0,))]
+    chosen: list[tuple[int, ...]] = []
+    while heap and len(chosen) < num_nodes:
+        neg, path = heapq.heappop(heap)
+        chosen.append(path)
+        score = -neg
+        if len(path) < max_depth:
+            heapq.heappush(heap, (-score * acc(0), path + (0,)))
+        r = path[-1]
+        heapq.heappush(heap, (-score / acc(r) * acc(r + 1), path[:-1] + (r + 1,)))
+    return static_tree(chosen)
+
+
+def expand_level(
+    frontier_scores: torch.Tensor,  # [B, F] cumulative log-prob of each frontier node
+    child_logp: torch.Tensor,  # [B, F, k] log-probs of each frontier node's top-k children
+    top_k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """EAGLE-2 level step: (candidate scores [B, F * k], indices [B, top_k] of the next frontier among them)."""
+    scores = (frontier_scores[:, :, None] + child_logp).flatten(1)  # [B, F * k]
+    return scores, scores.topk(top_k, dim=-1).indices
+
+
+def rerank(scores: list[float], parents: list[int], budget: int) -> tuple[list[int], list[int]]:
+    """Keep the `budget` best candidates as a tree: (kept candidate indices, DraftProposal parents).
+
+    `parents[c]` is candidate c's parent candidate (-1: the root), always an earlier candidate. Ties are
+    broken towards earlier candidates, so a kept child's parent (scoring at least as high) is kept too.
+    """
+    order = sorted(range(len(scores)), key=lambda c: (-scores[c], c))[:budget]
+    kept = sorted(order)  # candidate order is topological
+    node = {c: j + 1 for j, c in enumerate(kept)}
+    out_parents = []
+    for c in kept:
+        p = parents[c]
+        if p >= 0 and p not in node:
+            raise ValueError(f"candidate {c} was kept without its parent {p}: scores must not grow with depth")
+        out_parents.append(node[p] if p >= 0 else 0)
+    return kept, out_parents

@@ -1,0 +1,199 @@
+"""Tiny random drafter checkpoints in their authors' published layouts, and the loaders' errors on bad ones.
+
+The writers spell every tensor name by hand (not through our loaders or trainer), so a loader that drifts
+from the published layout fails here. Other drafter tests import them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from specserve.llm import LLM
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls on a shared 2-core box run ~10x faster on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def target_config(target_dir: str) -> dict:
+    with open(os.path.join(target_dir, "config.json")) as f:
+        return json.load(f)
+
+
+def _write(path: str, config: dict, tensors: dict[str, torch.Tensor], weights: str) -> str:
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    file = os.path.join(path, weights)
+    if weights.endswith(".safetensors"):
+        save_file({k: v.contiguous() for k, v in tensors.items()}, file)
+    else:
+        torch.save(tensors, file)
+    return path
+
+
+def write_medusa(path: str, target_dir: str, heads: int = 3, layers: int = 1, share: bool = True,
+                 hidden: int | None = None, vocab: int | None = None, seed: int = 0, drop: tuple = ()) -> str:
+    """FasterDecoding/Medusa layout: {head}.{layer}.linear.weight/bias and {head}.{layers}.weight."""
+    c = target_config(target_dir)
+    h, v = hidden or c["hidden_size"], vocab or c["vocab_size"]
+    g = torch.Generator().manual_seed(seed)
+    t = {}
+    for i in range(heads):
+        for j in range(layers):
+            t[f"{i}.{j}.linear.weight"] = 0.1 * torch.randn(h, h, generator=g)
+            t[f"{i}.{j}.linear.bias"] = 0.1 * torch.randn(h, generator=g)
+        if not share:
+            t[f"{i}.{layers}.weight"] = 0.1 * torch.randn(v, h, generator=g)
+    cfg = {"medusa_num_heads": heads, "medusa_num_layers": layers, "share_lm_head": share,
+           "base_model_name_or_path": target_dir}
+    return _write(path, cfg, {k: x for k, x in t.items() if k not in drop}, "medusa_lm_head.safetensors")
+
+
+def _layer(prefix: str, c: dict, g, in_mult: int = 1, input_norm: bool = True, hidden_norm: bool = False) -> dict:
+    """One Llama decoder layer's tensors (HF names) with attention inputs in_mult * hidden wide."""
+    h, inter = c["hidden_size"], c["intermediate_size"]
+    heads, kv, hd = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
+
+    def r(*shape):
+        return 0.15 * torch.randn(*shape, generator=g)
+
+    t = {
+        f"{prefix}self_attn.q_proj.weight": r(heads * hd, in_mult * h),
+        f"{prefix}self_attn.k_proj.weight": r(kv * hd, in_mult * h),
+        f"{prefix}self_attn.v_proj.weight": r(kv * hd, in_mult * h),
+        f"{prefix}self_attn.o_proj.weight": r(h, heads * hd),
+        f"{prefix}mlp.gate_proj.weight": r(inter, h),
+        f"{prefix}mlp.up_proj.weight": r(inter, h),
+        f"{prefix}mlp.down_proj.weight": r(h, inter),
+        f"{prefix}post_attention_layernorm.weight": 1 + r(h),
+    }
+    if input_norm:
+        t[f"{prefix}input_layernorm.weight"] = 1 + r(h)
+    if hidden_norm:
+        t[f"{prefix}hidden_norm.weight"] = 1 + r(h)
+    return t
+
+
+def _eagle_config(c: dict, **extra) -> dict:
+    """EAGLE's config.json: the target's shapes as a one-layer Llama."""
+    keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+            "rms_norm_eps", "max_position_embeddings", "vocab_size", "bos_token_id", "eos_token_id")
+    cfg = {k: c[k] for k in keys}
+    theta = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    cfg.update(architectures=["LlamaForCausalLM"], model_type="llama", num_hidden_layers=1, hidden_act="silu",
+               rope_theta=theta, tie_word_embeddings=False)
+    return {**cfg, **extra}
+
+
+def write_eagle(path: str, target_dir: str, seed: int = 0, drop: tuple = (), **config) -> str:
+    """SafeAILab/EAGLE (cnets1.py) layout: fc.weight/bias, layers.0.* without input_layernorm, .bin weights."""
+    c = target_config(target_dir)
+    h = c["hidden_size"]
+    g = torch.Generator().manual_seed(seed)
+    t = {"fc.weight": 0.1 * torch.randn(h, 2 * h, generator=g), "fc.bias": 0.1 * torch.randn(h, generator=g)}
+    t.update(_layer("layers.0.", c, g, input_norm=False))
+    cfg = _eagle_config(c, bias=True, **config)
+    return _write(path, cfg, {k: x for k, x in t.items() if k not in drop}, "pytorch_model.bin")
+
+
+def write_eagle3(path: str, target_dir: str, draft_vocab: int = 200, seed: int = 0, drop: tuple = (),
+                 fc_inputs: int = 3) -> str:
+    """EAGLE-3 (cnets.py) layout: fc [H, 3H], midlayer.* (2H attention inputs, hidden_norm), norm, lm_head, d2t, t2d."""
+    c = target_config(target_dir)
+    h, v = c["hidden_size"], c["vocab_size"]
+    g = torch.Generator().manual_seed(seed)
+    vocab = torch.randperm(v, generator=g)[:draft_vocab].sort().values  # target ids the draft can say
+    t = {
+        "fc.weight": 0.1 * torch.randn(h, fc_inputs * h, generator=g),
+        "norm.weight": 1 + 0.1 * torch.randn(h, generator=g),
+        "lm_head.weight": 0.15 * torch.randn(draft_vocab, h, generator=g),
+        "d2t": vocab - torch.arange(draft_vocab),
+        "t2d": torch.zeros(v, dtype=torch.bool).index_fill_(0, vocab, True),
+    }
+    t.update(_layer("midlayer.", c, g, in_mult=2, hidden_norm=True))
+    cfg = _eagle_config(c, draft_vocab_size=draft_vocab)
+    return _write(path, cfg, {k: x for k, x in t.items() if k not in drop}, "model.safetensors")
+
+
+# ---- loader errors --------------------------------------------------------------------------------
+
+
+def _build(target_dir: str, method: str, path: str):
+    return LLM(model=target_dir, device="cpu", dtype="float32", speculative_config={"method": method, "model": path})
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(hidden=48), "hidden_size 48, but the target model's hidden_size is 64"),
+        (dict(share=False, vocab=300), "vocab_size 300, but the target model's vocab_size is 320"),
+        (dict(drop=("1.0.linear.bias",)), "lacks 1 tensors: 1.0.linear.bias"),
+        (dict(share=False, drop=("0.1.weight", "2.1.weight")), "lacks 2 tensors: 0.1.weight, 2.1.weight"),
+    ],
+)
+def test_medusa_loader_errors(tiny_model_dir, tmp_path, kwargs, message):
+    path = write_medusa(str(tmp_path / "medusa"), tiny_model_dir(), **kwargs)
+    with pytest.raises(ValueError, match=message):
+        _build(tiny_model_dir(), "medusa", path)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(hidden_size=48), "hidden_size 48, but the target model's hidden_size is 64"),
+        (dict(vocab_size=300), "vocab_size 300, but the target model's vocab_size is 320"),
+        (dict(drop=("layers.0.mlp.down_proj.weight", "fc.bias")), "lacks 2 tensors: fc.bias, layers.0.mlp"),
+    ],
+)
+def test_eagle_loader_errors(tiny_model_dir, tmp_path, kwargs, message):
+    path = write_eagle(str(tmp_path / "eagle"), tiny_model_dir(), **kwargs)
+    with pytest.raises(ValueError, match=message):
+        _build(tiny_model_dir(), "eagle", path)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(fc_inputs=2), "fc input size 128, but the target model's fc input size is 192"),
+        (dict(drop=("d2t", "norm.weight")), "lacks 2 tensors: d2t, norm.weight"),
+    ],
+)
+def test_eagle3_loader_errors(tiny_model_dir, tmp_path, kwargs, message):
+    path = write_eagle3(str(tmp_path / "eagle3"), tiny_model_dir(), **kwargs)
+    with pytest.raises(ValueError, match=message):
+        _build(tiny_model_dir(), "eagle3", path)
+
+
+def test_draft_model_vocab_mismatch(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    target = tiny_model_dir()
+    cfg = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
+    draft = str(tmp_path / "draft")
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(draft)
+    for f in os.listdir(target):
+        if f.startswith("tokenizer") or f == "special_tokens_map.json":
+            shutil.copy(os.path.join(target, f), draft)
+    with pytest.raises(ValueError, match="draft model vocab size 300 does not match the target's 320"):
+        _build(target, "draft_model", draft)
+
+
+def test_missing_checkpoint_files(tiny_model_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        _build(tiny_model_dir(), "eagle", str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"medusa_num_heads": 2}))
+    with pytest.raises(FileNotFoundError, match="has none of medusa_lm_head.safetensors, medusa_lm_head.pt"):
+        _build(tiny_model_dir(), "medusa", str(tmp_path))
