@@ -60,9 +60,7 @@ def test_runner_interleaves_arms_and_continues_turns_from_own_answers():
         BenchPrompt("b", "y", ("q3",)),
         BenchPrompt("c", "y", ("q4",)),
     ]
-    config = OfflineConfig(
-        arms=parse_drafters("ngram"), dataset="d", num_prompts=3, max_tokens=6, batch_size=2
-    )
+    config = OfflineConfig(arms=parse_drafters("ngram"), dataset="d", num_prompts=3, max_tokens=6, batch_size=2)
     result = run_offline(llm, config, prompts, progress=False)
     kinds = [(arm, len(msgs)) for _, arm, msgs in llm.calls]
     # warm-up per arm, then per batch of 2 prompts: arm none (turn 0 of a and b, turn 1 of a), arm ngram, ...
@@ -77,9 +75,7 @@ def test_runner_interleaves_arms_and_continues_turns_from_own_answers():
         ("ngram", 1),
     ]
     second_turn = llm.calls[3][2][0]
-    assert [m["role"] for m in second_turn] == ["user", "assistant", "user"] and second_turn[1][
-        "content"
-    ] == "answer"
+    assert [m["role"] for m in second_turn] == ["user", "assistant", "user"] and second_turn[1]["content"] == "answer"
     assert len(result.records) == 8 and {r.batch for r in result.records} == {0, 1}
     ngram = result.summaries["ngram"]
     assert ngram.tau == pytest.approx(2.0) and ngram.acceptance_by_position == [1.0, 0.0]
@@ -92,9 +88,7 @@ def test_runner_interleaves_arms_and_continues_turns_from_own_answers():
 def test_completion_prompts_use_generate():
     llm = FakeLLM()
     config = OfflineConfig(arms=parse_drafters("none"), dataset="humaneval", num_prompts=1, warmup=False)
-    run_offline(
-        llm, config, [BenchPrompt("HumanEval/0", "humaneval", ("def f():\n",), chat=False)], progress=False
-    )
+    run_offline(llm, config, [BenchPrompt("HumanEval/0", "humaneval", ("def f():\n",), chat=False)], progress=False)
     assert llm.calls == [("generate", "none", ["def f():\n"])]
 
 
@@ -106,51 +100,34 @@ def test_cli_rejects_bad_input_before_loading_the_model(tmp_path, capsys):
     assert main(["offline", "--drafters", "ngram", "--drafter-config", "x.toml"]) == 2
 
 
+@pytest.fixture
+def one_torch_thread():
+    """On a small shared CPU box, torch's intra-op threads oversubscribe the cores: one thread runs ~10x faster."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.slow
-def test_real_smollm2_none_vs_ngram(tmp_path):
+def test_real_smollm2_none_vs_ngram(tmp_path, capsys, one_torch_thread):
+    # HumanEval: single-turn code prompts keep the CPU run short (multi-turn is covered by the fake above).
     out = tmp_path / "run"
-    code = main(
-        [
-            "offline",
-            "--drafters",
-            "none,ngram",
-            "--dataset",
-            "mt_bench",
-            "--num-prompts",
-            "4",
-            "--max-tokens",
-            "32",
-            "--temperature",
-            "0",
-            "--device",
-            "cpu",
-            "--dtype",
-            "float32",
-            "--out",
-            str(out),
-            "--no-progress",
-        ]
-    )
-    assert code == 0
+    args = "offline --drafters none,ngram --dataset humaneval --num-prompts 4 --max-tokens 32 --temperature 0"
+    assert main([*args.split(), "--device", "cpu", "--dtype", "float32", "--out", str(out), "--no-progress"]) == 0
+    table = capsys.readouterr().out
+    assert "bench offline: humaneval, 4 prompts" in table and "yes 4/4" in table
     data = json.loads((out / "offline.json").read_text())
     assert data["config"]["num_prompts"] == 4 and data["baseline"] == "none"
-    assert len(data["requests"]) == 2 * 4 * 2  # arms x prompts x turns
+    assert len(data["requests"]) == 2 * 4  # arms x prompts
     ngram = data["summary"]["ngram"]
-    for key in (
-        "tau",
-        "acceptance_rate",
-        "acceptance_by_position",
-        "tokens_per_s",
-        "ttft_p50_s",
-        "tpot_p95_s",
-        "speedup",
-        "greedy_equal",
-        "by_category",
-    ):
-        assert key in ngram
-    assert ngram["greedy_equal"] == ngram["num_requests"] == 8  # greedy speculative output is lossless
+    keys = "tau acceptance_rate acceptance_by_position tokens_per_s ttft_p50_s tpot_p95_s speedup throughput_tok_s"
+    assert set(keys.split()) <= set(ngram)
+    assert ngram["greedy_equal"] == ngram["num_requests"] == 4  # greedy speculative output is lossless
     assert ngram["tau"] >= 1.0 and len(ngram["acceptance_by_position"]) == 4
     assert set(ngram["speedup"]) == {"estimate", "low", "high"}
-    assert all(r["num_output_tokens"] > 0 and r["ttft_s"] > 0 for r in data["requests"])
+    assert all(r["num_output_tokens"] > 0 and r["ttft_s"] > 0 and r["token_ids"] for r in data["requests"])
     for png in ("acceptance_by_position.png", "speedup_by_category.png"):
         assert (out / png).read_bytes()[:8] == PNG_MAGIC

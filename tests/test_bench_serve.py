@@ -87,9 +87,7 @@ def stub():
 
 
 def _config(stub, **kw) -> ServeConfig:
-    fields = dict(
-        base_url=stub.url, model="stub", dataset="mt_bench", num_prompts=4, max_tokens=8, concurrency=2
-    )
+    fields = dict(base_url=stub.url, model="stub", dataset="mt_bench", num_prompts=4, max_tokens=8, concurrency=2)
     return ServeConfig(**{**fields, **kw})
 
 
@@ -115,12 +113,8 @@ def test_concurrency_run_two_turns_metrics_and_goodput(stub):
 
 def test_request_rate_and_tight_slo(stub):
     prompts = [BenchPrompt(str(i), "c", ("hi",)) for i in range(6)]
-    result = run_serve(
-        _config(stub, concurrency=None, request_rate=50.0, slo_ttft_s=1e-6), prompts, progress=False
-    )
-    assert (
-        result.summary.num_ok == 6 and result.summary.slo_attainment == 0.0 and result.summary.goodput == 0.0
-    )
+    result = run_serve(_config(stub, concurrency=None, request_rate=50.0, slo_ttft_s=1e-6), prompts, progress=False)
+    assert result.summary.num_ok == 6 and result.summary.slo_attainment == 0.0 and result.summary.goodput == 0.0
     starts = sorted(r.start_s for r in result.records)
     assert starts[-1] > 0  # Poisson arrivals spread the starts
 
@@ -135,13 +129,9 @@ def test_errors_are_counted_and_later_turns_skipped(stub):
 def test_max_duration_cancels_and_counts(stub):
     prompts = [BenchPrompt(str(i), "c", ("hi",)) for i in range(3)]
     t0 = time.perf_counter()
-    result = run_serve(
-        _config(stub, model="slow", concurrency=1, max_duration_s=0.5), prompts, progress=False
-    )
+    result = run_serve(_config(stub, model="slow", concurrency=1, max_duration_s=0.5), prompts, progress=False)
     assert time.perf_counter() - t0 < 3
-    assert (
-        result.summary.num_errors == 3 and "cancelled: run exceeded --max-duration" in result.summary.errors
-    )
+    assert result.summary.num_errors == 3 and "cancelled: run exceeded --max-duration" in result.summary.errors
     assert any("--max-duration" in n for n in result.notes)
 
 

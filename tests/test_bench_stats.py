@@ -74,9 +74,7 @@ def test_speedup_interval_pairs_prompts():
     time_base = np.array([1.0, 5.0, 0.5, 9.0, 2.0])
     tokens = np.array([10.0, 50.0, 5.0, 90.0, 20.0])
     iv = speedup_ci(tokens, time_base, tokens, time_base / 2)
-    assert (
-        iv.estimate == pytest.approx(2.0) and iv.low == pytest.approx(2.0) and iv.high == pytest.approx(2.0)
-    )
+    assert iv.estimate == pytest.approx(2.0) and iv.low == pytest.approx(2.0) and iv.high == pytest.approx(2.0)
 
 
 def test_ratio_of_sums_with_zero_denominator_is_not_an_error():
@@ -138,3 +136,8 @@ def test_tables_json_and_plots(tmp_path):
     for plot in (plot_acceptance_by_position, plot_speedup_by_category):
         path = plot(s, tmp_path / f"{plot.__name__}.png")
         assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_single_prompt_has_no_interval():
+    iv = speedup_ci(np.array([10.0]), np.array([2.0]), np.array([10.0]), np.array([1.0]))
+    assert iv.estimate == pytest.approx(2.0) and np.isnan(iv.low) and np.isnan(iv.high)

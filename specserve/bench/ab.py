@@ -101,9 +101,7 @@ def per_prompt(data: dict[str, Any], arm: str) -> dict[str, dict[str, float]]:
     return dict(sums)
 
 
-def compare(
-    data_a: dict[str, Any], arm_a: str, data_b: dict[str, Any], arm_b: str, *, seed: int = 0
-) -> ABResult:
+def compare(data_a: dict[str, Any], arm_a: str, data_b: dict[str, Any], arm_b: str, *, seed: int = 0) -> ABResult:
     """Every metric both sides measured; paired bootstrap when both ran exactly the same prompts."""
     units_a, units_b = per_prompt(data_a, arm_a), per_prompt(data_b, arm_b)
     if not units_a or not units_b:
@@ -126,9 +124,7 @@ def compare(
     return ABResult(arm_a, arm_b, paired, (len(ids_a), len(ids_b)), comparisons)
 
 
-def _change_statistic(
-    m: Metric, cols_a: dict, cols_b: dict
-) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+def _change_statistic(m: Metric, cols_a: dict, cols_b: dict) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     def stat(idx_a: np.ndarray, idx_b: np.ndarray) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore"):
             a = cols_a[m.num][idx_a].sum(-1) / cols_a[m.den][idx_a].sum(-1)

@@ -14,9 +14,7 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 def add_bench_args(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `bench` and its three subcommands on the main CLI's subparsers."""
-    bench = subparsers.add_parser(
-        "bench", help="benchmark drafters offline, load-test a server, compare results"
-    )
+    bench = subparsers.add_parser("bench", help="benchmark drafters offline, load-test a server, compare results")
     sub = bench.add_subparsers(dest="bench_command", required=True)
     _add_offline(sub.add_parser("offline", help="acceptance and speed of drafter arms on one engine"))
     _add_serve(sub.add_parser("serve", help="load-test an OpenAI-compatible chat endpoint"))
@@ -25,12 +23,8 @@ def add_bench_args(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
 
 
 def _add_common(p: argparse.ArgumentParser, num_prompts: int | None, max_tokens: int) -> None:
-    p.add_argument(
-        "--dataset", default="mt_bench", help="mt_bench | humaneval | FILE.jsonl (default: mt_bench)"
-    )
-    p.add_argument(
-        "--num-prompts", type=int, default=num_prompts, help="prompts to use (categories round-robin)"
-    )
+    p.add_argument("--dataset", default="mt_bench", help="mt_bench | humaneval | FILE.jsonl (default: mt_bench)")
+    p.add_argument("--num-prompts", type=int, default=num_prompts, help="prompts to use (categories round-robin)")
     p.add_argument("--max-tokens", type=int, default=max_tokens)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0, help="sampling, arrivals and bootstrap seed")
@@ -40,12 +34,8 @@ def _add_common(p: argparse.ArgumentParser, num_prompts: int | None, max_tokens:
 
 def _add_offline(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="HF directory or .gguf (default: SmolLM2-135M-Instruct)")
-    p.add_argument(
-        "--drafters", help="comma list of method[:PATH][:k=N] arms, e.g. none,ngram,ngram:k=8,eagle:DIR"
-    )
-    p.add_argument(
-        "--drafter-config", help="TOML A/B file of the server: compare the arms it gives --model-name"
-    )
+    p.add_argument("--drafters", help="comma list of method[:PATH][:k=N] arms, e.g. none,ngram,ngram:k=8,eagle:DIR")
+    p.add_argument("--drafter-config", help="TOML A/B file of the server: compare the arms it gives --model-name")
     p.add_argument("--model-name", help="model table to read in --drafter-config (default: the model's name)")
     _add_common(p, num_prompts=16, max_tokens=256)
     p.add_argument("--batch-size", type=int, default=1, help="requests run together (1: latency use case)")
@@ -64,16 +54,12 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-url", required=True, help="server root, e.g. http://127.0.0.1:8000")
     p.add_argument("--model", required=True, help="the served model name sent in each request")
     _add_common(p, num_prompts=32, max_tokens=128)
-    p.add_argument(
-        "--concurrency", type=int, help="most requests in flight (default 1 without --request-rate)"
-    )
+    p.add_argument("--concurrency", type=int, help="most requests in flight (default 1 without --request-rate)")
     p.add_argument("--request-rate", type=float, help="Poisson arrivals of prompts per second")
     p.add_argument("--slo-ttft", type=float, help="TTFT SLO in seconds, for goodput")
     p.add_argument("--slo-tpot", type=float, help="TPOT SLO in seconds, for goodput")
     p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout in seconds")
-    p.add_argument(
-        "--max-duration", type=float, default=600.0, help="cancel what is left after this many seconds"
-    )
+    p.add_argument("--max-duration", type=float, default=600.0, help="cancel what is left after this many seconds")
     p.add_argument("--speculative", help="specserve only: serve every request with this drafter arm")
 
 
@@ -88,7 +74,8 @@ def _add_ab(p: argparse.ArgumentParser) -> None:
 
 def run_bench(args: argparse.Namespace) -> int:
     """Run the chosen subcommand; bad input exits 2 with the message, a run with failed requests exits 1."""
-    console = Console()
+    # Piped output gets a wide console: rich's 80-column default squeezes the arm table unreadably.
+    console = Console(width=None if sys.stdout.isatty() else 180)
     command = {"offline": _offline, "serve": _serve, "ab": _ab}[args.bench_command]
     try:
         return command(args, console)

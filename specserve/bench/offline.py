@@ -43,9 +43,7 @@ class OfflineConfig:
 class Generator(Protocol):
     """The part of `specserve.LLM` the benchmark drives."""
 
-    def generate(
-        self, prompts: list[str], params: list[SamplingParams], *, spec_arm: str
-    ) -> list[RequestOutput]: ...
+    def generate(self, prompts: list[str], params: list[SamplingParams], *, spec_arm: str) -> list[RequestOutput]: ...
 
     def chat(
         self, messages: list[list[dict]], params: list[SamplingParams], *, spec_arm: str
@@ -104,9 +102,7 @@ def run_offline(
                 recs, wall = _run_chunk(llm, arm, chunk, config, start, batch, bar)
                 records += recs
                 batches.append(BatchRecord(arm.name, batch, wall, sum(r.num_output_tokens for r in recs)))
-    summaries = summarize(
-        records, batches, baseline=baseline, greedy=config.temperature == 0.0, seed=config.seed
-    )
+    summaries = summarize(records, batches, baseline=baseline, greedy=config.temperature == 0.0, seed=config.seed)
     return OfflineResult(config, baseline, records, batches, summaries)
 
 
@@ -126,9 +122,7 @@ def _run_chunk(
     for turn in range(max(len(p.turns) for p in chunk)):
         active = [i for i, p in enumerate(chunk) if turn < len(p.turns)]
         params = [_params(config, first_index + i, config.max_tokens) for i in active]
-        outs = _run_turn(
-            llm, _engine_arm(arm), [chunk[i] for i in active], [history[i] for i in active], turn, params
-        )
+        outs = _run_turn(llm, _engine_arm(arm), [chunk[i] for i in active], [history[i] for i in active], turn, params)
         for i, out in zip(active, outs, strict=True):
             p = chunk[i]
             history[i] += [
@@ -162,9 +156,7 @@ def _run_turn(
         outs.update(zip(chats, llm.chat(convs, [params[i] for i in chats], spec_arm=spec_arm), strict=True))
     if plain:
         texts = [prompts[i].turns[turn] for i in plain]
-        outs.update(
-            zip(plain, llm.generate(texts, [params[i] for i in plain], spec_arm=spec_arm), strict=True)
-        )
+        outs.update(zip(plain, llm.generate(texts, [params[i] for i in plain], spec_arm=spec_arm), strict=True))
     return [outs[i] for i in range(len(prompts))]
 
 

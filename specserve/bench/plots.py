@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only: benchmarks run on headless machines
 import matplotlib.pyplot as plt  # noqa: E402
@@ -36,9 +37,10 @@ def plot_speedup_by_category(summaries: dict[str, ArmSummary], path: Path) -> Pa
     for i, (arm, s) in enumerate(arms.items()):
         ivs = [s.by_category[c].speedup if s.by_category else s.speedup for c in categories]
         est = [iv.estimate if iv else 0.0 for iv in ivs]
+        # No error bar where there is no interval (a category with a single prompt).
         err = [
-            [max(0.0, iv.estimate - iv.low) if iv else 0.0 for iv in ivs],
-            [max(0.0, iv.high - iv.estimate) if iv else 0.0 for iv in ivs],
+            [max(0.0, iv.estimate - iv.low) if iv and np.isfinite(iv.low) else 0.0 for iv in ivs],
+            [max(0.0, iv.high - iv.estimate) if iv and np.isfinite(iv.high) else 0.0 for iv in ivs],
         ]
         xs = [j + (i - (len(arms) - 1) / 2) * width for j in range(len(categories))]
         ax.bar(xs, est, width, yerr=err, capsize=3, label=arm)

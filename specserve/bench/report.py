@@ -25,6 +25,8 @@ def fmt_rate(rate: float | None) -> str:
 def fmt_interval(iv: Interval | None, suffix: str = "x") -> str:
     if iv is None or math.isnan(iv.estimate):
         return "-"
+    if math.isnan(iv.low):
+        return f"{iv.estimate:.2f}{suffix} [n/a: 1 prompt]"
     return f"{iv.estimate:.2f}{suffix} [{iv.low:.2f}, {iv.high:.2f}]"
 
 

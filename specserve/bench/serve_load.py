@@ -133,9 +133,7 @@ async def _run(config: ServeConfig, prompts: list[BenchPrompt], progress: bool) 
     async with aiohttp.ClientSession(connector=connector) as session:
         before = await scrape(session, base)
         gate = asyncio.Semaphore(limit)
-        bar = tqdm(
-            total=sum(len(p.turns) for p in prompts), disable=not progress, desc="bench serve", unit="req"
-        )
+        bar = tqdm(total=sum(len(p.turns) for p in prompts), disable=not progress, desc="bench serve", unit="req")
         t0 = time.perf_counter()
         tasks = [
             asyncio.create_task(_session(session, base, config, p, delay, gate, t0, records, bar))

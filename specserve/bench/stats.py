@@ -39,12 +39,15 @@ def bootstrap(
 
     One index array of shape [B, sizes[i]] per sample: pass one size for paired data (the same prompts
     resampled for both arms), two for independent samples. `statistic` reduces over the last axis, so
-    the point estimate is its value at the identity index [1, n].
+    the point estimate is its value at the identity index [1, n]. With a single unit per sample
+    resampling says nothing about spread, so the bounds are nan rather than a zero-width interval.
     """
     if any(n < 1 for n in sizes):
         raise ValueError("bootstrap needs at least one unit per sample")
     rng = np.random.default_rng(seed)
     estimate = float(statistic(*(np.arange(n)[None] for n in sizes))[0])
+    if all(n < 2 for n in sizes):
+        return Interval(estimate, np.nan, np.nan)
     boots = statistic(*(rng.integers(0, n, size=(n_resamples, n)) for n in sizes))
     tail = 100 * (1 - confidence) / 2
     # A resample whose denominator is 0 (no drafted tokens, say) gives inf or nan: drop it, not poison the CI.

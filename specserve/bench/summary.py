@@ -63,9 +63,7 @@ def summarize(
     return out
 
 
-def _summarize(
-    recs: list[RequestRecord], base: list[RequestRecord], *, greedy: bool, seed: int
-) -> ArmSummary:
+def _summarize(recs: list[RequestRecord], base: list[RequestRecord], *, greedy: bool, seed: int) -> ArmSummary:
     tokens = sum(r.num_output_tokens for r in recs)
     steps = sum(r.num_steps for r in recs)
     drafted = sum(r.num_draft_tokens for r in recs)
