@@ -11,9 +11,9 @@ from collections.abc import Sequence
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
-from specserve.drafters.base import DraftProposal
 
 from specserve.config import SpeculativeConfig
+from specserve.drafters.base import DraftProposal
 
 
 def ngram_lookup(tokens: np.ndarray, min_n: int, max_n: int, k: int) -> list[int]:

@@ -18,13 +18,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
-from specserve.server.app import ServerConfig, build_app
-from specserve.server.arms import arm_configs
-from specserve.server.serve import make_runner
 
 from specserve.config import EngineConfig, SpeculativeConfig
 from specserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from specserve.sampling_params import SamplingParams
+from specserve.server.app import ServerConfig, build_app
+from specserve.server.arms import arm_configs
+from specserve.server.serve import make_runner
 
 MODEL = "SmolLM2-135M-Instruct"
 API_KEY = "sk-specserve-test"

@@ -12,9 +12,9 @@ import pytest
 import torch
 from helpers import make_meta, make_positions, make_tiny_model_dir, new_kv_caches
 from safetensors.torch import load_file, save_file
-from specserve.kernels import get_backend
 
 from specserve.attention import ancestor_masks, tree_depths
+from specserve.kernels import get_backend
 from specserve.models.config import ModelConfig
 from specserve.models.llama import rope_inv_freq
 from specserve.models.loader import load_model

@@ -6,11 +6,11 @@ import random
 from collections import Counter
 
 import pytest
+
+from specserve.config import SpeculativeConfig
 from specserve.server.arms import Arm, ArmSelector, arms_for_model, engine_arms, load_drafter_config
 from specserve.server.errors import APIError
 from specserve.server.protocol import SpeculativeChoice
-
-from specserve.config import SpeculativeConfig
 
 GOOD = """
 ["SmolLM2-135M-Instruct"]

@@ -13,6 +13,7 @@ import pytest
 import server_fixtures
 from prometheus_client.parser import text_string_to_metric_families
 from server_fixtures import MODEL, FakeEngine, fake_server, fetch, sse_payloads, wait_for
+
 from specserve.server.serve import drain
 
 fake = server_fixtures.fake  # fixture: a fresh fake-engine server per test

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from scipy.stats import chisquare
-from specserve.drafters.base import DraftProposal
 
+from specserve.drafters.base import DraftProposal
 from specserve.request import Request
 from specserve.sampler import RowContext, process_logits, target_probs
 from specserve.sampling_params import SamplingParams

@@ -1,0 +1,61 @@
+"""Incremental detokenization (UTF-8 boundaries, stop strings across tokens) and the n-gram lookup."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from specserve.detokenizer import IncrementalDetokenizer
+from specserve.drafters.ngram import ngram_lookup
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2):
+    return smollm2.tokenizer
+
+
+def feed(tok, text: str, stop: list[str]) -> tuple[IncrementalDetokenizer, list[str], str | None]:
+    prompt = tok.encode("Hello")
+    ids = list(prompt)
+    detok = IncrementalDetokenizer(tok, prompt, skip_special_tokens=True, stop=stop)
+    seen, hit = [], None
+    for t in tok.encode(text):
+        ids.append(t)
+        hit = detok.append(ids)
+        seen.append(detok.visible_text(finished=hit is not None))
+        if hit:
+            break
+    return detok, seen, hit
+
+
+def test_multibyte_characters_are_never_split(tokenizer):
+    text = " naïve café 🙂🚀 日本語"
+    ids = tokenizer.encode(text)
+    assert len(ids) > len(text.split()), "the emoji should span several byte tokens"
+    detok, seen, _ = feed(tokenizer, text, [])
+    assert detok.text == text
+    assert all("\ufffd" not in s for s in seen)
+    assert all(b.startswith(a) for a, b in zip(seen, seen[1:], strict=False))  # text only grows
+
+
+def test_stop_string_spanning_tokens_is_cut_and_never_shown(tokenizer):
+    text = " The answer is forty-two, really."
+    detok, seen, hit = feed(tokenizer, text, ["forty-two"])
+    assert hit == "forty-two"
+    assert detok.text == " The answer is "
+    assert all("forty" not in s for s in seen)  # the partial stop string was held back while streaming
+
+
+def test_earliest_of_several_stop_strings_wins(tokenizer):
+    detok, _, hit = feed(tokenizer, " alpha beta gamma", ["gamma", "beta"])
+    assert hit == "beta" and detok.text == " alpha "
+
+
+def test_ngram_lookup_takes_the_latest_longest_match():
+    tokens = np.array([1, 2, 3, 9, 1, 2, 3, 4, 5, 1, 2, 3])
+    # suffix [1 2 3] last occurred at 4 -> continue with [4 5 1 ...]
+    assert ngram_lookup(tokens, 1, 3, 3) == [4, 5, 1]
+    assert ngram_lookup(tokens, 1, 3, 10) == [4, 5, 1, 2, 3]  # stops at the end of the sequence
+    assert ngram_lookup(np.array([7, 8, 9]), 1, 3, 4) == []  # no earlier occurrence
+    assert ngram_lookup(np.array([5, 6, 5]), 2, 3, 4) == []  # only a 1-gram matches, below the minimum
+    assert ngram_lookup(np.array([5, 6, 5]), 1, 3, 4) == [6, 5]
