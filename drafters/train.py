@@ -22,6 +22,8 @@ import sys
 import time
 
 import torch
+from tqdm import tqdm
+
 from specserve.drafters.train_data import Distilled, FeatureSet, collect_features, distill, load_prompts, make_batch
 from specserve.drafters.train_heads import (
     DraftModelObjective,
@@ -30,7 +32,8 @@ from specserve.drafters.train_heads import (
     MedusaObjective,
     draft_vocab_from_counts,
 )
-from tqdm import tqdm
+from specserve.kernels import get_backend
+from specserve.models.loader import load_model
 
 KINDS = ("eagle", "eagle3", "medusa", "draft_model")
 DEFAULT_LR = {"eagle": 5e-4, "eagle3": 5e-4, "medusa": 1e-3, "draft_model": 1e-4}
@@ -70,7 +73,6 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--save-dtype", default="bfloat16", choices=list(DTYPES))
     k = p.add_argument_group("kinds")
     k.add_argument("--ttt-steps", type=int, default=None, help="EAGLE unrolled steps (default: eagle 1, eagle3 3)")
-    k.add_argument("--eagle-feature", default="post_norm", choices=["post_norm", "pre_norm"])
     k.add_argument("--draft-vocab-size", type=int, default=8192, help="EAGLE-3 draft vocabulary")
     k.add_argument("--medusa-heads", type=int, default=4)
     k.add_argument("--medusa-layers", type=int, default=1)
@@ -79,18 +81,14 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     """Distil, collect features, train, save; prints where everything went."""
-    from specserve.kernels import get_backend
-
-    from specserve.models.loader import load_model
-
     times, t0 = {}, time.time()
     command = shlex.join(sys.argv)
     print(f"train-drafter: {command}", file=sys.stderr)
     if args.num_samples > 1 and args.temperature == 0:
         raise ValueError("--num-samples > 1 needs --temperature > 0 (greedy answers would repeat)")
     torch.manual_seed(args.seed)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if args.device == "auto" else args.device)
     dtype = DTYPES.get(args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -102,10 +100,10 @@ def run_train(args: argparse.Namespace) -> int:
     data = _distilled(args, loaded)
     times["distill_s"] = time.time() - t
     objective = _objective(args, loaded, data)
-    loaded.model.aux_layers = getattr(objective, "aux_layers", ())
+    loaded.model.aux_layers = objective.aux_layers  # the target's forward now also returns these features
     t = time.time()
     feats = collect_features(loaded.model, get_backend(args.attention_backend, device), data, device,
-                             prenorm=objective.prenorm, aux=objective.aux, batch_tokens=args.teacher_batch_tokens)
+                             aux=bool(objective.aux_layers), batch_tokens=args.teacher_batch_tokens)
     if device.type == "cuda":
         torch.cuda.synchronize()
     times["features_s"] = time.time() - t
@@ -158,7 +156,7 @@ def _distilled(args, loaded) -> Distilled:
 def _objective(args, loaded, data: Distilled):
     target = loaded.model
     if args.kind == "eagle":
-        return EagleObjective(target, args.ttt_steps or 1, prenorm=args.eagle_feature == "pre_norm")
+        return EagleObjective(target, args.ttt_steps or 1)
     if args.kind == "eagle3":
         counts = torch.zeros(target.config.vocab_size, dtype=torch.int64)
         for seq, plen in zip(data.sequences, data.prompt_lens, strict=True):
@@ -196,15 +194,20 @@ def _train(objective, feats: FeatureSet, args, device: torch.device, curves: dic
     state_path, start = os.path.join(args.out, "train_state.pt"), 0
     if args.resume:
         state = torch.load(state_path, map_location=device, weights_only=False)
-        module.load_state_dict(state["module"])
+        module.load_state_dict(state["module"], strict=False)  # frozen weights come from the target
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start, log = state["step"], state["log"]
         print(f"train-drafter: resuming at step {start} of {total}", file=sys.stderr)
     curves |= {"log": log, "total_steps": total, "steps_per_epoch": per_epoch}
 
+    # Only what training changes (trainable parameters, buffers) is saved: the draft model's frozen embedding
+    # and LM head would make train_state.pt several times larger than the checkpoint.
+    keep = {n for n, p in module.named_parameters() if p.requires_grad} | {n for n, _ in module.named_buffers()}
+
     def save_state(step: int) -> None:
-        torch.save({"module": module.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        trained = {k: v for k, v in module.state_dict().items() if k in keep}
+        torch.save({"module": trained, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "step": step, "log": log}, state_path + ".tmp")
         os.replace(state_path + ".tmp", state_path)
 

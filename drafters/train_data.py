@@ -4,8 +4,8 @@
    learns the distribution it will be verified against, not some other model's text. Cached as JSON.
 2. `collect_features`: one teacher-forced target forward per batch of (prompt + answer) sequences, through
    our own model over a scratch paged-KV pool (plain causal chunks), keeping what the drafters read at run
-   time: the last hidden state after the final norm (it also gives the target's logits through the LM head,
-   so the full distribution is never stored), before it, and the EAGLE-3 aux layers.
+   time: the last hidden state after the final norm (EAGLE's and Medusa's input; it also gives the target's
+   logits through the LM head, so the full distribution is never stored) and the EAGLE-3 aux layers.
 3. `Batches`: padded [B, S] index views over the flat features for training.
 """
 
@@ -79,7 +79,6 @@ class FeatureSet:
 
     tokens: torch.Tensor  # [N] int64
     hidden: torch.Tensor  # [N, H] last hidden state after the final norm (logits = lm_head(hidden))
-    prenorm: torch.Tensor | None  # [N, H] the same before the final norm, when a drafter reads that
     aux: torch.Tensor | None  # [N, len(aux_layers) * H] EAGLE-3's concatenated low/mid/high features
     starts: torch.Tensor  # [M] int64: first flat index of each sequence
     lens: torch.Tensor  # [M] int64
@@ -138,7 +137,7 @@ def _token_batches(lens: list[int], max_tokens: int) -> list[list[int]]:
 
 @torch.no_grad()  # not inference_mode: the features become inputs of modules trained with autograd
 def collect_features(
-    model, backend, data: Distilled, device, *, prenorm: bool, aux: bool, batch_tokens: int = 8192, block_size: int = 16
+    model, backend, data: Distilled, device, *, aux: bool, batch_tokens: int = 8192, block_size: int = 16
 ) -> FeatureSet:
     """Teacher-forced target pass over every sequence, keeping the features the drafters need."""
     cfg = model.config
@@ -149,21 +148,18 @@ def collect_features(
     shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
     kv = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
           for _ in range(cfg.num_layers)]  # zeros: a backend may read (masked) padding slots
-    hidden, pre, auxes = [], [], []
+    hidden, auxes = [], []
     for g in tqdm(groups, desc="target features"):
         ids = torch.tensor([t for i in g for t in data.sequences[i]], device=device)  # [T]
         meta, positions = causal_meta([lens[i] for i in g], block_size, device)
         out = model(ids, positions, meta, kv, backend)
         hidden.append(out.hidden_states)
-        if prenorm:
-            pre.append(out.prenorm_hidden_states)
         if aux:
             auxes.append(torch.cat(out.aux_hidden_states, dim=-1))
     lens_t = torch.tensor(lens, dtype=torch.int64)
     return FeatureSet(
         tokens=torch.tensor([t for s in data.sequences for t in s], dtype=torch.int64, device=device),
         hidden=torch.cat(hidden),
-        prenorm=torch.cat(pre) if prenorm else None,
         aux=torch.cat(auxes) if aux else None,
         starts=(lens_t.cumsum(0) - lens_t).to(device),
         lens=lens_t.to(device),

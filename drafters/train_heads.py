@@ -1,14 +1,14 @@
-"""Trainable drafter modules with the parameter names of their published checkpoints, run densely.
+"""Training the runtime drafters' own modules (so the checkpoint is what their loaders read), densely.
 
-Training runs on padded [B, S] batches with plain causal attention (no paged KV), reusing our Llama
-modules (`LlamaDecoderLayer`, `RMSNorm`, `RotaryEmbedding`) so the math is the runtime's op for op:
+The heads are the classes of drafters/eagle.py, eagle3.py, medusa.py (parameter names of the published
+checkpoints); training runs them on padded [B, S] batches with plain causal attention instead of the paged
+KV, through their submodules, so the math is the runtime's op for op:
 - EAGLE-1/2 (SafeAILab/EAGLE `cnets.py`): `fc` over cat(token embedding, target feature), then one decoder
   layer without input_layernorm; its output goes straight to the target's LM head.
 - EAGLE-3 (`traineagle3/cnets.py`): `fc` over the concatenated aux features, `midlayer` whose attention
   reads cat(input_layernorm(embedding), hidden_norm(hidden)) [2H], `norm`, and its own `lm_head` over a
-  draft vocabulary (`d2t`/`t2d` map it to the target's).
-- Medusa (FasterDecoding/Medusa `medusa_model.py`): per head, ResBlocks x + SiLU(linear(x)) then an LM head
-  (the target's, when shared).
+  draft vocabulary; `d2t` maps it to the target's, and the saved `t2d` marks the target ids it covers.
+- Medusa: `medusa_heads`, zero-initialised as Medusa does.
 Unrolled ("training-time test") steps j >= 1 of the EAGLE heads feed their own output back, as drafting
 does: a query at position t attends step 0's keys at <= t and step i's key at t only, rope at t + j.
 """
@@ -23,11 +23,14 @@ import os
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from specserve.drafters.train_data import Batch
 from torch import nn
 
+from specserve.drafters.eagle import Eagle1Head
+from specserve.drafters.eagle3 import Eagle3Head
+from specserve.drafters.medusa import medusa_heads
+from specserve.drafters.train_data import Batch
 from specserve.models.config import ModelConfig
-from specserve.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, RMSNorm, RotaryEmbedding
+from specserve.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, RotaryEmbedding
 
 KV = tuple[torch.Tensor, torch.Tensor]  # [B, num_kv_heads, S, head_dim] each, rope applied
 
@@ -63,98 +66,29 @@ def attention(
 
 
 def decoder_layer(layer: LlamaDecoderLayer, x, positions, rotary, cache: list[KV]) -> torch.Tensor:
-    """A Llama decoder layer on [B, S, H]; EAGLE-1's first layer has no input_layernorm."""
-    normed = layer.input_layernorm(x) if hasattr(layer, "input_layernorm") else x
-    x = x + attention(layer.self_attn, normed, positions, rotary, cache)
+    """A Llama decoder layer on [B, S, H]."""
+    x = x + attention(layer.self_attn, layer.input_layernorm(x), positions, rotary, cache)
     return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
-class EagleHead(nn.Module):
-    """EAGLE-1/2 draft: keys fc.weight [H, 2H] (+ fc.bias), layers.0.* (no input_layernorm)."""
-
-    def __init__(self, target: ModelConfig, bias: bool = True):
-        super().__init__()
-        cfg = draft_layer_config(target)
-        h = cfg.hidden_size
-        self.fc = nn.Linear(2 * h, h, bias=bias)
-        layer = LlamaDecoderLayer(cfg)
-        del layer.input_layernorm  # EAGLE's first layer reads fc's output as is
-        self.layers = nn.ModuleList([layer])
-        self.rotary = RotaryEmbedding(cfg)  # no parameters: not in the state dict
-
-    def step(self, emb, feature, positions, cache: list[KV]) -> torch.Tensor:
-        """Next-feature prediction [B, S, H] from embeddings of x_{t+1} and features f_t, both [B, S, H]."""
-        x = self.fc(torch.cat((emb, feature), dim=-1))
-        return decoder_layer(self.layers[0], x, positions, self.rotary, cache)
+def eagle_step(head: Eagle1Head, emb, feature, positions, cache: list[KV]) -> torch.Tensor:
+    """EAGLE-1 next-feature prediction [B, S, H] from embeddings of x_{t+1} and features f_t, both [B, S, H]."""
+    x = head.fc(torch.cat((emb, feature), dim=-1))
+    return decoder_layer(head.layers[0], x, positions, head.rotary, cache)  # its input_layernorm is Identity
 
 
-class Eagle3Midlayer(LlamaDecoderLayer):
-    """EAGLE-3's decoder layer: attention over cat(input_layernorm(emb), hidden_norm(hidden)) [.., 2H]."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg)
-        h, a = cfg.hidden_size, self.self_attn
-        self.hidden_norm = RMSNorm(h, cfg.rms_norm_eps)
-        a.q_proj = nn.Linear(2 * h, a.num_heads * a.head_dim, bias=False)
-        a.k_proj = nn.Linear(2 * h, a.num_kv_heads * a.head_dim, bias=False)
-        a.v_proj = nn.Linear(2 * h, a.num_kv_heads * a.head_dim, bias=False)
-
-    def step(self, emb, hidden, positions, rotary, cache: list[KV]) -> torch.Tensor:
-        x = torch.cat((self.input_layernorm(emb), self.hidden_norm(hidden)), dim=-1)  # [B, S, 2H]
-        h = hidden + attention(self.self_attn, x, positions, rotary, cache)  # residual is the raw hidden
-        return h + self.mlp(self.post_attention_layernorm(h))
-
-
-class Eagle3Head(nn.Module):
-    """EAGLE-3 draft: fc.weight [H, 3H], midlayer.*, norm.weight, lm_head.weight [Vd, H], d2t [Vd], t2d [V]."""
-
-    def __init__(self, target: ModelConfig, draft_vocab: torch.Tensor, num_aux: int = 3):
-        super().__init__()
-        cfg = draft_layer_config(target)
-        h = cfg.hidden_size
-        self.fc = nn.Linear(num_aux * h, h, bias=False)
-        self.midlayer = Eagle3Midlayer(cfg)
-        self.norm = RMSNorm(h, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(h, len(draft_vocab), bias=False)
-        # draft id i is target id draft_vocab[i] = i + d2t[i]; t2d marks target ids the draft can emit
-        self.register_buffer("d2t", draft_vocab - torch.arange(len(draft_vocab)))
-        t2d = torch.zeros(target.vocab_size, dtype=torch.bool)
-        t2d[draft_vocab] = True
-        self.register_buffer("t2d", t2d)
-        self.rotary = RotaryEmbedding(cfg)
-
-    def step(self, emb, hidden, positions, cache: list[KV]) -> torch.Tensor:
-        """Next hidden [B, S, H] (pre-norm: fed back at the next step; logits = lm_head(norm(.)))."""
-        return self.midlayer.step(emb, hidden, positions, self.rotary, cache)
+def eagle3_step(head: Eagle3Head, emb, hidden, positions, cache: list[KV]) -> torch.Tensor:
+    """EAGLE-3 next hidden [B, S, H] (pre-norm: fed back at the next step; logits = lm_head(norm(.)))."""
+    m = head.midlayer
+    x = torch.cat((m.input_layernorm(emb), m.hidden_norm(hidden)), dim=-1)  # [B, S, 2H]
+    h = hidden + attention(m.self_attn, x, positions, head.rotary, cache)  # the residual is the raw hidden
+    return h + m.mlp(m.post_attention_layernorm(h))
 
 
 def draft_vocab_from_counts(counts: torch.Tensor, size: int) -> torch.Tensor:
     """[size] sorted target ids: the most frequent (ties and unseen ids by lower id), as EAGLE-3 builds it."""
     order = torch.sort(counts, descending=True, stable=True).indices  # stable: equal counts keep id order
     return order[:size].sort().values
-
-
-class ResBlock(nn.Module):
-    """Medusa's x + SiLU(linear(x)); zero weights start it as the identity."""
-
-    def __init__(self, hidden: int):
-        super().__init__()
-        self.linear = nn.Linear(hidden, hidden)
-        nn.init.zeros_(self.linear.weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + F.silu(self.linear(x))
-
-
-class MedusaHeads(nn.ModuleList):
-    """Medusa heads as Medusa saves them: keys {head}.{layer}.linear.weight/.bias (+ {head}.{L}.weight)."""
-
-    def __init__(self, hidden: int, vocab: int, num_heads: int, num_layers: int, share_lm_head: bool):
-        heads = []
-        for _ in range(num_heads):
-            blocks = [ResBlock(hidden) for _ in range(num_layers)]
-            heads.append(nn.Sequential(*blocks, *([] if share_lm_head else [nn.Linear(hidden, vocab, bias=False)])))
-        super().__init__(heads)
 
 
 def dense_causal_lm(model, input_ids: torch.Tensor) -> torch.Tensor:
@@ -182,11 +116,11 @@ def soft_ce(logits: torch.Tensor, p: torch.Tensor, keep: torch.Tensor | None = N
     return (ce if keep is None else ce * keep).mean()
 
 
-def _save(module: nn.Module, path: str, dtype: torch.dtype, skip: tuple[str, ...] = ()) -> None:
-    """safetensors of the module's state: floats in dtype, integer/bool buffers (d2t, t2d) as they are."""
-    state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
-             for k, v in module.state_dict().items() if k not in skip}
-    save_file(state, path)
+def _save(module: nn.Module, path: str, dtype: torch.dtype, skip: tuple[str, ...] = (), **extra) -> None:
+    """safetensors of the module's state (+ extra tensors): floats in dtype, integers and bools as they are."""
+    state = {k: v for k, v in module.state_dict().items() if k not in skip} | extra
+    save_file({k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
+               for k, v in state.items()}, path)
 
 
 def llama_config(cfg: ModelConfig, **extra) -> dict:
@@ -220,24 +154,22 @@ class EagleObjective:
 
     v_weight, p_weight = 1.0, 0.1
 
-    def __init__(self, target, steps: int = 1, prenorm: bool = False):
-        self.target, self.steps, self.prenorm, self.aux = target, steps, prenorm, False
-        self.max_shift = steps
-        self.module = EagleHead(target.config)
+    aux_layers = ()
 
-    def logits(self, feature: torch.Tensor) -> torch.Tensor:
-        return self.target.compute_logits(self.target.model.norm(feature) if self.prenorm else feature)
+    def __init__(self, target, steps: int = 1):
+        self.target, self.steps, self.max_shift = target, steps, steps
+        self.module = Eagle1Head(draft_layer_config(target.config), bias=True, target_logits=None)
 
     def loss(self, b: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         fs, embed = b.fs, self.target.model.embed_tokens
-        feats = fs.prenorm if self.prenorm else fs.hidden  # [N, H]
+        feats = fs.hidden  # [N, H] the feature is the post-norm last hidden state, as EAGLE's runtime reads it
         feature, cache, total, metrics = feats[b.at(0)], [], 0.0, {}
         for j in range(self.steps):
             idx = b.at(1 + j)  # [B, S]: x_{t+1+j}, and the feature f_{t+1+j} step j predicts
-            out = self.module.step(embed(fs.tokens[idx]), feature, b.pos + j, cache)  # [B, S, H]
+            out = eagle_step(self.module, embed(fs.tokens[idx]), feature, b.pos + j, cache)  # [B, S, H]
             mask = b.answer_mask(1 + j)
             rows, tidx = out[mask], idx[mask]  # [R, H], [R]
-            logits = self.logits(rows)  # [R, V]
+            logits = self.target.compute_logits(rows)  # [R, V]
             p = target_probs(self.target, fs.hidden[tidx])
             vloss = F.smooth_l1_loss(rows.float(), feats[tidx].float())
             ploss = soft_ce(logits, p)
@@ -261,13 +193,14 @@ class Eagle3Objective:
     """EAGLE-3: CE of the draft-vocab logits against the target's distribution restricted to the draft
     vocab, at positions whose target argmax the draft vocab holds; unrolled steps weigh 0.8^j."""
 
-    prenorm, aux = False, True
-
     def __init__(self, target, draft_vocab: torch.Tensor, steps: int = 1):
         self.target, self.steps, self.max_shift = target, steps, steps
         self.aux_layers = eagle3_aux_layers(target.config.num_layers)
         self.vocab = draft_vocab  # [Vd] sorted target ids
-        self.module = Eagle3Head(target.config, draft_vocab, len(self.aux_layers))
+        self.module = Eagle3Head(draft_layer_config(target.config), len(self.aux_layers), len(draft_vocab))
+        self.module.d2t.copy_(draft_vocab - torch.arange(len(draft_vocab), device=draft_vocab.device))
+        self.t2d = torch.zeros(target.config.vocab_size, dtype=torch.bool, device=draft_vocab.device)
+        self.t2d[draft_vocab] = True  # target ids the draft can emit
 
     def loss(self, b: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         fs, m, embed = b.fs, self.module, self.target.model.embed_tokens
@@ -275,7 +208,7 @@ class Eagle3Objective:
         vocab = self.vocab.to(fs.tokens.device)
         for j in range(self.steps):
             idx = b.at(1 + j)
-            out = m.step(embed(fs.tokens[idx]), hidden, b.pos + j, cache)  # [B, S, H]
+            out = eagle3_step(m, embed(fs.tokens[idx]), hidden, b.pos + j, cache)  # [B, S, H]
             mask = b.answer_mask(1 + j)
             rows, tidx = out[mask], idx[mask]
             logits = m.lm_head(m.norm(rows)).float()  # [R, Vd]
@@ -283,7 +216,7 @@ class Eagle3Objective:
                 tlogits = self.target.compute_logits(fs.hidden[tidx])  # [R, V]
                 best = tlogits.argmax(-1)
                 p = torch.softmax(tlogits[:, vocab], dim=-1)  # [R, Vd]
-            loss = soft_ce(logits, p, keep=m.t2d[best])
+            loss = soft_ce(logits, p, keep=self.t2d[best])
             total = total + 0.8**j * loss
             pred = logits.argmax(-1)
             metrics |= {f"acc_{j}": (pred + m.d2t[pred] == best).float().mean(), f"ploss_{j}": loss}
@@ -291,7 +224,7 @@ class Eagle3Objective:
         return total, metrics
 
     def save(self, out_dir: str, dtype: torch.dtype) -> None:
-        _save(self.module, os.path.join(out_dir, "model.safetensors"), dtype)
+        _save(self.module, os.path.join(out_dir, "model.safetensors"), dtype, t2d=self.t2d)
         cfg = llama_config(self.target.config, draft_vocab_size=len(self.vocab),
                            eagle_config={"eagle_aux_hidden_state_layer_ids": list(self.aux_layers)})
         _write_json(cfg, os.path.join(out_dir, "config.json"))
@@ -301,12 +234,15 @@ class MedusaObjective:
     """Medusa: head i at position t predicts token t + i + 2 (the LM head itself predicts t + 1): CE against
     the target's distribution there, head i weighted 0.8^i as in Medusa's training."""
 
-    prenorm, aux = False, False
+    aux_layers = ()
 
     def __init__(self, target, num_heads: int, num_layers: int, model_path: str):
         cfg = target.config
         self.target, self.max_shift, self.num_layers, self.model_path = target, num_heads, num_layers, model_path
-        self.module = MedusaHeads(cfg.hidden_size, cfg.vocab_size, num_heads, num_layers, share_lm_head=True)
+        self.module = medusa_heads(cfg.hidden_size, cfg.vocab_size, num_heads, num_layers, share_lm_head=True)
+        for name, p in self.module.named_parameters():
+            if name.endswith("linear.weight"):
+                nn.init.zeros_(p)  # each ResBlock starts as the identity: heads start as the LM head
 
     def loss(self, b: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         fs, base, total, metrics = b.fs, b.at(0), 0.0, {}
@@ -331,7 +267,7 @@ class DraftModelObjective:
     """A small Llama of the target's first layers (plus its embedding, final norm and LM head), trained with
     KL(target || draft) on every answer position. Embedding and LM head stay frozen: shared output space."""
 
-    prenorm, aux, max_shift = False, False, 0
+    aux_layers, max_shift = (), 0
 
     def __init__(self, loaded, num_layers: int):
         self.loaded, self.target = loaded, loaded.model

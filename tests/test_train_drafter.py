@@ -11,12 +11,18 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
+
 from specserve.drafters import DRAFTERS
 from specserve.drafters.train import add_train_args, run_train
 from specserve.drafters.train_data import Distilled, causal_meta, collect_features, load_prompts
-from specserve.drafters.train_heads import dense_causal_lm, draft_vocab_from_counts
+from specserve.drafters.train_heads import (
+    dense_causal_lm,
+    draft_layer_config,
+    draft_vocab_from_counts,
+    eagle3_step,
+    eagle_step,
+)
 from specserve.kernels import get_backend
-
 from specserve.models.loader import load_model
 
 PROMPTS = ["Tell me about the fox.", "What is a cache?", "Write add(a, b).", "Say hello.", "Why blocks?", "Count."]
@@ -137,11 +143,11 @@ def test_teacher_pass_matches_dense_forward(setup):
     seqs = [[1, 5, 9, 33, 7], [1, 40, 41], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]]
     data = Distilled(seqs, [2, 1, 4], {})
     fs = collect_features(loaded.model, get_backend("torch", torch.device("cpu")), data, "cpu",
-                          prenorm=True, aux=False, batch_tokens=10)  # two teacher batches
+                          aux=False, batch_tokens=10)  # two teacher batches
     with torch.no_grad():
         dense = torch.cat([dense_causal_lm(loaded.model, torch.tensor([s]))[0] for s in seqs])
     torch.testing.assert_close(fs.hidden, dense, atol=1e-5, rtol=1e-4)
-    assert fs.starts.tolist() == [0, 5, 8] and fs.prenorm.shape == fs.hidden.shape
+    assert fs.starts.tolist() == [0, 5, 8] and fs.lens.tolist() == [5, 3, 18]
 
 
 def test_helpers():
@@ -180,3 +186,23 @@ def test_trained_drafter_runs_lossless(setup, trained, kind):
     fast = llm.chat(convs, params)
     assert [o.outputs[0].token_ids for o in fast] == [o.outputs[0].token_ids for o in plain]
     assert sum(o.metrics.num_draft_tokens for o in fast) > 0
+
+
+def test_dense_heads_match_runtime_forward(setup):
+    """Training's dense steps compute what the runtime heads compute over the paged KV (same modules)."""
+    from specserve.drafters.eagle import Eagle1Head
+    from specserve.drafters.eagle3 import Eagle3Head
+
+    model, _, _ = setup
+    target = load_model(model, torch.float32, "cpu").model
+    cfg = draft_layer_config(target.config)
+    torch.manual_seed(0)
+    emb, hidden = torch.randn(20, H), torch.randn(20, H)  # one sequence of 20 entries
+    meta, positions = causal_meta([20], block_size=16, device="cpu")
+    backend = get_backend("torch", torch.device("cpu"))
+    kv = [(torch.zeros(2, 16, KV_HEADS, HEAD_DIM), torch.zeros(2, 16, KV_HEADS, HEAD_DIM))]
+    for head, step in ((Eagle1Head(cfg, True, None), eagle_step), (Eagle3Head(cfg, 3, 128), eagle3_step)):
+        with torch.no_grad():
+            paged = head(emb, hidden, positions, meta, kv, backend)
+            dense = step(head, emb[None], hidden[None], positions, [])[0]
+        torch.testing.assert_close(dense, paged, atol=1e-5, rtol=1e-4)
