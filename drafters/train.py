@@ -62,6 +62,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--steps", type=int, default=None, help="total optimizer steps (default: from --epochs)")
     t.add_argument("--epochs", type=float, default=20)
     t.add_argument("--batch-size", type=int, default=16, help="sequences per step")
+    t.add_argument("--val-fraction", type=float, default=0.05, help="sequences held out, evaluated each epoch")
     t.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default per kind: {DEFAULT_LR})")
     t.add_argument("--warmup", type=float, default=0.05, help="fraction of steps of linear warmup")
     t.add_argument("--schedule", default="cosine", choices=["cosine", "linear"])
@@ -119,7 +120,9 @@ def run_train(args: argparse.Namespace) -> int:
     times["total_s"] = time.time() - t0
     _write_curves(curves, args.out)
     summary = {k: round(v, 4) for k, v in curves["final"].items()}
-    print(f"train-drafter: {args.kind} -> {args.out} in {times['total_s']:.1f}s; final {summary}", file=sys.stderr)
+    val = {k: round(v, 4) for k, v in curves.get("final_val", {}).items()}
+    print(f"train-drafter: {args.kind} -> {args.out} in {times['total_s']:.1f}s; final {summary}; validation {val}",
+          file=sys.stderr)
     return 0
 
 
@@ -179,18 +182,39 @@ def _lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 0.1 + 0.9 * decay
 
 
+def _split(num_seqs: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) sequence ids: a seeded shuffle whose first round(fraction * n) are held out."""
+    perm = torch.randperm(num_seqs, generator=torch.Generator().manual_seed(seed))
+    num_val = min(round(fraction * num_seqs), num_seqs - 1)
+    return perm[num_val:], perm[:num_val]
+
+
+@torch.no_grad()
+def _evaluate(objective, feats: FeatureSet, ids: torch.Tensor, bsz: int, device: torch.device) -> dict[str, float]:
+    """Loss and metrics on held-out sequences, averaged over batches."""
+    sums: dict[str, list[torch.Tensor]] = {}
+    for i in range(0, len(ids), bsz):
+        batch = make_batch(feats, ids[i : i + bsz].to(device), objective.max_shift)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss, metrics = objective.loss(batch)
+        for name, v in {"loss": loss, **metrics}.items():
+            sums.setdefault(name, []).append(v.float())
+    return {name: torch.stack(v).mean().item() for name, v in sums.items()}
+
+
 def _train(objective, feats: FeatureSet, args, device: torch.device, curves: dict) -> None:
-    """The optimizer loop; fills curves (per step) and saves train_state.pt for --resume."""
+    """The optimizer loop; fills curves (per step, validation per epoch) and saves train_state.pt for --resume."""
     module = objective.module.to(device).train()
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr or DEFAULT_LR[args.kind], betas=(0.9, 0.95),
                             weight_decay=args.weight_decay, fused=device.type == "cuda")
-    num_seqs, bsz = feats.num_seqs, min(args.batch_size, feats.num_seqs)
-    per_epoch = math.ceil(num_seqs / bsz)
+    train_ids, val_ids = _split(feats.num_seqs, args.val_fraction, args.seed)
+    bsz = min(args.batch_size, len(train_ids))
+    per_epoch = math.ceil(len(train_ids) / bsz)
     total = args.steps or max(1, round(args.epochs * per_epoch))
     warmup = int(args.warmup * total)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total, warmup, args.schedule))
-    log = {"step": [], "loss": [], "lr": [], "grad_norm": [], "metrics": {}}
+    log = {"step": [], "loss": [], "lr": [], "grad_norm": [], "metrics": {}, "val": []}
     state_path, start = os.path.join(args.out, "train_state.pt"), 0
     if args.resume:
         state = torch.load(state_path, map_location=device, weights_only=False)
@@ -199,7 +223,8 @@ def _train(objective, feats: FeatureSet, args, device: torch.device, curves: dic
         sched.load_state_dict(state["scheduler"])
         start, log = state["step"], state["log"]
         print(f"train-drafter: resuming at step {start} of {total}", file=sys.stderr)
-    curves |= {"log": log, "total_steps": total, "steps_per_epoch": per_epoch}
+    curves |= {"log": log, "total_steps": total, "steps_per_epoch": per_epoch,
+               "num_train_sequences": len(train_ids), "num_val_sequences": len(val_ids)}
 
     # Only what training changes (trainable parameters, buffers) is saved: the draft model's frozen embedding
     # and LM head would make train_state.pt several times larger than the checkpoint.
@@ -217,7 +242,8 @@ def _train(objective, feats: FeatureSet, args, device: torch.device, curves: dic
     for step in bar:
         epoch, offset = divmod(step, per_epoch)
         if epoch not in perms:
-            perms = {epoch: torch.randperm(num_seqs, generator=torch.Generator().manual_seed(args.seed * 7919 + epoch))}
+            gen = torch.Generator().manual_seed(args.seed * 7919 + epoch)
+            perms = {epoch: train_ids[torch.randperm(len(train_ids), generator=gen)]}
         batch = make_batch(feats, perms[epoch][offset * bsz : (offset + 1) * bsz].to(device), objective.max_shift)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss, metrics = objective.loss(batch)
@@ -235,6 +261,8 @@ def _train(objective, feats: FeatureSet, args, device: torch.device, curves: dic
             log["metrics"].setdefault(name, []).append(v)
         sched.step()
         bar.set_postfix(loss=f"{loss_v:.4f}", acc=f"{rest[0]:.3f}")
+        if len(val_ids) and ((step + 1) % per_epoch == 0 or step + 1 == total):
+            log["val"].append({"step": step + 1, **_evaluate(objective, feats, val_ids, bsz, device)})
         if args.save_every and (step + 1) % args.save_every == 0:
             save_state(step + 1)
             _write_curves(curves, args.out)
@@ -248,5 +276,7 @@ def _write_curves(curves: dict, out_dir: str) -> None:
     n = max(1, len(log["loss"]) // 10)
     curves["first"] = {k: sum(v[:n]) / len(v[:n]) for k, v in series.items() if v}
     curves["final"] = {k: sum(v[-n:]) / len(v[-n:]) for k, v in series.items() if v}
+    if log["val"]:
+        curves["final_val"] = log["val"][-1]
     with open(os.path.join(out_dir, "training_curves.json"), "w") as f:
         json.dump(curves, f, indent=1)

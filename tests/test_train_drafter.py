@@ -126,12 +126,14 @@ def test_draft_model_layout(trained):
 
 def test_resume_continues_and_reuses_answers(setup, trained, tmp_path, monkeypatch):
     out = str(tmp_path / "eagle")
-    train(setup, "eagle", out, "--steps", "3")
+    held_out = ("--val-fraction", "0.34")  # 2 of 6 sequences: 4 train (one step an epoch), evaluated each step
+    train(setup, "eagle", out, "--steps", "3", *held_out)
     import specserve
 
     monkeypatch.setattr(specserve, "LLM", None)  # the cached answers must be used: no engine this time
-    curves = train(setup, "eagle", out, "--steps", "5", "--resume")
-    assert curves["log"]["step"] == [1, 2, 3, 4, 5]
+    curves = train(setup, "eagle", out, "--steps", "5", "--resume", *held_out)
+    assert curves["log"]["step"] == [1, 2, 3, 4, 5] and curves["num_val_sequences"] == 2
+    assert [v["step"] for v in curves["log"]["val"]] == [1, 2, 3, 4, 5] and "acc_0" in curves["final_val"]
     state = torch.load(os.path.join(out, "train_state.pt"), weights_only=False)
     assert state["step"] == 5 and state["optimizer"]["state"]
 
