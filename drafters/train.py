@@ -54,8 +54,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--max-tokens", type=int, default=256, help="answer length cap")
     d.add_argument("--temperature", type=float, default=0.0)
     d.add_argument("--num-samples", type=int, default=1, help="answers per prompt (needs --temperature > 0)")
-    d.add_argument("--max-num-seqs", type=int, default=128, help="generation batch")
-    d.add_argument("--kv-cache-memory-gb", type=float, default=2.0)
+    d.add_argument("--max-num-seqs", type=int, default=256, help="generation batch")
+    d.add_argument("--kv-cache-memory-gb", type=float, default=None, help="generation KV pool (4 on CUDA, else 0.5)")
     d.add_argument("--distill-cache", default=None, help="answers cache (default OUT/distill.json)")
     d.add_argument("--teacher-batch-tokens", type=int, default=16384, help="tokens per teacher-forced pass")
     t = p.add_argument_group("training")
@@ -145,8 +145,9 @@ def _distilled(args, loaded) -> Distilled:
             return cached
         print(f"train-drafter: {path} was made with other settings; generating again", file=sys.stderr)
     prompts = load_prompts(args.prompts, args.max_prompts)
+    kv_gb = args.kv_cache_memory_gb or (4.0 if loaded.model.lm_head.weight.is_cuda else 0.5)
     llm = LLM(model=loaded.path, device=args.device, dtype=args.dtype, loaded_model=loaded,
-              max_num_seqs=args.max_num_seqs, kv_cache_memory_gb=args.kv_cache_memory_gb,
+              max_num_seqs=args.max_num_seqs, kv_cache_memory_gb=kv_gb,
               attention_backend=args.attention_backend, seed=args.seed)
     params = SamplingParams(n=args.num_samples, temperature=args.temperature, max_tokens=args.max_tokens,
                             seed=args.seed if args.temperature > 0 else None)
