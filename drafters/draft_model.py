@@ -17,11 +17,11 @@ import weakref
 from collections.abc import Sequence
 
 import torch
-from specserve.drafters.base import DraftProposal
-from specserve.drafters.draft_kv import DraftKVCache, DraftQuery, plan_chunks
 
 from specserve.attention import MAX_TREE_NODES
 from specserve.config import SpeculativeConfig
+from specserve.drafters.base import DraftProposal
+from specserve.drafters.draft_kv import DraftKVCache, DraftQuery, plan_chunks
 from specserve.models.loader import load_model
 from specserve.sampler import RowContext, target_probs
 

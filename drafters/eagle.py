@@ -9,10 +9,11 @@ LM head on the draft output; features are the target's last hidden state after t
 Entries. The draft entry at sequence position s reads token t_s and the target feature f_{s-1} and predicts
 t_{s+1}, so its K/V sits in slot s of the request's blocks, next to the target's K/V of t_s. (EAGLE stores
 it one slot earlier; rope only sees relative positions, so nothing changes except that an entry depends on
-tokens up to its own slot, which is what prefix-cached blocks need.) Entries with no feature before them
-(position 0, and the first one after a prefix-cache hit) read a zero feature. Target features come from the
+tokens up to its own slot, which is what prefix-cached blocks need.) Target features come from the
 ForwardOutput of every step, prefill chunks included: observe() keeps those of entries not yet run, and
-propose() runs them with the root as one causal chunk (observe runs long prefill runs itself).
+propose() runs them with the root as one causal chunk (observe runs long prefill runs itself). Entry 0 has
+no feature before it and reads zeros. After a prefix-cache hit at position c the target never ran c - 1,
+so each block also keeps the target feature of its last position: the cached block before c supplies it.
 
 Tree (EAGLE-2, `topK_genrate`): the root's top_k tokens are the first level; each level, the top_k nodes by
 cumulative log-prob are expanded to their top_k children, `depth` levels in all; the num_speculative_tokens
@@ -27,14 +28,14 @@ import weakref
 from collections.abc import Sequence
 
 import torch
-from specserve.drafters.base import DraftProposal
-from specserve.drafters.checkpoint import check_dim, load_module, read_config, read_tensors
-from specserve.drafters.draft_kv import DraftKVCache, DraftQuery, committed_rows, plan_chunks
-from specserve.drafters.tree import expand_level, rerank
 from torch import nn
 
 from specserve.attention import MAX_TREE_NODES
 from specserve.config import SpeculativeConfig
+from specserve.drafters.base import DraftProposal
+from specserve.drafters.checkpoint import check_dim, load_module, read_config, read_tensors
+from specserve.drafters.draft_kv import DraftKVCache, DraftQuery, committed_rows, plan_chunks
+from specserve.drafters.tree import expand_level, rerank
 from specserve.models.config import ModelConfig
 from specserve.models.llama import LlamaDecoderLayer, RotaryEmbedding
 
@@ -124,7 +125,10 @@ class EagleDrafter:
         self.kv = DraftKVCache(target, self.num_kv_layers, attn.num_kv_heads, attn.head_dim)
         self.backend = target.backend
         self.max_num_tokens = spec.num_speculative_tokens
-        self.hidden_size = target.model.config.hidden_size
+        self.block_size = target.block_size
+        # [num_blocks, H] the entry input (fused target feature) of each block's last position
+        self.block_feature = torch.zeros(target.num_blocks, target.model.config.hidden_size,
+                                         device=target.device, dtype=target.dtype)
         # Request -> [m, H] inputs of entries [num_valid, num_computed_tokens] (the root's last)
         self._pending: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -149,11 +153,10 @@ class EagleDrafter:
         for req, (first, rows) in live:
             new = feats[start : start + len(rows)]  # inputs of entries first + 1 .. first + len(rows)
             start += len(rows)
+            self._keep_block_features(req, first, new)
             pend = self._pending.get(req)
             if pend is None or self.kv.num_valid(req) + len(pend) != first + 1:
-                # (re)starting: entries before `first` have no features here, and f_{first - 1} is unknown
-                self.kv.skip_to(req, first)
-                pend = new.new_zeros(1, new.shape[1])
+                pend = self._restart(req, first)
             self._pending[req] = torch.cat((pend, new))
             if len(self._pending[req]) > self.max_num_tokens + 2:
                 lagging.append(req)
@@ -163,6 +166,26 @@ class EagleDrafter:
             for r in lagging:
                 self._pending[r] = self._pending[r][-1:]
                 self.kv.set_valid(r, r.num_computed_tokens)
+
+    def _keep_block_features(self, req, first: int, feats: torch.Tensor) -> None:
+        """Store the features of positions first.. that end a block, for requests that hit it in the cache."""
+        bs = self.block_size
+        ends = range(first + (-first - 1) % bs, first + len(feats), bs)  # positions p with p % bs == bs - 1
+        if ends:
+            self.block_feature[[req.block_ids[p // bs] for p in ends]] = feats[[p - first for p in ends]]
+
+    def _restart(self, req, first: int) -> torch.Tensor:
+        """Pending input [1, H] of entry `first` for a new or preempted request; entries before it are left be.
+
+        Its feature f_{first - 1} came from the target before this request ran: a trusted cached block keeps
+        it; otherwise (position 0, or draft KV nobody vouches for) it reads zeros.
+        """
+        bs = self.block_size
+        trusted = 0 < first <= self.kv.num_valid(req) and first % bs == 0
+        self.kv.skip_to(req, first)
+        if trusted:
+            return self.block_feature[req.block_ids[first // bs - 1]][None]
+        return self.block_feature.new_zeros(1, self.block_feature.shape[1])
 
     def _run_entries(self, reqs: list, spans: list[tuple[int, int]], want_last: bool) -> torch.Tensor | None:
         """Run entries [start, end) of each request from its pending inputs; outputs [B, H] at each end."""

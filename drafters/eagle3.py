@@ -15,10 +15,10 @@ EagleDrafter's.
 from __future__ import annotations
 
 import torch
-from specserve.drafters.checkpoint import check_dim, load_module, read_config, read_tensors
-from specserve.drafters.eagle import WEIGHT_FILES, EagleDrafter, _own_embedding, draft_config
 from torch import nn
 
+from specserve.drafters.checkpoint import check_dim, load_module, read_config, read_tensors
+from specserve.drafters.eagle import WEIGHT_FILES, EagleDrafter, _own_embedding, draft_config
 from specserve.models.config import ModelConfig
 from specserve.models.llama import LlamaDecoderLayer, RMSNorm, RotaryEmbedding, make_linear
 

@@ -18,12 +18,12 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from specserve.drafters.base import DraftProposal
-from specserve.drafters.checkpoint import check_dim, load_module, read_config, read_tensors
-from specserve.drafters.tree import default_tree, static_tree
 from torch import nn
 
 from specserve.config import SpeculativeConfig
+from specserve.drafters.base import DraftProposal
+from specserve.drafters.checkpoint import check_dim, load_module, read_config, read_tensors
+from specserve.drafters.tree import default_tree, static_tree
 
 WEIGHT_FILES = ("medusa_lm_head.safetensors", "medusa_lm_head.pt")
 

@@ -1,0 +1,104 @@
+"""Pure drafter utilities: static and dynamic trees, catch-up chunking, step rows, draft-KV validity."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from specserve.drafters.draft_kv import DraftKVCache, DraftQuery, committed_rows, plan_chunks
+from specserve.drafters.tree import default_tree, expand_level, rerank, static_tree
+
+MC_SIM_PREFIX = [(0,), (0, 0), (1,), (0, 1), (2,), (0, 0, 0), (1, 0), (0, 2)]  # Medusa's mc_sim_7b_63 start
+
+
+def test_static_tree_orders_paths_and_derives_parents():
+    tree = static_tree(MC_SIM_PREFIX)
+    assert tree.paths == ((0,), (1,), (2,), (0, 0), (0, 1), (0, 2), (1, 0), (0, 0, 0))
+    assert tree.parents == (0, 0, 0, 1, 1, 1, 2, 4)
+    assert (tree.num_nodes, tree.depth, tree.top_k) == (8, 3, 3)
+    ranked = [[10, 11, 12], [20, 21, 22], [30, 31, 32]]  # level d's rank-r token is 10 (d + 1) + r
+    assert tree.tokens(ranked) == [10, 11, 12, 20, 21, 22, 20, 30]
+    assert tree.prefix(4).parents == (0, 0, 0, 1)
+
+
+@pytest.mark.parametrize(
+    "paths, message",
+    [([], "at least one path"), ([(0,), (0, 0), (0, 0)], "appears twice"), ([(0, 1)], "no parent path"),
+     ([(0,), (-1,)], "ranks >= 0"), ([()], "non-empty")],
+)
+def test_static_tree_rejects_bad_paths(paths, message):
+    with pytest.raises(ValueError, match=message):
+        static_tree(paths)
+
+
+def test_default_tree_is_best_first():
+    assert default_tree(4, 3).paths == ((0,), (1,), (0, 0), (0, 0, 0))
+    assert default_tree(3, 1).paths == ((0,), (1,), (2,))
+    tree = default_tree(20, 4)
+    assert tree.num_nodes == 20 and tree.depth <= 4
+    assert all(p[:-1] in tree.paths or len(p) == 1 for p in tree.paths)
+
+
+def test_expand_level_keeps_best_cumulative_children():
+    front = torch.tensor([[-0.1, -2.0]])  # [B=1, F=2]
+    child = torch.tensor([[[-0.5, -3.0], [-0.2, -0.3]]])  # [1, F, k=2]
+    scores, nxt = expand_level(front, child, 2)
+    assert torch.allclose(scores, torch.tensor([[-0.6, -3.1, -2.2, -2.3]]))
+    assert nxt.tolist() == [[0, 2]]
+
+
+def test_rerank_keeps_a_tree_and_breaks_ties_to_parents():
+    # candidates: 0, 1 under the root; 2, 3 under 0; 4 under 2
+    scores = [-0.5, -1.0, -0.5, -2.0, -0.7]
+    parents = [-1, -1, 0, 0, 2]
+    assert rerank(scores, parents, 3) == ([0, 2, 4], [0, 1, 2])
+    assert rerank(scores, parents, 4) == ([0, 1, 2, 4], [0, 0, 1, 3])
+    with pytest.raises(ValueError, match="without its parent"):
+        rerank([-1.0, -0.5], [-1, 0], 1)
+
+
+def test_plan_chunks_splits_spans_across_forwards():
+    assert plan_chunks([(0, 5), (3, 4)], 4) == [[(0, 0, 4)], [(0, 4, 5), (1, 3, 4)]]
+    assert plan_chunks([(2, 2), (0, 3)], 8) == [[(1, 0, 3)]]
+
+
+class _Req:
+    """Hashable and weak-referenceable, as drafters key their per-request state weakly."""
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+
+def _req(tokens, computed, blocks, finished=False):
+    return _Req(token_ids=tokens, num_computed_tokens=computed, block_ids=blocks, finished=finished,
+                request_id="r", metrics=SimpleNamespace(num_preemptions=0))
+
+
+def test_committed_rows_maps_verified_and_chunked_requests():
+    # seq 0: prefill chunk (no logits row), 5 tokens; seq 1: root + 3 drafts, nodes 0, 2 accepted (row 0 root)
+    batch = SimpleNamespace(query_start_loc=[0, 5, 9], row_starts=[-1, 0])
+    res = SimpleNamespace(rows=[0, 2], accepted_nodes=[0, 2], num_draft_tokens=3)
+    chunk, verified = _req([], 5, []), _req([], 12, [])  # computed counts after the step's commit
+    assert committed_rows([chunk, verified], [None, res], batch) == [(0, [0, 1, 2, 3, 4]), (10, [5, 7])]
+    assert committed_rows([_req([], 0, [], finished=True)], [res], batch) == [None]
+
+
+def test_draft_kv_validity_follows_blocks_and_preemption():
+    target = SimpleNamespace(block_size=4, num_blocks=8, device=torch.device("cpu"), dtype=torch.float32)
+    kv = DraftKVCache(target, 1, 1, 2)
+    a = _req(list(range(10)), 9, [3, 5, 6])
+    assert kv.num_valid(a) == 0
+    kv.set_valid(a, 9)  # blocks 3 and 5 are full of a's entries
+    shared = _req(list(range(8)) + [99, 98], 8, [3, 5, 7])
+    assert kv.num_valid(shared) == 8  # same tokens in the same blocks: trusted
+    other = _req([1] * 10, 8, [3, 5, 7])
+    assert kv.num_valid(other) == 0  # another prefix: not trusted
+    kv.prepare([DraftQuery([5], 1, 2)])  # a write into block 5 drops what it vouched for
+    assert kv.num_valid(_req(list(range(10)), 8, [3, 5, 7])) == 4
+    a.metrics.num_preemptions = 1
+    a.block_ids = [3, 1]
+    assert kv.num_valid(a) == 4  # restarted: only block 3 is still good
+    tables = kv.block_tables([a], [14])
+    assert tables == [[3, 1, 8, 9]] and kv.num_scratch == 2 and kv.layers[0][0].shape[0] == 10
