@@ -110,7 +110,7 @@ def test_arms_from_the_servers_drafter_config(tmp_path):
         ("baseline", None),
         ("ngram4", {"method": "ngram", "num_speculative_tokens": 4}),
     ]
-    with pytest.raises(ValueError, match="has no arms for model 'other'; it names"):
+    with pytest.raises(ValueError, match="has no table for the served model 'other'"):
         arms_from_drafter_config(str(path), "other")
     path.write_text('["m"]\narms = [ { name = "x", speculative_config = { method = "nope" } } ]\n')
     with pytest.raises(ValueError, match="method must be one of"):

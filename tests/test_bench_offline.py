@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from specserve.bench import offline
 from specserve.bench.arm_specs import parse_drafters
 from specserve.bench.cli import main
 from specserve.bench.datasets import BenchPrompt
@@ -100,19 +101,9 @@ def test_cli_rejects_bad_input_before_loading_the_model(tmp_path, capsys):
     assert main(["offline", "--drafters", "ngram", "--drafter-config", "x.toml"]) == 2
 
 
-@pytest.fixture
-def one_torch_thread():
-    """On a small shared CPU box, torch's intra-op threads oversubscribe the cores: one thread runs ~10x faster."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.slow
-def test_real_smollm2_none_vs_ngram(tmp_path, capsys, one_torch_thread):
+def test_real_smollm2_none_vs_ngram(tmp_path, capsys, monkeypatch, smollm2):
+    monkeypatch.setattr(offline, "load_llm", lambda config, real=offline.load_llm: real(config, smollm2))
     # HumanEval: single-turn code prompts keep the CPU run short (multi-turn is covered by the fake above).
     out = tmp_path / "run"
     args = "offline --drafters none,ngram --dataset humaneval --num-prompts 4 --max-tokens 32 --temperature 0"

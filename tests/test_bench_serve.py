@@ -1,4 +1,4 @@
-"""`bench serve` against a loopback aiohttp stub that speaks OpenAI chat-completion chunks (SSE)."""
+"""`bench serve` against a loopback SSE stub, then specserve's own server (fake engine, and SmolLM2 marked slow)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,20 @@ import asyncio
 import json
 import threading
 import time
+from dataclasses import replace
 
 import pytest
+import server_fixtures
 from aiohttp import web
+from server_fixtures import API_KEY, MODEL, fake_server
 
 from specserve.bench.cli import main
 from specserve.bench.datasets import BenchPrompt, load_dataset
 from specserve.bench.prom import parse_counters
 from specserve.bench.serve_load import ServeConfig, run_serve
+
+real_engine = server_fixtures.real_engine  # fixtures: the session's real SmolLM2 engine and server
+live = server_fixtures.live
 
 
 class StubServer:
@@ -140,7 +146,7 @@ def test_unreachable_server_is_an_error_not_a_crash():
     config = ServeConfig(base_url="http://127.0.0.1:9", model="m", dataset="x", num_prompts=1, timeout_s=5)
     result = run_serve(config, prompts, progress=False)
     assert result.summary.num_errors == 1 and "ClientConnectorError" in next(iter(result.summary.errors))
-    assert result.server_acceptance is None and any("/metrics" in n for n in result.notes)
+    assert result.server_acceptance is None and any("no /metrics page" in n for n in result.notes)
 
 
 def test_cli_writes_json_and_exit_code(stub, tmp_path, capsys):
@@ -171,3 +177,50 @@ def test_cli_writes_json_and_exit_code(stub, tmp_path, capsys):
 def test_parse_counters_untyped_and_other_metrics():
     text = 'specserve:spec_decode_num_drafts_total{arm="a"} 3\nfoo_total 1\n'
     assert parse_counters(text) == {"a": {"specserve:spec_decode_num_drafts": 3.0}}
+
+
+def test_specserve_server_over_fake_engine():
+    server = fake_server(api_key=API_KEY)
+    try:
+        config = ServeConfig(
+            base_url=server.url,
+            model=MODEL,
+            dataset="mt_bench",
+            num_prompts=3,
+            max_tokens=12,
+            concurrency=2,
+            api_key=API_KEY,
+        )
+        # Short prompts: the fake engine's context is 256 characters.
+        prompts = [BenchPrompt(str(i), "c", ("hi", "more")) for i in range(3)]
+        result = run_serve(config, prompts, progress=False)
+        forced = run_serve(replace(config, speculative="ngram2"), prompts[:1], progress=False)
+        unauthorized = run_serve(replace(config, api_key=None), prompts[:1], progress=False)
+    finally:
+        server.stop()
+    assert result.summary.num_errors == 0 and result.summary.num_ok == 6
+    assert {r.arm for r in result.records} == {"ngram:4"} and all(r.tokens_from_usage for r in result.records)
+    acc = result.server_acceptance["ngram:4"]
+    assert acc.acceptance_rate == pytest.approx(0.75) and acc.num_draft_tokens == 4 * acc.num_drafts
+    assert forced.summary.num_errors == 0 and set(forced.server_acceptance) == {"ngram2"}
+    assert unauthorized.summary.num_errors == 2 and any("HTTP 401" in e for e in unauthorized.summary.errors)
+
+
+@pytest.mark.slow
+def test_live_specserve_server_on_smollm2(live):
+    prompts = [BenchPrompt(str(i), "c", (f"Count from {i} to {i + 20}.",)) for i in range(4)]
+    config = ServeConfig(
+        base_url=live.url,
+        model=MODEL,
+        dataset="inline",
+        num_prompts=4,
+        max_tokens=16,
+        concurrency=2,
+        api_key=API_KEY,
+        timeout_s=120,
+    )
+    result = run_serve(config, prompts, progress=False)
+    assert result.summary.num_errors == 0 and result.summary.num_ok == 4, result.summary.errors
+    assert all(r.num_output_tokens > 0 and r.ttft_s > 0 for r in result.records)
+    acc = result.server_acceptance[result.records[0].arm]
+    assert acc.num_drafts > 0 and 0.0 <= acc.acceptance_rate <= 1.0

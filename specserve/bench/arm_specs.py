@@ -69,12 +69,9 @@ def with_baseline(arms: list[BenchArm]) -> list[BenchArm]:
 
 def arms_from_drafter_config(path: str, model_name: str) -> list[BenchArm]:
     """The arms that a serving A/B config file gives `model_name` (traffic weights do not matter offline)."""
-    from specserve.server.arms import load_drafter_config
+    from specserve.server.arms import arms_for_model  # the server owns the file format and its checks
 
-    config = load_drafter_config(path)
-    if model_name not in config:
-        raise ValueError(f"{path} has no arms for model {model_name!r}; it names {sorted(config)}")
-    return with_baseline([BenchArm(a.name, a.speculative_config) for a in config[model_name]])
+    return with_baseline([BenchArm(a.name, a.speculative_config) for a in arms_for_model(path, model_name)])
 
 
 def _parse_value(text: str) -> Any:

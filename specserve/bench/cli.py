@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -61,6 +62,9 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout in seconds")
     p.add_argument("--max-duration", type=float, default=600.0, help="cancel what is left after this many seconds")
     p.add_argument("--speculative", help="specserve only: serve every request with this drafter arm")
+    p.add_argument(
+        "--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer token (default: $OPENAI_API_KEY)"
+    )
 
 
 def _add_ab(p: argparse.ArgumentParser) -> None:
@@ -169,6 +173,7 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
         timeout_s=args.timeout,
         max_duration_s=args.max_duration,
         speculative=args.speculative,
+        api_key=args.api_key,
         seed=args.seed,
     )
     result = run_serve(config, prompts, progress=not args.no_progress)

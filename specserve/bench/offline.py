@@ -70,13 +70,14 @@ class OfflineResult:
         }
 
 
-def load_llm(config: OfflineConfig):
-    """One engine holding every drafting arm, so the model loads once and all arms share its state."""
+def load_llm(config: OfflineConfig, loaded_model=None):
+    """One engine holding every drafting arm, so the model loads once; `loaded_model` reuses loaded weights."""
     from specserve import LLM
 
     arms = {a.name: a.speculative_config for a in config.arms if a.speculative_config is not None}
     return LLM(
         model=config.model,
+        loaded_model=loaded_model,
         device=config.device,
         dtype=config.dtype,
         speculative_arms=arms,

@@ -50,7 +50,7 @@ def parse_counters(text: str) -> Counters:
 
 
 async def scrape(session: aiohttp.ClientSession, base_url: str, timeout_s: float = 10.0) -> Counters | None:
-    """The counters, or None when the target has no specserve /metrics (e.g. another server)."""
+    """The counters ({} before any drafting, or at another server's page), None without a /metrics page."""
     try:
         async with session.get(f"{base_url}/metrics", timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
             if resp.status != 200:
@@ -58,8 +58,10 @@ async def scrape(session: aiohttp.ClientSession, base_url: str, timeout_s: float
             text = await resp.text()
     except (aiohttp.ClientError, asyncio.TimeoutError):
         return None
-    counters = parse_counters(text)
-    return counters or None
+    try:
+        return parse_counters(text)
+    except ValueError:  # not Prometheus text
+        return None
 
 
 def acceptance_delta(before: Counters, after: Counters) -> dict[str, ArmAcceptance]:

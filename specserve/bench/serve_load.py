@@ -35,6 +35,7 @@ class ServeConfig:
     timeout_s: float = 120.0  # per request
     max_duration_s: float = 600.0  # the whole run; what is left then is cancelled and counted as errors
     speculative: str | None = None  # specserve's extra field: force one drafter arm by name
+    api_key: str | None = field(default=None, repr=False)  # sent as a bearer token; never written to JSON
     seed: int = 0
 
 
@@ -95,7 +96,7 @@ class ServeResult:
     config: ServeConfig
     records: list[ServeRecord]
     summary: ServeSummary
-    server_acceptance: dict[str, ArmAcceptance] | None  # None: no specserve /metrics at the target
+    server_acceptance: dict[str, ArmAcceptance] | None  # None: no /metrics page; {}: no drafting seen there
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -112,7 +113,7 @@ class ServeResult:
         return {
             "kind": "serve",
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "config": asdict(self.config),
+            "config": {k: v for k, v in asdict(self.config).items() if k != "api_key"},
             "summary": asdict(self.summary),
             "server_acceptance": acceptance,
             "notes": self.notes,
@@ -130,7 +131,8 @@ async def _run(config: ServeConfig, prompts: list[BenchPrompt], progress: bool) 
     records: list[ServeRecord] = []
     notes: list[str] = []
     connector = aiohttp.TCPConnector(limit=limit)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else None
+    async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
         before = await scrape(session, base)
         gate = asyncio.Semaphore(limit)
         bar = tqdm(total=sum(len(p.turns) for p in prompts), disable=not progress, desc="bench serve", unit="req")
@@ -166,9 +168,11 @@ async def _run(config: ServeConfig, prompts: list[BenchPrompt], progress: bool) 
             )
             for p, t in missing
         ]
-    if before is None:
-        notes.append("no specserve spec-decode counters at /metrics: server-side acceptance not reported")
     acceptance = acceptance_delta(before, after) if before is not None and after is not None else None
+    if acceptance is None:
+        notes.append("no /metrics page at the target: server-side acceptance not reported")
+    elif not acceptance:
+        notes.append("no specserve spec-decode counters moved at /metrics (another server, or no drafting arm)")
     return ServeResult(config, records, summarize_serve(records, duration, config), acceptance, notes)
 
 
