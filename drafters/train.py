@@ -73,7 +73,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--save-every", type=int, default=0, help="also save train_state.pt every N steps")
     t.add_argument("--save-dtype", default="bfloat16", choices=list(DTYPES))
     k = p.add_argument_group("kinds")
-    k.add_argument("--ttt-steps", type=int, default=None, help="EAGLE unrolled steps (default: eagle 1, eagle3 3)")
+    k.add_argument("--ttt-steps", type=int, default=None, help="EAGLE unrolled steps (default: eagle 2, eagle3 3)")
     k.add_argument("--draft-vocab-size", type=int, default=8192, help="EAGLE-3 draft vocabulary")
     k.add_argument("--medusa-heads", type=int, default=4)
     k.add_argument("--medusa-layers", type=int, default=1)
@@ -160,7 +160,7 @@ def _distilled(args, loaded) -> Distilled:
 def _objective(args, loaded, data: Distilled):
     target = loaded.model
     if args.kind == "eagle":
-        return EagleObjective(target, args.ttt_steps or 1)
+        return EagleObjective(target, args.ttt_steps or 2)
     if args.kind == "eagle3":
         counts = torch.zeros(target.config.vocab_size, dtype=torch.int64)
         for seq, plen in zip(data.sequences, data.prompt_lens, strict=True):
