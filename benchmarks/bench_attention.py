@@ -25,9 +25,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module defines its kernels
 
 import triton  # noqa: E402
-from specserve.kernels import reference, tree_attention  # noqa: E402
 
 from specserve.attention import AttentionMetadata, ancestor_masks  # noqa: E402
+from specserve.kernels import reference, tree_attention  # noqa: E402
 
 Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 BATCHES, QUERY_LENS, CONTEXTS = (1, 8, 32, 64), (1, 4, 8, 16, 64), (512, 2048, 8192)

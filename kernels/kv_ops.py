@@ -92,19 +92,22 @@ def copy_slots(
     src_slots: torch.Tensor,  # [n] int64
     dst_slots: torch.Tensor,  # [n] int64
 ) -> None:
-    """Accepted-path compaction in one launch for all layers; overlapping moves are safe."""
+    """Accepted-path compaction, one launch per cache shape (one in all for uniform layers); overlaps are safe."""
     n = src_slots.numel()
     if n == 0:
         return
-    first = kv_caches[0]
-    same = all(c.shape == first.shape and c.dtype == first.dtype and c.is_contiguous() for c in kv_caches)
-    if n > STRIP or not same:  # beyond one register-resident strip: gather then scatter in torch
+    if n > STRIP:  # more rows than a register-resident strip holds: gather then scatter in torch
         reference.copy_slots(kv_caches, src_slots, dst_slots)
         return
-    row_len = first.shape[2] * first.shape[3]
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for cache in kv_caches:  # a drafter's own layers may have other head counts than the target's
+        assert cache.is_contiguous(), "slot s is row s of a contiguous cache"
+        groups.setdefault((cache.shape, cache.dtype), []).append(cache)
     n_p = triton.next_power_of_2(n)
-    cols = min(max(STRIP // n_p, 1), triton.next_power_of_2(row_len))
-    table = _pointer_table(tuple(c.data_ptr() for c in kv_caches), first.device)
-    _copy_slots_kernel[(len(kv_caches), triton.cdiv(row_len, cols))](
-        table, first, src_slots, dst_slots, n, row_len, N_P=n_p, COLS=cols,
-    )
+    for (shape, _), caches in groups.items():
+        row_len = shape[2] * shape[3]
+        cols = min(max(STRIP // n_p, 1), triton.next_power_of_2(row_len))
+        table = _pointer_table(tuple(c.data_ptr() for c in caches), caches[0].device)
+        _copy_slots_kernel[(len(caches), triton.cdiv(row_len, cols))](
+            table, caches[0], src_slots, dst_slots, n, row_len, N_P=n_p, COLS=cols,
+        )

@@ -8,9 +8,11 @@ Work split
     runs a fresh online softmax (fp32, log2 domain) and yields (o_s, lse_s); splits are folded left to right:
         M' = max(M, lse_s);  num = num * 2^(M - M') + 2^(lse_s - M') * o_s;  den likewise with 1 for o_s.
     "split" mode runs one program per split and folds in a second kernel (parallelism for small batches);
-    "fused" mode folds in registers (no workspace, for batches that fill the GPU). Both do the same operations
-    in the same order (FMA contraction off), so the per-launch choice does not change a bit.
-    Queries longer than `decode_max_q` (prefill chunks) go through a second, fused launch with bigger tiles.
+    "fused" mode walks all splits in one pipelined key loop and folds at each boundary in registers (no
+    workspace, for batches that fill the GPU). Both do the same operations in the same order (FMA contraction
+    off), so the per-launch choice, taken from the batch shape, does not change a bit.
+    Queries longer than `decode_max_q` (prefill chunks) go to a second launch ("whole" mode): 128-row tiles,
+    one softmax over all keys. Which launch takes a sequence depends on its own query length only.
 
 Batch invariance (architecture.md, "Numerics")
     A row's result depends only on its visible keys and their slots: the split grid is absolute, keys it

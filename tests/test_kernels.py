@@ -21,9 +21,9 @@ from dataclasses import dataclass, field  # noqa: E402
 
 import pytest  # noqa: E402
 import triton.language as tl  # noqa: E402
-from specserve.kernels import kv_ops, reference, tree_attention, triton_backend  # noqa: E402
 
 from specserve.attention import AttentionMetadata, ancestor_masks  # noqa: E402
+from specserve.kernels import kv_ops, reference, tree_attention, triton_backend  # noqa: E402
 
 # Triton's own jit helpers (tl.zeros, ...) are defined when triton is imported: if another test imported it
 # before TRITON_INTERPRET was set, no kernel can run on CPU in this process, and test_in_fresh_process
@@ -138,7 +138,9 @@ def scenario(kind: str, rng: random.Random, scale: int) -> list[Seq]:
 KINDS = ["tree", "chain", "prefill", "mixed"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (kind, group, dtype, block_size, head_dim): on CPU a set that covers every value of every axis
-CASES = list(itertools.product(KINDS, [1, 2, 4], DTYPES, [16, 32], [64, 128])) if CUDA else [
+# head_dim 16 (the tiny test models) and 80 (padded to 128) ride along in both
+ODD_HEAD_DIMS = [("mixed", 2, torch.float32, 16, 16), ("tree", 2, torch.float16, 32, 80)]
+CASES = ODD_HEAD_DIMS + (list(itertools.product(KINDS, [1, 2, 4], DTYPES, [16, 32], [64, 128])) if CUDA else [
     ("tree", 4, torch.float32, 16, 64),
     ("tree", 1, torch.bfloat16, 32, 128),
     ("chain", 2, torch.float16, 32, 64),
@@ -146,7 +148,7 @@ CASES = list(itertools.product(KINDS, [1, 2, 4], DTYPES, [16, 32], [64, 128])) i
     ("prefill", 4, torch.bfloat16, 16, 64),
     ("mixed", 1, torch.float16, 16, 128),
     ("mixed", 4, torch.float32, 32, 64),
-]
+])
 
 
 @pytest.mark.parametrize("kind,group,dtype,block_size,head_dim", CASES)
@@ -246,7 +248,9 @@ def test_write_kv_matches_reference(cache_dtype):
 def test_copy_slots_matches_reference_with_overlaps(strip, monkeypatch):
     monkeypatch.setattr(kv_ops, "STRIP", strip)
     gen = torch.Generator().manual_seed(1)
-    caches = [torch.randn(6, 16, 2, 32, generator=gen).to(DEVICE) for _ in range(6)]  # 3 layers x (k, v)
+    # 3 layers x (k, v) plus a drafter layer with other heads: two cache shapes, two launches
+    shapes = [(6, 16, 2, 32)] * 6 + [(6, 16, 1, 64)] * 2
+    caches = [torch.randn(shape, generator=gen).to(DEVICE) for shape in shapes]
     before, expected = caches[0].clone(), [c.clone() for c in caches]
     # accepted path root -> node 2 -> node 5 of a tree at slot 40: 42 -> 41 and 45 -> 42 (42 is read and
     # written); a second sequence's path at 70: 73 -> 71, 74 -> 72, 76 -> 73
