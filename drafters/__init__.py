@@ -16,6 +16,7 @@ DRAFTERS = {
     "medusa": "medusa:MedusaDrafter",
     "eagle": "eagle:EagleDrafter",
     "eagle3": "eagle3:Eagle3Drafter",
+    "replay": "replay:ReplayDrafter",  # benchmarks only: a recorded continuation at a set acceptance
 }
 
 

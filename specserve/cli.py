@@ -23,6 +23,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs (default on CUDA)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -41,6 +42,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         load_format=args.load_format,
         enable_prefix_caching=args.enable_prefix_caching,
         seed=args.seed,
+        enforce_eager=args.enforce_eager,
     )
 
 

@@ -6,7 +6,8 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-SPEC_METHODS = ("ngram", "draft_model", "eagle", "eagle3", "medusa")
+SPEC_METHODS = ("ngram", "draft_model", "eagle", "eagle3", "medusa", "replay")
+NEEDS_NO_MODEL = ("ngram", "replay")  # replay's file is optional: its table can be set programmatically
 
 
 @dataclass
@@ -21,6 +22,8 @@ class SpeculativeConfig:
     tree: list[list[int]] | None = None  # static tree as paths of top-k ranks (Medusa's *_choices)
     top_k: int = 8  # EAGLE-2 dynamic tree: children expanded per node
     depth: int = 6  # EAGLE-2 dynamic tree: draft depth
+    adaptive: bool = False  # pick 0..num_speculative_tokens per sequence each step (specserve/adaptive.py)
+    acceptance: float = 1.0  # replay (benchmarks only): chance that each drafted token is the recorded one
 
     def __post_init__(self) -> None:
         if self.method not in SPEC_METHODS:
@@ -31,7 +34,9 @@ class SpeculativeConfig:
             )
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError("speculative_config needs 1 <= prompt_lookup_min <= prompt_lookup_max")
-        if self.method != "ngram" and not self.model:
+        if not 0.0 <= self.acceptance <= 1.0:
+            raise ValueError(f"speculative_config.acceptance must be in [0, 1], got {self.acceptance!r}")
+        if self.method not in NEEDS_NO_MODEL and not self.model:
             raise ValueError(f"speculative_config.model (a checkpoint path) is required for {self.method!r}")
 
     @classmethod
@@ -77,7 +82,7 @@ class EngineConfig:
     attention_backend: str | None = None  # "torch" | "triton" | None (auto)
     load_format: str = "auto"  # "auto" | "dummy" (random weights of the config's shape)
     seed: int = 0
-    enforce_eager: bool = True
+    enforce_eager: bool | None = None  # None: CUDA graphs on CUDA, eager elsewhere
 
     def __post_init__(self) -> None:
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)

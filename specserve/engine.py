@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from specserve.adaptive import build_policy
 from specserve.config import EngineConfig, SpeculativeConfig
 from specserve.detokenizer import IncrementalDetokenizer
 from specserve.drafters import build_drafter
@@ -80,9 +81,12 @@ class LLMEngine:
         self.eos_token_ids = frozenset(mcfg.eos_token_ids)
         num_blocks = config.num_kv_blocks or self._blocks_for_budget(mcfg)
         backend = get_backend(config.attention_backend, self.device)
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size, backend, self.device, self.dtype)
+        self.runner = ModelRunner(
+            self.model, num_blocks, config.block_size, backend, self.device, self.dtype,
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+        )
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
         target = TargetContext(
             self.model, self.tokenizer, self.device, self.dtype, config.block_size, num_blocks, backend
         )
@@ -93,6 +97,13 @@ class LLMEngine:
             arms[self.default_arm] = config.speculative_config
         self.drafters = {name: build_drafter(spec, target) for name, spec in arms.items()}
         self.spec_configs = arms
+        eager = config.enforce_eager if config.enforce_eager is not None else self.device.type != "cuda"
+        if not eager:
+            self.runner.capture_graphs([1] + [1 + d.max_num_tokens for d in self.drafters.values()])
+        self.spec_policy = build_policy(arms, self.runner)  # None unless an arm is adaptive
+        self.scheduler = Scheduler(
+            self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, self.spec_policy
+        )
         self.generator = torch.Generator().manual_seed(config.seed)  # for unseeded requests
         self.groups: dict[str, list[Request]] = {}
         self.prompts: dict[str, str | None] = {}
@@ -280,6 +291,8 @@ class LLMEngine:
         m.num_generated_tokens += kept
         m.num_draft_tokens += res.num_draft_tokens
         m.num_accepted_tokens += len(res.accepted_nodes) - 1
+        if self.spec_policy is not None:
+            self.spec_policy.observe(req, res)
         depth = res.draft_depth
         while len(m.drafts_per_position) < depth:
             m.drafts_per_position.append(0)

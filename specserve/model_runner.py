@@ -1,4 +1,11 @@
-"""Turns a scheduled step into flat model inputs, runs the target forward and compacts accepted KV."""
+"""Turns a scheduled step into flat model inputs, runs the target forward and compacts accepted KV.
+
+`prepare` builds the step's metadata with numpy (loops over sequences, never over tokens) straight into
+the pinned staging buffers of cuda_graphs.StepBuffers, and uploads it in two copies. `forward` replays the
+CUDA graph of the step's bucket when every sequence is decoding (a root plus its drafts), and runs eagerly
+otherwise (prefill chunks, enforce_eager, shapes past the largest bucket). Tensors of a StepBatch and of a
+graph's ForwardOutput are views of static buffers: valid until the next prepare / forward.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +14,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from specserve.attention import AttentionMetadata, ancestor_masks, tree_depths
+from specserve.attention import MAX_TREE_NODES, AttentionMetadata, ancestor_masks, tree_depths
+from specserve.cuda_graphs import Buckets, CudaGraphs, StepBuffers, StepViews
 from specserve.drafters.base import DraftProposal
 from specserve.scheduler import ScheduledRequest
+
+CHAIN_MASKS = np.asarray(ancestor_masks(list(range(MAX_TREE_NODES - 1))), dtype=np.int64)  # node j of a chain
+PROFILE_REPEATS = 3
 
 
 @dataclass
@@ -20,6 +31,7 @@ class StepBatch:
     logits_indices: torch.Tensor  # [num_rows] int64: query tokens whose next-token logits are needed
     row_starts: list[int]  # per sequence: its root's row in the logits, -1 if it produces no token
     query_start_loc: list[int]  # [B + 1] host copy
+    graph_key: tuple[int, int] | None = None  # (num_seqs, num_tokens) bucket replayed; None: eager
 
 
 @dataclass
@@ -32,88 +44,205 @@ class ForwardOutput:
 
 
 class ModelRunner:
-    """Owns the target model and its paged KV pool."""
+    """Owns the target model, its paged KV pool, the step buffers and the CUDA graphs."""
 
-    def __init__(self, model, num_blocks: int, block_size: int, backend, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self, model, num_blocks: int, block_size: int, backend, device: torch.device, dtype: torch.dtype, *,
+        max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, max_model_len: int = 2048,
+    ):
         cfg = model.config
         self.model = model
         self.backend = backend
         self.device = device
         self.block_size = block_size
+        self.max_model_len = max_model_len
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_caches = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(cfg.num_layers)
         ]
+        width = -(-max_model_len // block_size)
+        # a step never holds more than max_num_batched_tokens tokens (drafts count against it too)
+        self.buffers = StepBuffers(max_num_seqs, max_num_batched_tokens, width, device)
+        self.max_num_seqs, self.max_tokens = max_num_seqs, max_num_batched_tokens
+        self.graphs: CudaGraphs | None = None
+        cuda = device.type == "cuda"
+        self._moves = torch.empty(2 * max_num_seqs * MAX_TREE_NODES, dtype=torch.int64, pin_memory=cuda)
 
-    def _slots(self, block_ids: list[int], logical: np.ndarray) -> np.ndarray:
-        blocks = np.asarray(block_ids, dtype=np.int64)
-        return blocks[logical // self.block_size] * self.block_size + logical % self.block_size
+    def capture_graphs(self, query_lens: list[int]) -> None:
+        """Capture decode/verify graphs for the drafters' per-sequence query lengths (see cuda_graphs.Buckets).
+
+        Off CUDA, or with an attention backend that syncs (the torch reference), the buckets replay eagerly
+        over the same padded buffers.
+        """
+        from specserve.kernels import triton_backend
+
+        capture = self.device.type == "cuda" and self.backend is triton_backend
+        buckets = Buckets(self.max_num_seqs, query_lens, self.max_tokens)
+        self.graphs = CudaGraphs(buckets, self.max_model_len, capture)
+        self.graphs.build(self.make_dummy, self._model_forward)
+
+    # ---- inputs -----------------------------------------------------------------------------------
 
     def prepare(self, scheduled: list[ScheduledRequest], proposals: list[DraftProposal | None]) -> StepBatch:
-        ids, pos, slots, masks = [], [], [], []
-        qsl, seq_lens, ctx_lens, offsets, row_starts, logits_idx = [0], [], [], [], [], []
-        num_rows = 0
-        for s, prop in zip(scheduled, proposals, strict=True):
-            req, n = s.request, s.num_new_tokens
-            ctx = req.num_computed_tokens
-            parents = prop.parents if prop else []
-            q_len = n + len(parents)
-            ids.append(np.asarray(req.token_ids[ctx : ctx + n] + (prop.tokens if prop else []), dtype=np.int64))
-            depth = np.asarray(tree_depths(parents)[1:], dtype=np.int64)
-            pos.append(np.concatenate([np.arange(ctx, ctx + n), ctx + n - 1 + depth]))
-            slots.append(self._slots(req.block_ids, np.arange(ctx, ctx + q_len)))
-            masks.append(np.asarray([0] * (n - 1) + ancestor_masks(parents), dtype=np.int64))
-            if s.produces_token:
-                row_starts.append(num_rows)
-                logits_idx.append(np.arange(qsl[-1] + n - 1, qsl[-1] + q_len))
-                num_rows += q_len - n + 1
-            else:
-                row_starts.append(-1)
-            qsl.append(qsl[-1] + q_len)
-            seq_lens.append(ctx + q_len)
-            ctx_lens.append(ctx)
-            offsets.append(n - 1)
-        max_blocks = max(len(s.request.block_ids) for s in scheduled)
-        tables = np.zeros((len(scheduled), max_blocks), dtype=np.int32)
-        for b, s in enumerate(scheduled):
-            tables[b, : len(s.request.block_ids)] = s.request.block_ids
+        reqs = [s.request for s in scheduled]
+        num_seqs = len(scheduled)
+        n_new = np.fromiter((s.num_new_tokens for s in scheduled), np.int64, num_seqs)  # [B] committed tokens
+        n_draft = np.fromiter((len(p.tokens) if p else 0 for p in proposals), np.int64, num_seqs)  # [B]
+        ctx = np.fromiter((r.num_computed_tokens for r in reqs), np.int64, num_seqs)  # [B] cached tokens
+        produces = np.fromiter((s.produces_token for s in scheduled), bool, num_seqs)  # [B]
+        if n_draft.max() >= MAX_TREE_NODES:
+            raise ValueError(f"a draft tree has at most {MAX_TREE_NODES - 1} nodes, got {n_draft.max()}")
+        q_len = n_new + n_draft
+        qsl = np.zeros(num_seqs + 1, np.int64)
+        np.cumsum(q_len, out=qsl[1:])
+        num_tokens = int(qsl[-1])
+        seq = np.repeat(np.arange(num_seqs), q_len)  # [T] sequence of each query token
+        qidx = np.arange(num_tokens) - qsl[seq]  # [T] index within its sequence's query
+        node = qidx - (n_new - 1)[seq]  # [T] tree node (root 0), negative for causal tokens before the root
+        rows = produces[seq] & (node >= 0)  # [T] tokens whose logits verification reads
+        num_rows = int(rows.sum())
 
-        def dev(x, dtype=torch.int64):
-            return torch.from_numpy(np.asarray(x)).to(device=self.device, dtype=dtype, non_blocking=True)
+        key = None
+        if self.graphs is not None and (n_new == 1).all() and produces.all():
+            key = self.graphs.buckets.find(num_seqs, num_tokens)
+        b_cap, t_cap = key or (num_seqs, num_tokens)
+        h = self.buffers.host(b_cap, t_cap, num_rows)
+        tables = h.block_tables  # [b_cap, W]
+        for b, r in enumerate(reqs):
+            tables[b, : len(r.block_ids)] = r.block_ids
+            tables[b, len(r.block_ids) :] = 0
+        h.input_ids[:num_tokens] = [t for s, p in zip(scheduled, proposals, strict=True) for t in _query(s, p)]
+        depth = np.maximum(node, 0)  # a chain's node j sits at depth j
+        h.tree_mask[:num_tokens] = np.where(node >= 0, CHAIN_MASKS[np.clip(node, 0, None)], 0)
+        for b, p in enumerate(proposals):
+            if p is not None and not _is_chain(p.parents):
+                root = qsl[b] + n_new[b] - 1
+                depth[root : qsl[b + 1]] = tree_depths(p.parents)
+                h.tree_mask[root : qsl[b + 1]] = ancestor_masks(p.parents)
+        h.positions[:num_tokens] = ctx[seq] + np.minimum(qidx, (n_new - 1)[seq]) + depth
+        logical = ctx[seq] + qidx  # [T] sequence index of each token's K/V slot
+        bs = self.block_size
+        h.slot_mapping[:num_tokens] = tables[seq, logical // bs].astype(np.int64) * bs + logical % bs
+        h.logits_indices[:] = np.flatnonzero(rows)
+        h.query_start_loc[: num_seqs + 1] = qsl
+        h.seq_lens[:num_seqs] = ctx + q_len
+        h.context_lens[:num_seqs] = ctx
+        h.tree_offsets[:num_seqs] = n_new - 1
+        _pad(h, num_seqs, num_tokens)
+        row_counts = np.where(produces, n_draft + 1, 0)
+        row_starts = np.where(produces, np.cumsum(row_counts) - row_counts, -1)
+        return self._upload(b_cap, t_cap, num_rows, num_seqs, num_tokens, key, row_starts.tolist(), qsl.tolist(),
+                            max_query_len=int(q_len.max()), max_seq_len=int((ctx + q_len).max()))
 
+    def make_dummy(self, num_seqs: int, num_tokens: int) -> StepBatch:
+        """A harmless step of this shape: causal chunks with no K/V writes, every token a logits row.
+
+        For graph capture and timing; the attention reads block 0, which holds finite values (zeros at start).
+        """
+        q_len = np.full(num_seqs, num_tokens // num_seqs, np.int64)
+        q_len[: num_tokens % num_seqs] += 1
+        qsl = np.concatenate([[0], np.cumsum(q_len)])
+        h = self.buffers.host(num_seqs, num_tokens, num_tokens)
+        qidx = np.arange(num_tokens) - np.repeat(qsl[:-1], q_len)
+        h.input_ids[:], h.positions[:], h.slot_mapping[:] = 0, qidx, -1
+        h.tree_mask[:] = qidx == np.repeat(q_len - 1, q_len)  # the last token of each chunk is its root
+        h.logits_indices[:] = np.arange(num_tokens)
+        h.query_start_loc[:], h.seq_lens[:], h.context_lens[:], h.tree_offsets[:] = qsl, q_len, 0, q_len - 1
+        h.block_tables[:] = 0
+        key = self.graphs.buckets.find(num_seqs, num_tokens) if self.graphs else None
+        return self._upload(num_seqs, num_tokens, num_tokens, num_seqs, num_tokens,
+                            key if key == (num_seqs, num_tokens) else None, qsl[:-1].tolist(), qsl.tolist(),
+                            max_query_len=int(q_len.max()), max_seq_len=int(q_len.max()))
+
+    def _upload(self, b_cap, t_cap, num_rows, num_seqs, num_tokens, key, row_starts, qsl, **maxima) -> StepBatch:
+        d: StepViews[torch.Tensor] = self.buffers.upload(b_cap, t_cap, num_rows)
         meta = AttentionMetadata(
-            query_start_loc=dev(qsl, torch.int32),
-            seq_lens=dev(seq_lens, torch.int32),
-            context_lens=dev(ctx_lens, torch.int32),
-            block_tables=dev(tables, torch.int32),
-            slot_mapping=dev(np.concatenate(slots)),
-            tree_offsets=dev(offsets, torch.int32),
-            tree_mask=dev(np.concatenate(masks)),
-            max_query_len=max(np.diff(qsl)),
-            max_seq_len=max(seq_lens),
+            query_start_loc=d.query_start_loc[: num_seqs + 1],
+            seq_lens=d.seq_lens[:num_seqs],
+            context_lens=d.context_lens[:num_seqs],
+            block_tables=d.block_tables[:num_seqs],
+            slot_mapping=d.slot_mapping[:num_tokens],
+            tree_offsets=d.tree_offsets[:num_seqs],
+            tree_mask=d.tree_mask[:num_tokens],
             block_size=self.block_size,
+            **maxima,
         )
-        return StepBatch(
-            input_ids=dev(np.concatenate(ids)),
-            positions=dev(np.concatenate(pos)),
-            meta=meta,
-            logits_indices=dev(np.concatenate(logits_idx) if logits_idx else np.zeros(0)),
-            row_starts=row_starts,
-            query_start_loc=qsl,
-        )
+        return StepBatch(d.input_ids[:num_tokens], d.positions[:num_tokens], meta, d.logits_indices, row_starts,
+                         qsl, key)
+
+    # ---- forward ----------------------------------------------------------------------------------
+
+    def _model_forward(self, input_ids, positions, meta):
+        return self.model(input_ids, positions, meta, self.kv_caches, self.backend)
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch) -> ForwardOutput:
-        out = self.model(batch.input_ids, batch.positions, batch.meta, self.kv_caches, self.backend)
-        logits = self.model.compute_logits(out.hidden_states[batch.logits_indices])
-        return ForwardOutput(logits, out.hidden_states, out.prenorm_hidden_states, out.aux_hidden_states, batch)
+        if batch.graph_key is None:
+            out = self._model_forward(batch.input_ids, batch.positions, batch.meta)
+            hidden, prenorm, aux = out.hidden_states, out.prenorm_hidden_states, out.aux_hidden_states
+        else:
+            out = self.graphs.replay(batch.graph_key)  # padded to the bucket: keep the real tokens' rows
+            t = batch.input_ids.shape[0]
+            hidden, prenorm, aux = out.hidden_states[:t], out.prenorm_hidden_states[:t], [
+                a[:t] for a in out.aux_hidden_states
+            ]
+        logits = self.model.compute_logits(hidden[batch.logits_indices])
+        return ForwardOutput(logits, hidden, prenorm, aux, batch)
+
+    @torch.inference_mode()
+    def profile(self, shapes: list[tuple[int, int]]) -> dict[tuple[int, int], float]:
+        """CUDA seconds of one forward (logits included) per (num_seqs, num_tokens) shape, on dummy steps."""
+        times = {}
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for shape in shapes:
+            batch = self.make_dummy(*shape)
+            self.forward(batch)  # warm-up
+            start.record()
+            for _ in range(PROFILE_REPEATS):
+                self.forward(batch)
+            end.record()
+            end.synchronize()
+            times[shape] = start.elapsed_time(end) * 1e-3 / PROFILE_REPEATS
+        return times
+
+    # ---- after verification -----------------------------------------------------------------------
 
     def compact(self, moves: list[tuple[list[int], int, int]]) -> None:
         """Move accepted tree nodes' K/V next to the context: (block_ids, src logical, dst logical) per move."""
         if not moves:
             return
-        src = np.concatenate([self._slots(b, np.asarray([s])) for b, s, _ in moves])
-        dst = np.concatenate([self._slots(b, np.asarray([d])) for b, _, d in moves])
+        bs, n = self.block_size, len(moves)
+        if 2 * n > self._moves.numel():
+            self._moves = torch.empty(4 * n, dtype=torch.int64, pin_memory=self._moves.is_pinned())
+        pairs = self._moves.numpy()[: 2 * n].reshape(2, n)  # [src; dst] slots
+        for i, (blocks, src, dst) in enumerate(moves):
+            pairs[0, i] = blocks[src // bs] * bs + src % bs
+            pairs[1, i] = blocks[dst // bs] * bs + dst % bs
+        # the pinned buffer is rewritten only after the next step's verify has synced the stream
+        slots = self._moves[: 2 * n].to(self.device, non_blocking=True)
         caches = [c for kv in self.kv_caches for c in kv]
-        self.backend.copy_slots(caches, torch.from_numpy(src).to(self.device), torch.from_numpy(dst).to(self.device))
+        self.backend.copy_slots(caches, slots[:n], slots[n:])
+
+
+def _query(s: ScheduledRequest, p: DraftProposal | None) -> list[int]:
+    """Query token ids of one sequence: its committed tokens to run, then its draft nodes."""
+    ctx = s.request.num_computed_tokens
+    ids = s.request.token_ids[ctx : ctx + s.num_new_tokens]
+    return ids + p.tokens if p else ids
+
+
+def _is_chain(parents: list[int]) -> bool:
+    return parents == list(range(len(parents)))
+
+
+def _pad(h: StepViews[np.ndarray], num_seqs: int, num_tokens: int) -> None:
+    """Padding of a bucket: tokens of no sequence (no K/V write), sequences with empty queries."""
+    h.input_ids[num_tokens:] = 0
+    h.positions[num_tokens:] = 0
+    h.slot_mapping[num_tokens:] = -1
+    h.tree_mask[num_tokens:] = 0
+    h.query_start_loc[num_seqs + 1 :] = num_tokens
+    h.seq_lens[num_seqs:] = 0
+    h.context_lens[num_seqs:] = 0
+    h.tree_offsets[num_seqs:] = 0

@@ -10,9 +10,16 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from specserve.kv_cache import KVCacheManager
 from specserve.request import Request, RequestStatus
+
+
+class DraftPolicy(Protocol):
+    def plan(self, caps: dict[Request, int]) -> dict[Request, int]:
+        """Draft tokens per decoding request this step, at most its cap."""
+        ...
 
 
 @dataclass
@@ -39,8 +46,12 @@ class SchedulerOutput:
 class Scheduler:
     """FCFS admission, chunked prefill and recompute preemption under a per-step token budget."""
 
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int):
+    def __init__(
+        self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
+        draft_policy: DraftPolicy | None = None,
+    ):
         self.kv = kv
+        self.draft_policy = draft_policy
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -80,13 +91,16 @@ class Scheduler:
         """Pick this step's requests; `draft_limits` maps a drafter arm to its max draft nodes."""
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        caps = {r: self._draft_budget(r, draft_limits.get(r.spec_arm, 0)) for r in self.running if r.is_decoding}
+        if self.draft_policy is not None and caps:
+            caps = self.draft_policy.plan(caps)  # adaptive speculation: fewer drafts where they don't pay
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             drafts = 0
             if req.is_decoding:
-                drafts = min(self._draft_budget(req, draft_limits.get(req.spec_arm, 0)), budget - num_new)
+                drafts = min(caps[req], budget - num_new)
             while not self.kv.allocate(req, req.num_computed_tokens + num_new + drafts):
                 if drafts:
                     drafts = 0  # shrink speculation before preempting anyone

@@ -1,0 +1,151 @@
+"""Adaptive speculation: how many draft tokens each sequence gets this step (0..its cap).
+
+A sequence drafting k tokens yields E(k) = 1 + a_0 + a_0 a_1 + ... + a_0 ... a_{k-1} tokens in expectation,
+where a_d estimates P(draft d accepted | drafts 0..d-1 accepted): an EMA per request and position, started
+from its arm's running average. A step of B sequences and T query tokens takes overhead + cost(B, T)
+seconds. cost is measured at start-up on CUDA (timed forwards of every graph bucket) and a fixed linear
+model elsewhere, so CPU tests are deterministic; overhead, the host's share of a step, is an EMA of measured
+step time minus predicted forward time (CUDA only).
+
+The plan maximises expected tokens per second, sum_i E_i(k_i) / (overhead + cost(B, B + sum_i k_i)). The
+next draft token of sequence i adds g = a_0 ... a_{k_i} expected tokens, and g only shrinks as k_i grows,
+so taking tokens in decreasing order of gain gives the best plan for every total T; the policy keeps the
+best T. Plain decoding (T = B) is always a candidate, so by the model a step never loses to it.
+Example: batch 1 is memory-bound (cost flat in T): with a = 0.8 the gains 0.8, 0.64, 0.51, 0.41 all pay
+and k = 4. In a compute-bound batch (cost ~ T) a token pays only if its gain beats tokens/T of the plan.
+A request planned at 0 for PROBE_EVERY steps drafts one token, so its estimate can recover.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+import weakref
+from collections.abc import Mapping
+
+import numpy as np
+
+from specserve.config import SpeculativeConfig
+from specserve.cuda_graphs import Buckets
+from specserve.request import Request
+from specserve.verify import VerifyResult
+
+PROBE_EVERY = 32
+
+
+class LinearCost:
+    """cost(B, T) = fixed_s + per_token_s * T: the model used off CUDA (deterministic)."""
+
+    def __init__(self, fixed_s: float = 0.02, per_token_s: float = 0.0005):
+        self.fixed_s, self.per_token_s = fixed_s, per_token_s
+
+    def seconds(self, num_seqs: int, num_tokens: np.ndarray) -> np.ndarray:
+        return self.fixed_s + self.per_token_s * num_tokens
+
+
+class MeasuredCost:
+    """Forward seconds measured per (B, T) shape; a step costs what the smallest shape holding it costs.
+
+    That is the CUDA-graph bucket it replays. Past the largest T of its B, the last two points extrapolate.
+    """
+
+    def __init__(self, times: Mapping[tuple[int, int], float]):
+        self.seqs = sorted({b for b, _ in times})
+        self.tokens = {b: np.array(sorted(t for bb, t in times if bb == b)) for b in self.seqs}
+        self.secs = {b: np.array([times[(b, t)] for t in self.tokens[b]]) for b in self.seqs}
+
+    def seconds(self, num_seqs: int, num_tokens: np.ndarray) -> np.ndarray:
+        b = self.seqs[min(bisect.bisect_left(self.seqs, num_seqs), len(self.seqs) - 1)]
+        t, s = self.tokens[b], self.secs[b]
+        j = np.searchsorted(t, num_tokens)  # first measured T >= num_tokens
+        slope = (s[-1] - s[-2]) / (t[-1] - t[-2]) if len(t) > 1 else s[-1] / t[-1]
+        beyond = s[-1] + (num_tokens - t[-1]) * max(slope, 0.0)
+        return np.where(j < len(t), s[np.minimum(j, len(t) - 1)], beyond)
+
+
+class _Estimate:
+    """Per-request acceptance estimates and how long it has not drafted."""
+
+    def __init__(self, accept: np.ndarray):
+        self.accept = accept  # [k] EMA of P(position d accepted | positions before it accepted)
+        self.idle_steps = 0
+
+
+class AdaptiveSpeculation:
+    """Plans per-sequence draft counts for the arms in `arms` (name -> their max draft tokens)."""
+
+    def __init__(
+        self, arms: Mapping[str, int], cost, *, prior: float = 0.5, ema: float = 0.25, arm_ema: float = 0.05,
+        overhead_s: float = 0.0, measure_overhead: bool = False,
+    ):
+        self.cost = cost
+        self.ema, self.arm_ema = ema, arm_ema
+        self.arm_accept = {arm: np.full(k, prior) for arm, k in arms.items()}  # running average per arm
+        self.estimates: weakref.WeakKeyDictionary[Request, _Estimate] = weakref.WeakKeyDictionary()
+        self.overhead_s = overhead_s
+        self.measure_overhead = measure_overhead
+        self._last: tuple[float, float] | None = None  # (when the last plan was made, its predicted forward s)
+
+    def _estimate(self, req: Request) -> _Estimate:
+        est = self.estimates.get(req)
+        if est is None:
+            est = self.estimates[req] = _Estimate(self.arm_accept[req.spec_arm].copy())
+        return est
+
+    def plan(self, caps: dict[Request, int]) -> dict[Request, int]:
+        """Draft tokens per decoding request; requests of other arms keep their cap."""
+        self._time_step()
+        num_seqs = len(caps)
+        adaptive = [r for r, c in caps.items() if c > 0 and r.spec_arm in self.arm_accept]
+        fixed = num_seqs + sum(c for r, c in caps.items() if r.spec_arm not in self.arm_accept)
+        ests = [self._estimate(r) for r in adaptive]
+        gains = [np.cumprod(e.accept[: caps[r]]) for r, e in zip(adaptive, ests, strict=True)]  # [cap_i] each
+        owner = np.repeat(np.arange(len(adaptive)), [len(g) for g in gains])
+        flat = np.concatenate(gains) if gains else np.zeros(0)
+        order = np.argsort(-flat, kind="stable")  # stable: a sequence's tokens stay in position order
+        expected = num_seqs + np.concatenate([[0.0], np.cumsum(flat[order])])  # [M + 1] tokens out of m drafts
+        secs = self.overhead_s + self.cost.seconds(num_seqs, fixed + np.arange(len(expected)))
+        best = int(np.argmax(expected / secs))  # first maximum: the fewest drafts among equals
+        counts = np.bincount(owner[order[:best]], minlength=len(adaptive))
+        out = dict(caps)
+        for r, e, k in zip(adaptive, ests, counts.tolist(), strict=True):
+            e.idle_steps = 0 if k else e.idle_steps + 1
+            if e.idle_steps >= PROBE_EVERY:
+                k, e.idle_steps = 1, 0
+            out[r] = k
+        self._last = (time.perf_counter(), float(secs[best]) - self.overhead_s)
+        return out
+
+    def _time_step(self) -> None:
+        """Overhead sample: time since the last plan (a whole step) minus the forward time it predicted."""
+        if not self.measure_overhead or self._last is None:
+            return
+        since, predicted = self._last
+        step = time.perf_counter() - since
+        if step < 1.0:  # longer: the engine sat idle between steps
+            self.overhead_s += 0.1 * (max(step - predicted, 0.0) - self.overhead_s)
+
+    def observe(self, req: Request, res: VerifyResult) -> None:
+        """Update the request's and its arm's estimates with the positions this step's drafts reached."""
+        est = self.estimates.get(req)
+        if est is None:
+            return
+        accepted = len(res.accepted_nodes) - 1
+        n = min(accepted + 1, res.draft_depth, len(est.accept))  # accepted positions, then the rejected one
+        hit = (np.arange(n) < accepted).astype(float)
+        est.accept[:n] += self.ema * (hit - est.accept[:n])
+        arm = self.arm_accept[req.spec_arm]
+        arm[:n] += self.arm_ema * (hit - arm[:n])
+
+
+def build_policy(arms: Mapping[str, SpeculativeConfig], runner) -> AdaptiveSpeculation | None:
+    """The policy for the engine's adaptive arms (None if none is), its cost model measured on CUDA."""
+    adaptive = {name: spec.num_speculative_tokens for name, spec in arms.items() if spec.adaptive}
+    if not adaptive:
+        return None
+    if runner.device.type != "cuda":
+        return AdaptiveSpeculation(adaptive, LinearCost())
+    buckets = runner.graphs.buckets if runner.graphs else Buckets(
+        runner.max_num_seqs, [1] + [1 + k for k in adaptive.values()], runner.max_tokens
+    )
+    return AdaptiveSpeculation(adaptive, MeasuredCost(runner.profile(buckets.keys)), measure_overhead=True)

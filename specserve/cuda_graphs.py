@@ -1,0 +1,183 @@
+"""Static step buffers, and CUDA graphs of the target's decode/verify forward replayed over them.
+
+Every step's metadata goes to the device in two copies (pinned host memory on CUDA), one per dtype. The
+tensors a step reads are views of two flat device buffers at offsets fixed by the step's padded shape
+(B sequences, T tokens, R logits rows; W = block-table width, the same for every step):
+
+    int64: [ input_ids T | positions T | slot_mapping T | tree_mask T | logits_indices R ]
+    int32: [ query_start_loc B+1 | seq_lens B | context_lens B | tree_offsets B | block_tables B x W ]
+
+A graph captured for (B, T) reads the views of that shape, so packing a step at its bucket's shape and
+replaying is the forward. Padding: tokens past the real ones have slot -1 (no K/V write), position 0 and
+mask 0 and belong to no sequence; sequences past the real ones have empty queries and seq_len 0, so the
+attention kernels skip them. Padded rows of the outputs hold garbage and are sliced off.
+
+Buckets (nano-vllm's recipe, with a token axis): B in 1, 2, 4, 8, 16, 32, 48, 64, 96, 128, ... and
+T = B x q for q in 1, 2, 4, ... up to the longest verify query. A step goes to the smallest B >= its
+sequences, then the smallest T >= its tokens: cost follows total tokens, so an adaptive batch where few
+sequences draft pays for few padded tokens. Graphs are captured largest first into one memory pool.
+Prefill chunks and shapes past the largest bucket run eagerly over the same buffers.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import numpy as np
+import torch
+
+A = TypeVar("A", np.ndarray, torch.Tensor)
+
+
+@dataclass
+class StepViews(Generic[A]):
+    """One step's inputs at one padded shape: numpy views of the host buffers or tensors on the device."""
+
+    input_ids: A  # [T] int64
+    positions: A  # [T] int64
+    slot_mapping: A  # [T] int64, -1 for padding
+    tree_mask: A  # [T] int64
+    logits_indices: A  # [R] int64
+    query_start_loc: A  # [B + 1] int32
+    seq_lens: A  # [B] int32
+    context_lens: A  # [B] int32
+    tree_offsets: A  # [B] int32
+    block_tables: A  # [B, W] int32
+
+
+def _views(buf64, buf32, num_seqs: int, num_tokens: int, num_rows: int, width: int) -> StepViews:
+    t, b = num_tokens, num_seqs
+    return StepViews(
+        buf64[0:t], buf64[t : 2 * t], buf64[2 * t : 3 * t], buf64[3 * t : 4 * t], buf64[4 * t : 4 * t + num_rows],
+        buf32[0 : b + 1], buf32[b + 1 : 2 * b + 1], buf32[2 * b + 1 : 3 * b + 1], buf32[3 * b + 1 : 4 * b + 1],
+        buf32[4 * b + 1 : 4 * b + 1 + b * width].reshape(b, width),
+    )
+
+
+class StepBuffers:
+    """Pinned host staging and static device buffers for every step's metadata (one per dtype)."""
+
+    def __init__(self, max_seqs: int, max_tokens: int, width: int, device: torch.device):
+        self.width = width  # block-table entries per sequence
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.host64 = torch.zeros(5 * max_tokens, dtype=torch.int64, pin_memory=self.cuda)
+        self.host32 = torch.zeros(4 * max_seqs + 1 + max_seqs * width, dtype=torch.int32, pin_memory=self.cuda)
+        # on the CPU the host buffers are the device buffers: nothing to copy
+        self.dev64 = torch.zeros_like(self.host64, device=device) if self.cuda else self.host64
+        self.dev32 = torch.zeros_like(self.host32, device=device) if self.cuda else self.host32
+        self._copied = torch.cuda.Event() if self.cuda else None
+        self._pending = False
+
+    def host(self, num_seqs: int, num_tokens: int, num_rows: int) -> StepViews[np.ndarray]:
+        """Numpy views to fill, once the previous upload has left the pinned memory."""
+        if self._pending:
+            self._copied.synchronize()  # normally done long ago: each step syncs once after its forward
+            self._pending = False
+        return _views(self.host64.numpy(), self.host32.numpy(), num_seqs, num_tokens, num_rows, self.width)
+
+    def upload(self, num_seqs: int, num_tokens: int, num_rows: int) -> StepViews[torch.Tensor]:
+        """Copy the filled prefix of both buffers to the device (async); device views of the same shape."""
+        if self.cuda:
+            n64 = 4 * num_tokens + num_rows
+            n32 = 4 * num_seqs + 1 + num_seqs * self.width
+            self.dev64[:n64].copy_(self.host64[:n64], non_blocking=True)
+            self.dev32[:n32].copy_(self.host32[:n32], non_blocking=True)
+            self._copied.record()
+            self._pending = True
+        return _views(self.dev64, self.dev32, num_seqs, num_tokens, num_rows, self.width)
+
+
+def batch_buckets(max_seqs: int) -> list[int]:
+    """1, 2, 4, 8, then powers of two from 16 and their 1.5x (16, 24, 32, 48, ...), then max_seqs."""
+    sizes, p = [1, 2, 4, 8], 16
+    while p < max_seqs:
+        sizes += [p, p * 3 // 2]
+        p *= 2
+    return sorted({s for s in sizes if s < max_seqs} | {max_seqs})
+
+
+def query_buckets(query_lens: list[int]) -> list[int]:
+    """The drafters' query lengths (k + 1 each) and 1, 2, 4, 8, ... below the longest."""
+    longest = max(query_lens)
+    return sorted({1 << i for i in range(longest.bit_length()) if 1 << i < longest} | set(query_lens))
+
+
+class Buckets:
+    """The (num_seqs, num_tokens) shapes that get a graph, and the choice of one for a step.
+
+    `query_lens` are the per-sequence query lengths the drafters produce (1 + their max draft tokens): a
+    batch where every sequence drafts k tokens fills its bucket exactly.
+    """
+
+    def __init__(self, max_seqs: int, query_lens: list[int], max_tokens: int):
+        self.seqs = batch_buckets(max_seqs)
+        self.max_query_len = max(query_lens)
+        qs = query_buckets(query_lens)
+        self.tokens = {b: sorted({min(b * q, max_tokens) for q in qs}) for b in self.seqs}
+
+    @property
+    def keys(self) -> list[tuple[int, int]]:
+        return [(b, t) for b in self.seqs for t in self.tokens[b]]
+
+    def find(self, num_seqs: int, num_tokens: int) -> tuple[int, int] | None:
+        """Smallest bucket holding the step, or None (eager)."""
+        i = bisect.bisect_left(self.seqs, num_seqs)
+        if i == len(self.seqs):
+            return None
+        b = self.seqs[i]
+        j = bisect.bisect_left(self.tokens[b], num_tokens)
+        return (b, self.tokens[b][j]) if j < len(self.tokens[b]) else None
+
+
+@dataclass
+class _Entry:
+    run: Callable[[], object]  # the eager forward over the bucket's views -> ModelOutput
+    graph: torch.cuda.CUDAGraph | None = None
+    out: object = None  # the graph's static outputs, rewritten by every replay
+
+    def replay(self):
+        if self.graph is None:
+            return self.run()
+        self.graph.replay()
+        return self.out
+
+
+class CudaGraphs:
+    """One captured forward per bucket, sharing a memory pool.
+
+    `forward(meta)` runs the model over the static views; each bucket's metadata carries the static maxima
+    (max_query_len, max_seq_len) so the attention launch grid never depends on the step. Without CUDA (or
+    with a backend that syncs) the entries replay eagerly over the same padded views: tests of the padding.
+    """
+
+    def __init__(self, buckets: Buckets, max_seq_len: int, capture: bool):
+        self.buckets = buckets
+        self.max_seq_len = max_seq_len
+        self.capture = capture
+        self.entries: dict[tuple[int, int], _Entry] = {}
+
+    def build(self, make_dummy, forward) -> None:
+        """Capture every bucket, largest first; make_dummy(B, T) packs a harmless step of that shape."""
+        pool = torch.cuda.graph_pool_handle() if self.capture else None
+        for key in sorted(self.buckets.keys, reverse=True):
+            batch = make_dummy(*key)
+            meta = dataclasses.replace(batch.meta, max_query_len=self.buckets.max_query_len,
+                                       max_seq_len=self.max_seq_len)
+            entry = _Entry(functools.partial(forward, batch.input_ids, batch.positions, meta))
+            entry.run()  # warm-up: Triton compiles, rope tables, workspaces
+            if self.capture:
+                torch.cuda.synchronize()
+                entry.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(entry.graph, pool=pool):
+                    entry.out = entry.run()
+            self.entries[key] = entry
+
+    def replay(self, key: tuple[int, int]):
+        return self.entries[key].replay()
+

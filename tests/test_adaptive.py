@@ -1,0 +1,96 @@
+"""Adaptive speculation: the per-sequence plan under known estimates and costs, and lossless greedy output."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from specserve import LLM, SamplingParams
+from specserve.adaptive import PROBE_EVERY, AdaptiveSpeculation, LinearCost, MeasuredCost
+from specserve.verify import VerifyResult
+
+
+class Req:
+    """What the policy reads of a request: its arm (and it must be weak-referenceable)."""
+
+    def __init__(self, arm: str = "a"):
+        self.spec_arm = arm
+
+
+def policy(prior: float, fixed_s: float, per_token_s: float, k: int = 4) -> AdaptiveSpeculation:
+    return AdaptiveSpeculation({"a": k}, LinearCost(fixed_s, per_token_s), prior=prior)
+
+
+def result(drafted: int, accepted: int) -> VerifyResult:
+    nodes = list(range(accepted + 1))
+    return VerifyResult(nodes, [0] * len(nodes), nodes, drafted, drafted)
+
+
+def test_high_acceptance_and_cheap_verify_drafts_everything():
+    reqs = [Req() for _ in range(4)]
+    plan = policy(prior=0.8, fixed_s=0.01, per_token_s=1e-5).plan({r: 4 for r in reqs})
+    assert list(plan.values()) == [4, 4, 4, 4]
+
+
+def test_low_acceptance_drafts_nothing():
+    (r,) = reqs = [Req()]
+    assert policy(prior=0.05, fixed_s=0.001, per_token_s=0.001).plan({r: 4 for r in reqs}) == {r: 0}
+
+
+def test_compute_bound_big_batch_drafts_nothing():
+    # 128 sequences at a = 0.5 where every token costs as much as the fixed part of a step: a draft adds
+    # 0.5 tokens for 1/129 more time, while the batch averages 128 tokens per 129 units
+    reqs = [Req() for _ in range(128)]
+    plan = policy(prior=0.5, fixed_s=0.001, per_token_s=0.001).plan({r: 4 for r in reqs})
+    assert set(plan.values()) == {0}
+
+
+def test_memory_bound_batch_one_keeps_the_full_gain_at_modest_acceptance():
+    (r,) = [Req()]
+    assert policy(prior=0.4, fixed_s=0.007, per_token_s=2e-5).plan({r: 4}) == {r: 4}
+
+
+def test_each_sequence_gets_what_its_own_acceptance_pays_for():
+    pol = policy(prior=0.5, fixed_s=0.004, per_token_s=0.0005)
+    good, bad = Req(), Req()
+    for _ in range(20):  # good: every draft accepted; bad: the first is always rejected
+        pol.plan({good: 4, bad: 4})
+        pol.observe(good, result(4, 4))
+        pol.observe(bad, result(4, 0))
+    plan = pol.plan({good: 4, bad: 4})
+    assert plan[good] == 4 and plan[bad] == 0
+    assert pol.estimates[good].accept[0] > 0.99 and pol.estimates[bad].accept[0] < 0.01
+    assert pol.estimates[bad].accept[1] == 0.5  # never reached: still the prior
+
+
+def test_caps_and_other_arms_are_respected():
+    pol = policy(prior=0.9, fixed_s=0.01, per_token_s=1e-5)
+    short, other = Req(), Req("b")
+    plan = pol.plan({short: 2, other: 3})
+    assert plan == {short: 2, other: 3}
+
+
+def test_a_sequence_planned_at_zero_probes_one_draft():
+    pol = policy(prior=0.05, fixed_s=0.001, per_token_s=0.001)
+    r = Req()
+    plans = [pol.plan({r: 4})[r] for _ in range(2 * PROBE_EVERY)]
+    assert plans.count(1) == 2 and plans[PROBE_EVERY - 1] == 1 and set(plans) == {0, 1}
+
+
+def test_measured_cost_charges_the_bucket_that_holds_the_step():
+    cost = MeasuredCost({(1, 1): 1.0, (1, 4): 1.5, (4, 4): 2.0, (4, 8): 3.0, (4, 16): 5.0})
+    assert cost.seconds(1, np.array([1, 2, 4])).tolist() == [1.0, 1.5, 1.5]
+    assert cost.seconds(3, np.array([3, 5, 8, 20])).tolist() == [2.0, 3.0, 3.0, 6.0]  # 20: 5 + 4 x 0.25
+    assert cost.seconds(9, np.array([8])).tolist() == [3.0]  # past the largest batch: its costs
+
+
+@pytest.mark.parametrize("k", [2, 6])
+def test_adaptive_greedy_equals_plain_greedy(tiny_model_dir, k):
+    arms = {"adaptive": {"method": "ngram", "num_speculative_tokens": k, "adaptive": True}}
+    llm = LLM(model=tiny_model_dir(), device="cpu", dtype="float32", speculative_arms=arms, max_num_seqs=8)
+    prompts = [[5 + i, 17, 33, 9 + i, 21] * (1 + i % 3) for i in range(8)]
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    plain = llm.generate(prompts, params, spec_arm="none")
+    adaptive = llm.generate(prompts, params, spec_arm="adaptive")
+    assert [o.outputs[0].token_ids for o in adaptive] == [o.outputs[0].token_ids for o in plain]
+    assert sum(o.metrics.num_accepted_tokens for o in adaptive) > 0
