@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specserve.attention import MAX_TREE_NODES
 from specserve.config import SpeculativeConfig
 from specserve.drafters.base import DraftProposal
 from specserve.drafters.checkpoint import check_dim, load_module, read_config, read_tensors
@@ -83,6 +84,9 @@ class MedusaDrafter:
         if self.tree.depth > num_heads:
             raise ValueError(f"speculative_config.tree is {self.tree.depth} deep, but the checkpoint has "
                              f"{num_heads} Medusa heads")
+        if self.tree.num_nodes >= MAX_TREE_NODES:
+            raise ValueError(f"speculative_config.tree has {self.tree.num_nodes} nodes; at most "
+                             f"{MAX_TREE_NODES - 1} fit a verify tree")
         self.max_num_tokens = self.tree.num_nodes
         self._hidden: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Request -> [H] at its last node
 

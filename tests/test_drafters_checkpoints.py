@@ -197,3 +197,17 @@ def test_missing_checkpoint_files(tiny_model_dir, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"medusa_num_heads": 2}))
     with pytest.raises(FileNotFoundError, match="has none of medusa_lm_head.safetensors, medusa_lm_head.pt"):
         _build(tiny_model_dir(), "medusa", str(tmp_path))
+
+
+def test_tree_settings_are_checked(tiny_model_dir, tmp_path):
+    target = tiny_model_dir()
+    medusa = write_medusa(str(tmp_path / "medusa"), target, heads=2)
+    for tree, message in (([[0], [0, 0], [0, 0, 0]], "3 deep, but the checkpoint has 2 Medusa heads"),
+                          ([[r] for r in range(64)], "64 nodes; at most 63")):
+        with pytest.raises(ValueError, match=message):
+            LLM(model=target, device="cpu", dtype="float32",
+                speculative_config={"method": "medusa", "model": medusa, "tree": tree})
+    eagle = write_eagle(str(tmp_path / "eagle"), target)
+    with pytest.raises(ValueError, match="1 \\+ top_k \\* \\(depth - 1\\) <= 64; got top_k 8, depth 9"):
+        LLM(model=target, device="cpu", dtype="float32",
+            speculative_config={"method": "eagle", "model": eagle, "top_k": 8, "depth": 9})
