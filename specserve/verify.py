@@ -100,8 +100,9 @@ def _walk_sampling(item: VerifyItem, probs: torch.Tensor) -> VerifyResult:
                 residual[tok] = 0.0
             else:
                 residual = (p - q.to(p.device)).clamp(min=0.0)
-            if float(residual.sum()) > 0.0:  # an empty residual is only reachable through rounding
-                p = residual
+            mass = float(residual.sum())
+            if mass > 0.0:  # an empty residual is only reachable through rounding
+                p = residual / mass  # the next sibling is tested against the normalized residual
         else:
             last = sample_from(p, float(torch.rand((), generator=item.generator)))
             break

@@ -94,17 +94,9 @@ def chi2_pvalue(samples: list[int], p: np.ndarray) -> float:
     return float(chisquare(obs[keep], exp[keep]).pvalue)
 
 
-# specserve/verify.py's _walk_sampling tests the second and later siblings against the residual max(0, p - q)
-# without renormalizing it (its docstring says norm(max(0, p - q))), so they are accepted too rarely. The fix
-# is one line, `p = residual / residual.sum()`; with it all four cases pass. Drop this mark with the fix (strict:
-# the cases fail loudly once they pass). One-hot at temperature 1.0 passes either way: its bias is too small.
-UNNORMALIZED_RESIDUAL = pytest.mark.xfail(strict=True, reason="verify.py does not renormalize the residual")
-
-
 @pytest.mark.parametrize(
     "sampled_q, temperature",
-    [(False, 1.0), pytest.param(False, 0.6, marks=UNNORMALIZED_RESIDUAL),
-     pytest.param(True, 1.0, marks=UNNORMALIZED_RESIDUAL), pytest.param(True, 0.6, marks=UNNORMALIZED_RESIDUAL)],
+    [(False, 1.0), (False, 0.6), (True, 1.0), (True, 0.6)],
 )
 def test_tree_verification_is_exact(model, sampled_q, temperature):
     params = SamplingParams(temperature=temperature, max_tokens=8)
