@@ -128,7 +128,7 @@ class AdaptiveSpeculation:
     def observe(self, req: Request, res: VerifyResult) -> None:
         """Update the request's and its arm's estimates with the positions this step's drafts reached."""
         est = self.estimates.get(req)
-        if est is None:
+        if est is None or not res.draft_depth:
             return
         accepted = len(res.accepted_nodes) - 1
         n = min(accepted + 1, res.draft_depth, len(est.accept))  # accepted positions, then the rejected one

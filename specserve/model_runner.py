@@ -69,6 +69,7 @@ class ModelRunner:
         cuda = device.type == "cuda"
         self._moves = torch.empty(2 * max_num_seqs * MAX_TREE_NODES, dtype=torch.int64, pin_memory=cuda)
 
+    @torch.inference_mode()
     def capture_graphs(self, query_lens: list[int]) -> None:
         """Capture decode/verify graphs for the drafters' per-sequence query lengths (see cuda_graphs.Buckets).
 

