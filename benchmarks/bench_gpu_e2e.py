@@ -107,13 +107,25 @@ def build_8b(args) -> tuple[LLM, object]:
         spec = {"method": "replay", "num_speculative_tokens": 4, "acceptance": acc}
         arms[f"replay{acc}"], arms[f"replay{acc}-adaptive"] = spec, {**spec, "adaptive": True}
     t = time.perf_counter()
-    llm = LLM(loaded_model=loaded, device=str(args.device), dtype="bfloat16", max_model_len=1024,
-              max_num_seqs=max(BATCHES), max_num_batched_tokens=2048, kv_cache_memory_gb=args.kv_gb,
-              speculative_arms=arms, enforce_eager=args.eager)
+    llm = engine(args, loaded, arms, max_model_len=1024, max_num_batched_tokens=2048)
     graphs = llm.engine.runner.graphs
     print(f"8B engine: {time.perf_counter() - t:.1f} s to build ({len(graphs.entries) if graphs else 0} graphs, "
           "adaptive cost profiled)", flush=True)
     return llm, loaded
+
+
+def engine(args, loaded, arms: dict, **kwargs) -> LLM:
+    """The engine on the device, with CUDA graphs unless --eager; eager if capturing fails (reported)."""
+    common = dict(loaded_model=loaded, device=str(args.device), dtype="bfloat16", max_num_seqs=max(BATCHES),
+                  kv_cache_memory_gb=args.kv_gb, speculative_arms=arms, **kwargs)
+    try:
+        return LLM(enforce_eager=args.eager, **common)
+    except Exception:
+        if args.eager:
+            raise
+        traceback.print_exc()
+        print("CUDA graphs failed: falling back to enforce_eager", flush=True)
+        return LLM(enforce_eager=True, **common)
 
 
 def set_replay(llm: LLM, outputs) -> None:
@@ -223,9 +235,7 @@ def build_smol(args) -> tuple[LLM, object, list[list[int]]]:
         if os.path.isfile(os.path.join(weights, method, "config.json")):
             arms[method] = {"method": method, "model": os.path.join(weights, method), **extra}
     t = time.perf_counter()
-    llm = LLM(loaded_model=loaded, device=str(args.device), dtype="bfloat16", max_model_len=2048,
-              max_num_seqs=max(BATCHES), kv_cache_memory_gb=args.kv_gb, speculative_arms=arms,
-              enforce_eager=args.eager)
+    llm = engine(args, loaded, arms, max_model_len=2048)
     print(f"SmolLM2 engine: {time.perf_counter() - t:.1f} s to build, arms {sorted(arms)}", flush=True)
     with open(args.mt_bench) as f:
         turns = [json.loads(line)["turns"][0] for line in f]
@@ -318,7 +328,7 @@ def main() -> int:
     parts = ["floor", "verify", "sweep8b", "smol", "sweepsmol"] if "all" in args.parts else args.parts
     args.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.eager = True if args.eager else None
-    args.work = os.path.join(args.out, "work")
+    args.work = "/tmp/specserve_e2e"  # the 8B config.json (kept out of --out, which comes back)
     args.kv_gb = 0.25 if args.quick else 6.0
     args.tokens, args.hf_tokens, args.sweep_tokens = (24, 4, 12) if args.quick else (256, 32, 128)
     args.batches = BATCHES[:3] if args.quick else BATCHES
