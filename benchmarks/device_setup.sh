@@ -1,10 +1,11 @@
-# Source on the device machine from the repo root (`. benchmarks/device_setup.sh`): installs the carried wheels
-# (.whl/) and makes specserve importable without installing it: a shim package in /tmp/shim maps
-# specserve.drafters/kernels/server onto their folders as pyproject.toml does. Leaves the shell in /tmp/shim
-# (so `python3 -m` finds the shim, not ./specserve) with R set to the repo root.
-R=$PWD
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-rm -rf /tmp/shim/specserve && mkdir -p /tmp/shim && cp -r specserve /tmp/shim/
-for d in drafters kernels server; do ln -sfn "$R/$d" "/tmp/shim/specserve/$d"; done
-export PYTHONPATH=/tmp/shim:/tmp/site PYTHONUNBUFFERED=1
-cd /tmp/shim || return
+# Source on the device machine from the repo root: makes `specserve.*` importable without installing
+# (the GPU image has no network and may lack setuptools) and adds the carried wheels (msgspec, gguf).
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+rm -rf /tmp/pkg && mkdir -p /tmp/pkg/specserve
+for f in "$PWD"/specserve/*; do ln -s "$f" /tmp/pkg/specserve/; done
+ln -s "$PWD/drafters" /tmp/pkg/specserve/drafters
+ln -s "$PWD/kernels" /tmp/pkg/specserve/kernels
+ln -s "$PWD/server" /tmp/pkg/specserve/server
+export PYTHONPATH=/tmp/pkg:/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
