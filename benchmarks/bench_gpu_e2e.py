@@ -62,22 +62,26 @@ def run(llm: LLM, prompts: list[list[int]], params: SamplingParams, arm: str) ->
         rid = f"b{next(_ids)}"
         eng.add_request(rid, p, params, spec_arm=arm)
         reqs += eng.groups[rid]
-    steps = []  # (seconds, tokens drafted, tokens emitted)
+    steps = []  # (seconds, tokens drafted, tokens emitted, any prompt still prefilling)
     em.sync(eng.device)
     start = time.perf_counter()
     while eng.has_unfinished_requests():
         drafted, emitted = sum(r.metrics.num_draft_tokens for r in reqs), sum(r.num_output_tokens for r in reqs)
+        prefill = any(r.num_computed_tokens < r.num_prompt_tokens for r in reqs)
         t = time.perf_counter()
         eng.step()
         steps.append((time.perf_counter() - t, sum(r.metrics.num_draft_tokens for r in reqs) - drafted,
-                      sum(r.num_output_tokens for r in reqs) - emitted))
+                      sum(r.num_output_tokens for r in reqs) - emitted, prefill))
     wall = time.perf_counter() - start
+    decode = [s for s in steps if not s[3]]
     tokens = sum(r.num_output_tokens for r in reqs)
     drafted = sum(r.metrics.num_draft_tokens for r in reqs)
     accepted = sum(r.metrics.num_accepted_tokens for r in reqs)
     return dict(arm=arm, batch=len(prompts), tokens=tokens, wall_s=wall, tok_s=tokens / wall, steps=len(steps),
                 drafted=drafted, accepted=accepted, acceptance=accepted / drafted if drafted else 0.0,
                 tokens_per_step=tokens / sum(r.metrics.num_steps for r in reqs),  # per sequence and step
+                decode_step_ms=statistics.median(s[0] for s in decode) * 1e3 if decode else None,
+                decode_tok_s=sum(s[2] for s in decode) / sum(s[0] for s in decode) if decode else None,
                 step_log=steps, outputs=[r.output_token_ids for r in reqs])
 
 
@@ -90,8 +94,8 @@ def slim(row: dict) -> dict:
 
 
 def median_ms(steps, drafted: int | None = None) -> float:
-    """Median step time (ms) of the decode steps (the first, the prefill, left out) with that many drafts."""
-    times = [s for s, d, _ in steps[1:] if drafted is None or d == drafted]
+    """Median step time (ms) of the decode steps (prefill steps left out) with that many drafts."""
+    times = [s for s, d, _, prefill in steps if not prefill and (drafted is None or d == drafted)]
     return statistics.median(times) * 1e3 if times else float("nan")
 
 
@@ -100,7 +104,7 @@ def median_ms(steps, drafted: int | None = None) -> float:
 
 def build_8b(args) -> tuple[LLM, object]:
     path = em.write_config(os.path.join(args.work, "llama31_8b"), args.quick)
-    loaded = em.dummy_model(path, args.device, torch.bfloat16)
+    loaded = em.dummy_model(path, args.device, torch.bfloat16, repeat=True)
     arms = {f"replay{k}": {"method": "replay", "num_speculative_tokens": k, "acceptance": 1.0}
             for k in (q - 1 for q in VERIFY_QUERY)}
     for acc in ACCEPTANCES:
@@ -116,8 +120,9 @@ def build_8b(args) -> tuple[LLM, object]:
 
 def engine(args, loaded, arms: dict, **kwargs) -> LLM:
     """The engine on the device, with CUDA graphs unless --eager; eager if capturing fails (reported)."""
+    # no prefix caching: every arm prefills its prompts, as the first (plain) run does
     common = dict(loaded_model=loaded, device=str(args.device), dtype="bfloat16", max_num_seqs=max(BATCHES),
-                  kv_cache_memory_gb=args.kv_gb, speculative_arms=arms, **kwargs)
+                  kv_cache_memory_gb=args.kv_gb, speculative_arms=arms, enable_prefix_caching=False, **kwargs)
     try:
         return LLM(enforce_eager=args.eager, **common)
     except Exception:
@@ -175,7 +180,11 @@ def part_floor(args, llm, loaded, state) -> dict:
 
 def part_verify(args, llm, loaded, state) -> dict:
     if "plain512" not in state:
-        part_floor(args, llm, loaded, state)
+        rng = random.Random(0)
+        state["prompt512"] = [rng.randrange(loaded.config.vocab_size) for _ in range(512)]
+        params = SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True)
+        run(llm, [state["prompt512"]], params, "none")  # warm-up
+        state["plain512"] = run(llm, [state["prompt512"]], params, "none")
     prompt, plain = state["prompt512"], state["plain512"]
     set_replay(llm, as_outputs([prompt], plain))
     base = median_ms(plain["step_log"])
@@ -197,9 +206,10 @@ def part_verify(args, llm, loaded, state) -> dict:
 def sweep(llm: LLM, prompts: list[list[int]], params: SamplingParams, arms: list[str], replay: bool,
           batches) -> list[dict]:
     rows = []
-    run(llm, prompts[:2], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), "none")  # warm-up
+    warm = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     for b in batches:
         ps = [prompts[i % len(prompts)] for i in range(b)]
+        run(llm, ps, warm, "none")  # warm-up at this batch size: allocator, prefill shapes
         plain = run(llm, ps, params, "none")
         if replay:
             set_replay(llm, as_outputs(ps, plain))
@@ -210,7 +220,8 @@ def sweep(llm: LLM, prompts: list[list[int]], params: SamplingParams, arms: list
                                                                                  strict=True)),
                          "vs_plain": res["tok_s"] / plain["tok_s"]})
         print(em.markdown([r for r in rows if r["batch"] == b],
-                       ["batch", "arm", "tok_s", "vs_plain", "acceptance", "tokens_per_step", "same_as_plain"]),
+                       ["batch", "arm", "tok_s", "vs_plain", "decode_step_ms", "decode_tok_s", "acceptance",
+                        "tokens_per_step", "same_as_plain"]),
               flush=True)
     return rows
 

@@ -48,8 +48,16 @@ def write_config(path: str, quick: bool) -> str:
 
 
 @torch.no_grad()
-def dummy_model(path: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> LoadedModel:
-    """Our model of path's config with random weights drawn on the device."""
+def dummy_model(path: str, device: torch.device, dtype: torch.dtype, seed: int = 0, repeat: bool = False
+                ) -> LoadedModel:
+    """Our model of path's config with random weights drawn on the device.
+
+    Plain random weights give nearly flat logits, so bf16 rounding that differs between a decode and a verify
+    shape flips greedy choices within a few tokens, and replay drafts (the recorded plain output) stop
+    matching. With `repeat` the residual stream is the token's embedding (std 1; other weights std 0.002)
+    and the LM head is a copy of the embedding, so greedy repeats the last token by a margin of thousands:
+    every shape decodes the same text. Timing does not depend on the values.
+    """
     from transformers import AutoConfig
 
     hf_config = AutoConfig.from_pretrained(path)
@@ -59,7 +67,13 @@ def dummy_model(path: str, device: torch.device, dtype: torch.dtype, seed: int =
     model.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
     for name, p in model.named_parameters():
-        p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02, generator=gen)
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        else:
+            std = 1.0 if repeat and name == "model.embed_tokens.weight" else 0.002 if repeat else 0.02
+            p.normal_(0.0, std, generator=gen)
+    if repeat and not config.tie_word_embeddings:
+        model.lm_head.weight.copy_(model.model.embed_tokens.weight)
     model.requires_grad_(False).eval()
     return LoadedModel(model, config, hf_config, IdTokenizer(), path)
 

@@ -3,14 +3,16 @@
 A sequence drafting k tokens yields E(k) = 1 + a_0 + a_0 a_1 + ... + a_0 ... a_{k-1} tokens in expectation,
 where a_d estimates P(draft d accepted | drafts 0..d-1 accepted): an EMA per request and position, started
 from its arm's running average. A step of B sequences and T query tokens takes overhead + cost(B, T)
-seconds. cost is measured at start-up on CUDA (timed forwards of every graph bucket) and a fixed linear
-model elsewhere, so CPU tests are deterministic; overhead, the host's share of a step, is an EMA of measured
-step time minus predicted forward time (CUDA only).
+seconds, plus the drafter's host time for every sequence that drafts (n-gram lookups, say). cost is
+measured at start-up on CUDA (timed forwards of every graph bucket) and a fixed linear model elsewhere, so
+CPU tests are deterministic. On CUDA the host costs are measured as the engine runs: per-sequence propose
+time per arm (an EMA), and the overhead, an EMA of step time minus the predicted forward and propose time.
 
-The plan maximises expected tokens per second, sum_i E_i(k_i) / (overhead + cost(B, B + sum_i k_i)). The
+The plan maximises expected tokens per second, sum_i E_i(k_i) / (overhead + cost(B, T) + propose). The
 next draft token of sequence i adds g = a_0 ... a_{k_i} expected tokens, and g only shrinks as k_i grows,
-so taking tokens in decreasing order of gain gives the best plan for every total T; the policy keeps the
-best T. Plain decoding (T = B) is always a candidate, so by the model a step never loses to it.
+so taking tokens in decreasing order of gain and keeping the best prefix is optimal for every total T (up
+to the propose term, paid with a sequence's first token). Plain decoding (no drafts) is always a
+candidate, so by the model a step never loses to it.
 Example: batch 1 is memory-bound (cost flat in T): with a = 0.8 the gains 0.8, 0.64, 0.51, 0.41 all pay
 and k = 4. In a compute-bound batch (cost ~ T) a token pays only if its gain beats tokens/T of the plan.
 A request planned at 0 for PROBE_EVERY steps drafts one token, so its estimate can recover.
@@ -30,7 +32,7 @@ from specserve.cuda_graphs import Buckets
 from specserve.request import Request
 from specserve.verify import VerifyResult
 
-PROBE_EVERY = 32
+PROBE_EVERY = 64  # a probe costs a propose and a verify node: rare enough to stay under ~2%
 
 
 class LinearCost:
@@ -76,15 +78,16 @@ class AdaptiveSpeculation:
 
     def __init__(
         self, arms: Mapping[str, int], cost, *, prior: float = 0.5, ema: float = 0.25, arm_ema: float = 0.05,
-        overhead_s: float = 0.0, measure_overhead: bool = False,
+        overhead_s: float = 0.0, measure: bool = False,
     ):
         self.cost = cost
         self.ema, self.arm_ema = ema, arm_ema
         self.arm_accept = {arm: np.full(k, prior) for arm, k in arms.items()}  # running average per arm
+        self.propose_s = dict.fromkeys(arms, 0.0)  # host seconds per drafting sequence, per arm
         self.estimates: weakref.WeakKeyDictionary[Request, _Estimate] = weakref.WeakKeyDictionary()
         self.overhead_s = overhead_s
-        self.measure_overhead = measure_overhead
-        self._last: tuple[float, float] | None = None  # (when the last plan was made, its predicted forward s)
+        self.measure = measure  # host costs measured as the engine runs (CUDA); fixed otherwise (tests)
+        self._last: tuple[float, float] | None = None  # (when the last plan was made, its predicted device+propose s)
 
     def _estimate(self, req: Request) -> _Estimate:
         est = self.estimates.get(req)
@@ -102,9 +105,12 @@ class AdaptiveSpeculation:
         gains = [np.cumprod(e.accept[: caps[r]]) for r, e in zip(adaptive, ests, strict=True)]  # [cap_i] each
         owner = np.repeat(np.arange(len(adaptive)), [len(g) for g in gains])
         flat = np.concatenate(gains) if gains else np.zeros(0)
+        first = np.concatenate([[self.propose_s[r.spec_arm]] + [0.0] * (len(g) - 1)
+                                for r, g in zip(adaptive, gains, strict=True)]) if gains else flat
         order = np.argsort(-flat, kind="stable")  # stable: a sequence's tokens stay in position order
         expected = num_seqs + np.concatenate([[0.0], np.cumsum(flat[order])])  # [M + 1] tokens out of m drafts
-        secs = self.overhead_s + self.cost.seconds(num_seqs, fixed + np.arange(len(expected)))
+        propose = np.concatenate([[0.0], np.cumsum(first[order])])  # [M + 1] host seconds of drafting
+        secs = self.overhead_s + self.cost.seconds(num_seqs, fixed + np.arange(len(expected))) + propose
         best = int(np.argmax(expected / secs))  # first maximum: the fewest drafts among equals
         counts = np.bincount(owner[order[:best]], minlength=len(adaptive))
         out = dict(caps)
@@ -118,12 +124,17 @@ class AdaptiveSpeculation:
 
     def _time_step(self) -> None:
         """Overhead sample: time since the last plan (a whole step) minus the forward time it predicted."""
-        if not self.measure_overhead or self._last is None:
+        if not self.measure or self._last is None:
             return
         since, predicted = self._last
         step = time.perf_counter() - since
         if step < 1.0:  # longer: the engine sat idle between steps
             self.overhead_s += 0.1 * (max(step - predicted, 0.0) - self.overhead_s)
+
+    def observe_propose(self, arm: str, seconds: float, num_seqs: int) -> None:
+        """Host time of one propose call of an arm over num_seqs sequences."""
+        if self.measure and arm in self.propose_s:
+            self.propose_s[arm] += 0.1 * (seconds / num_seqs - self.propose_s[arm])
 
     def observe(self, req: Request, res: VerifyResult) -> None:
         """Update the request's and its arm's estimates with the positions this step's drafts reached."""
@@ -148,4 +159,4 @@ def build_policy(arms: Mapping[str, SpeculativeConfig], runner) -> AdaptiveSpecu
     buckets = runner.graphs.buckets if runner.graphs else Buckets(
         runner.max_num_seqs, [1] + [1 + k for k in adaptive.values()], runner.max_tokens
     )
-    return AdaptiveSpeculation(adaptive, MeasuredCost(runner.profile(buckets.keys)), measure_overhead=True)
+    return AdaptiveSpeculation(adaptive, MeasuredCost(runner.profile(buckets.keys)), measure=True)

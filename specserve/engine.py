@@ -221,8 +221,11 @@ class LLMEngine:
             if not idx:
                 continue
             budgets = [scheduled[i].max_draft_tokens for i in idx]
-            for i, k, prop in zip(idx, budgets, drafter.propose([scheduled[i].request for i in idx], budgets),
-                                  strict=True):
+            start = time.perf_counter()
+            props = drafter.propose([scheduled[i].request for i in idx], budgets)
+            if self.spec_policy is not None:  # drafting costs host time too: adaptive weighs it
+                self.spec_policy.observe_propose(arm, time.perf_counter() - start, len(idx))
+            for i, k, prop in zip(idx, budgets, props, strict=True):
                 if prop is not None and len(prop.tokens) > k:
                     raise RuntimeError(f"drafter {arm!r} proposed {len(prop.tokens)} nodes over its budget {k}")
                 proposals[i] = prop if prop is not None and prop.tokens else None

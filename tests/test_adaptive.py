@@ -94,3 +94,12 @@ def test_adaptive_greedy_equals_plain_greedy(tiny_model_dir, k):
     adaptive = llm.generate(prompts, params, spec_arm="adaptive")
     assert [o.outputs[0].token_ids for o in adaptive] == [o.outputs[0].token_ids for o in plain]
     assert sum(o.metrics.num_accepted_tokens for o in adaptive) > 0
+
+
+def test_a_drafter_that_costs_more_host_time_than_it_saves_is_not_asked():
+    pol = AdaptiveSpeculation({"a": 4}, LinearCost(0.01, 1e-5), prior=0.6, measure=True)
+    r = Req()
+    assert pol.plan({r: 4}) == {r: 4}  # 2.3 tokens for 10 ms beats 1 token
+    for _ in range(50):
+        pol.observe_propose("a", 0.02, 1)  # 20 ms of host time per drafting sequence
+    assert pol.plan({r: 4}) == {r: 0}
