@@ -108,8 +108,8 @@ def make_batch(seqs, *, kv_heads=2, group=2, head_dim=64, block_size=16, dtype=t
     return Batch(q.to(DEVICE), k_cache.to(DEVICE), v_cache.to(DEVICE), meta)
 
 
-def run_triton(batch: Batch, mode: str, scale: float = 0.125) -> torch.Tensor:
-    """Kernel output written over a NaN-filled buffer."""
+def run_triton(batch: Batch, mode: str, scale: float) -> torch.Tensor:
+    """Kernel output written over a NaN-filled buffer; `scale` has no default so that it matches the reference's."""
     out = torch.full_like(batch.q, float("nan"))
     tree_attention.tree_attention(batch.q, batch.k_cache, batch.v_cache, batch.meta, scale, out=out, mode=mode,
                                   split_size=SPLIT, decode_max_q=DECODE_MAX_Q)
@@ -158,7 +158,7 @@ def test_attention_matches_reference(kind, group, dtype, block_size, head_dim):
     batch = make_batch(seqs, kv_heads=2, group=group, head_dim=head_dim, block_size=block_size, dtype=dtype,
                        seed=rng.randrange(1 << 30))
     ref = reference.paged_attention(batch.q, batch.k_cache, batch.v_cache, batch.meta, 0.125)
-    split, fused = run_triton(batch, "split"), run_triton(batch, "fused")
+    split, fused = run_triton(batch, "split", 0.125), run_triton(batch, "fused", 0.125)
     assert not split.isnan().any() and not ref.isnan().any()
     assert rel_err(split, ref) < TOL[dtype]
     assert torch.equal(split, fused)  # the two modes fold the same splits in the same order
@@ -176,7 +176,7 @@ def test_chain_verify_equals_plain_decode_bitwise(dtype):
     """Verify rows of a chain equal plain decodes of the same tokens in other batches, bit for bit."""
     ctx, k = 2 * SPLIT - 3, 6  # the chain crosses a split boundary
     verify = make_batch([Seq(ctx, 1, list(range(k))), Seq(50, 1, [0, 0])], dtype=dtype, seed=5)
-    verified = run_triton(verify, "split")
+    verified = run_triton(verify, "split", 0.125)
     for j in range(k + 1):
         m = verify.meta
         # token j of the chain decoded alone after j committed drafts: same slots, q_len 1, batch of 1
@@ -191,7 +191,7 @@ def test_chain_verify_equals_plain_decode_bitwise(dtype):
         )
         decode = Batch(verify.q[j : j + 1], verify.k_cache, verify.v_cache, meta)
         for mode in ("split", "fused"):
-            assert torch.equal(run_triton(decode, mode)[0], verified[j]), (j, mode)
+            assert torch.equal(run_triton(decode, mode, 0.125)[0], verified[j]), (j, mode)
 
 
 def brute_force(q, keys, values, seq: Seq, scale) -> torch.Tensor:
@@ -264,15 +264,26 @@ def test_copy_slots_matches_reference_with_overlaps(strip, monkeypatch):
     assert torch.equal(rows[41], old[42]) and torch.equal(rows[42], old[45])  # sources read before writes
 
 
-@pytest.mark.skipif(not CUDA, reason="contexts to 32k need a GPU")
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("group", [1, 4, 8])
+# CUDA: every dtype and group at 32k keys; CPU: the same sequences in units of its 64-key split (64 splits)
+LONG_CASES = list(itertools.product(DTYPES, [1, 4, 8])) if CUDA else [(torch.float32, 1)]
+
+
+@pytest.mark.parametrize("dtype,group", LONG_CASES)
 def test_long_contexts(dtype, group):
+    """64 splits of context, a chain and a 64-node tree at the end of it, a prefill chunk over 23 splits.
+
+    On CUDA a unit is 512 keys (contexts 32704, 20000, 8191, 12000 and 513, a 300-token chunk). Each call
+    passes the reference's scale: this test once gave the kernel run_triton's old default (0.125) and the
+    reference 1/sqrt(128), an error of 1.48 that the CPU never saw because the test was CUDA-only.
+    """
+    unit, chunk, kv_heads, head_dim = (512, 300, 8, 128) if CUDA else (SPLIT, DECODE_MAX_Q + 8, 1, 128)
     rng = random.Random(f"long{dtype}{group}")
-    seqs = [Seq(32768 - 64, 1, random_tree(rng, 63)), Seq(20000, 1, list(range(15))), Seq(8191, 1),
-            Seq(12000, 300), Seq(513, 1, random_tree(rng, 20))]
-    batch = make_batch(seqs, kv_heads=8, group=group, head_dim=128, block_size=16, dtype=dtype, seed=7)
-    ref = reference.paged_attention(batch.q, batch.k_cache, batch.v_cache, batch.meta, 128**-0.5)
-    split, fused = run_triton(batch, "split"), run_triton(batch, "fused")
+    seqs = [Seq(64 * unit - 64, 1, random_tree(rng, 63)), Seq(39 * unit + 32, 1, list(range(15))),
+            Seq(16 * unit - 1, 1), Seq(23 * unit + 224, chunk), Seq(unit + 1, 1, random_tree(rng, 20))]
+    batch = make_batch(seqs, kv_heads=kv_heads, group=group, head_dim=head_dim, block_size=16, dtype=dtype, seed=7)
+    scale = head_dim**-0.5
+    ref = reference.paged_attention(batch.q, batch.k_cache, batch.v_cache, batch.meta, scale)
+    split, fused = run_triton(batch, "split", scale), run_triton(batch, "fused", scale)
+    assert not split.isnan().any()
     assert rel_err(split, ref) < TOL[dtype]
     assert torch.equal(split, fused)
