@@ -41,7 +41,6 @@ def check_common(req: SamplingFields, max_num_seqs: int) -> None:
                 raise bad_request("logit_bias keys must be token ids.", "logit_bias")
             if not -100 <= bias <= 100:
                 raise bad_request(f"logit_bias values must be in [-100, 100], got {bias}.", "logit_bias")
-        raise bad_request("logit_bias is not supported by this server.", "logit_bias", code="unsupported")
 
 
 def check_chat(req: ChatCompletionRequest) -> None:
@@ -99,6 +98,7 @@ def build_params(req: SamplingFields, *, max_tokens: int, logprobs: int | None) 
         "stop_token_ids": req.stop_token_ids,
         "ignore_eos": req.ignore_eos,
         "skip_special_tokens": req.skip_special_tokens,
+        "logit_bias": {int(k): v for k, v in req.logit_bias.items()} if req.logit_bias else None,
     }
     try:
         return SamplingParams(

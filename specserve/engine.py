@@ -140,6 +140,8 @@ class LLMEngine:
         vocab = self.model.config.vocab_size
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
             raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise ValueError(f"logit_bias token ids must be below the vocabulary size {vocab}")
         max_tokens = params.max_tokens or self.max_model_len - len(prompt_ids)
         if len(prompt_ids) + max_tokens > self.max_model_len:
             raise ValueError(

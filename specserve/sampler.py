@@ -28,7 +28,8 @@ class RowContext:
         return len(self.token_ids) - self.num_prompt_tokens
 
 
-def _apply_penalties(logits: torch.Tensor, rows: list[RowContext]) -> None:
+def _apply_row_processors(logits: torch.Tensor, rows: list[RowContext]) -> None:
+    """Penalties, logit_bias and the min_tokens mask, row by row, in place."""
     for i, ctx in enumerate(rows):
         p = ctx.params
         if p.has_penalties:
@@ -41,15 +42,18 @@ def _apply_penalties(logits: torch.Tensor, rows: list[RowContext]) -> None:
             if out.numel():
                 counts = torch.bincount(out, minlength=logits.shape[1]).to(logits.dtype)
                 logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), device=logits.device)
+            logits[i, ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device, dtype=logits.dtype)
         if ctx.num_output_tokens < p.min_tokens and ctx.banned_until_min_tokens:
             logits[i, list(ctx.banned_until_min_tokens)] = float("-inf")
 
 
 def process_logits(logits: torch.Tensor, rows: list[RowContext]) -> torch.Tensor:
-    """Penalties and min_tokens applied to a copy of logits ([N, vocab] float32)."""
+    """Penalties, logit_bias and min_tokens applied to a copy of logits ([N, vocab] float32)."""
     logits = logits.float().clone()
-    if any(r.params.has_penalties or r.num_output_tokens < r.params.min_tokens for r in rows):
-        _apply_penalties(logits, rows)
+    if any(r.params.has_penalties or r.params.logit_bias or r.num_output_tokens < r.params.min_tokens for r in rows):
+        _apply_row_processors(logits, rows)
     return logits
 
 

@@ -24,6 +24,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # top-N target logprobs for each emitted token
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI's logit_bias)
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
@@ -69,6 +70,10 @@ class SamplingParams:
             raise bad("stop_token_ids", "must hold non-negative integers")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
             raise bad("logprobs", "must be an integer in [0, 20]")
+        if self.logit_bias is not None and any(
+            not isinstance(t, int) or t < 0 or not -100 <= b <= 100 for t, b in self.logit_bias.items()
+        ):
+            raise bad("logit_bias", "must map non-negative token ids to biases in [-100, 100]")
 
     @property
     def greedy(self) -> bool:

@@ -72,6 +72,15 @@ def test_logprobs_one_entry_per_token(smol):
     assert out.cumulative_logprob == pytest.approx(total)
 
 
+def test_logit_bias_steers_greedy_and_speculated_tokens(smol):
+    tok = smol.get_tokenizer().encode(" banana")[0]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logit_bias={tok: 100.0})
+    out = smol.generate([PROMPTS[0]], params)[0].outputs[0]
+    assert out.token_ids == [tok] * 6
+    with pytest.raises(ValueError, match="logit_bias"):
+        smol.engine.add_request("bias", "hi", SamplingParams(logit_bias={10**7: 1.0}))
+
+
 def test_prefix_cache_hit_gives_identical_output(smol):
     prompt = " ".join(["The history of computing is long and varied."] * 8)  # several full blocks
     params = SamplingParams(temperature=0.0, max_tokens=24)
@@ -124,7 +133,7 @@ def test_bad_requests_raise_clear_errors(smol):
     "field,value",
     [("temperature", -1.0), ("top_p", 0.0), ("top_k", -5), ("min_p", 2.0), ("presence_penalty", 3.0),
      ("frequency_penalty", -3.0), ("repetition_penalty", 0.0), ("max_tokens", 0), ("n", 0), ("logprobs", 21),
-     ("stop", [""]), ("stop_token_ids", [-1]), ("min_tokens", -1)],
+     ("stop", [""]), ("stop_token_ids", [-1]), ("min_tokens", -1), ("logit_bias", {3: 101.0})],
 )
 def test_sampling_params_name_the_bad_field(field, value):
     with pytest.raises(ValueError, match=field):
