@@ -1,18 +1,25 @@
 """Decode/verify attention on paged KV: Triton tree attention vs SDPA (and flex_attention) on gathered K/V.
 
-    python benchmarks/bench_attention.py --out attention.json     # GPU sweep, < 4 min on an H100
+    python benchmarks/bench_attention.py --out attention.json     # GPU sweep, < 2 min on an H200
     python benchmarks/bench_attention.py --quick --out /tmp/a.json  # tiny subset, CPU interpreter
+    python benchmarks/bench_attention.py --baseline old_tree_attention.py --out a.json  # before/after, one run
 
 Sweep: batch {1, 8, 32, 64} x query tokens per sequence {1, 4, 8, 16, 64} (root + a random draft tree) x
 cached context {512, 2048, 8192}; head_dim 128, 32 q heads over 8 kv heads, bf16, block size 16, blocks
 shuffled over the pool. Bandwidth counts the K/V bytes of every sequence (context + query tokens) read once;
 the ceiling is a device-to-device copy measured in the same run (bytes read + written over time).
 SDPA and flex time includes gathering K/V out of the pages; their masks are built beforehand.
+
+Timing, as the engine runs a step: one CUDA graph replays each implementation over L layers, every layer with
+its own K/V pool (L sized so the pools total 256 MB or more: no layer finds its K/V in the 60 MB L2), and the
+time is a replay's median over L calls. Eager times (triton's do_bench, L2 flushed) are listed too: they add
+the host's launch cost, which graphs remove.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import random
@@ -31,7 +38,8 @@ from specserve.kernels import reference, tree_attention  # noqa: E402
 
 Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 BATCHES, QUERY_LENS, CONTEXTS = (1, 8, 32, 64), (1, 4, 8, 16, 64), (512, 2048, 8192)
-FLEX_DEADLINE_S = 170  # stop starting flex compiles past this point of the run (budget: 4 min)
+FLEX_DEADLINE_S = 100  # stop starting flex compiles past this point of the run
+ROTATE_BYTES = 256 << 20  # K/V pools of all graph layers together: several times the L2
 
 
 def timed(fn, cuda: bool) -> float:
@@ -42,6 +50,33 @@ def timed(fn, cuda: bool) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def graph_timed(layer_fns: list, eager_s: float) -> float:
+    """Median seconds per call of layer_fns[0..L) replayed back to back from one CUDA graph.
+
+    The graph repeats the L calls until a replay takes about 2 ms (eager_s estimates a call), so the replay's
+    own launch cost is noise; each call reads its own layer's pool, as a model's layers do.
+    """
+    for fn in layer_fns:  # compile and allocate outside the capture
+        fn()
+    repeats = max(1, round(2e-3 / (eager_s * len(layer_fns))))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeats):
+            for fn in layer_fns:
+                fn()
+    graph.replay()
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e-3 / (repeats * len(layer_fns)))
+    del graph
+    return sorted(times)[len(times) // 2]
 
 
 def copy_bandwidth(device: torch.device, cuda: bool) -> float:
@@ -87,32 +122,46 @@ def gathered(q, k_cache, v_cache, meta, batch, q_len):
     return q.view(batch, q_len, Q_HEADS, HEAD_DIM).transpose(1, 2), k, v
 
 
-def run_case(batch, q_len, ctx, device, cuda, copy_bw, flex, started) -> dict:
+def run_case(batch, q_len, ctx, device, cuda, copy_bw, flex, started, baseline) -> dict:
     """Time every implementation on one shape; check the kernel against SDPA."""
     q, k_cache, v_cache, meta = make_case(batch, q_len, ctx, device, seed=batch * 1000 + q_len)
     scale = HEAD_DIM**-0.5
     mask = torch.stack([reference.visible_mask(meta, b) for b in range(batch)])[:, None]  # [B, 1, q, seq]
     sdpa = torch.nn.functional.scaled_dot_product_attention
+    kv_bytes = batch * meta.max_seq_len * KV_HEADS * HEAD_DIM * 2 * k_cache.element_size()
+    # one pool per graph layer; layer 0 is the pool the checks below read
+    pools = [(k_cache, v_cache)] + [(torch.randn_like(k_cache), torch.randn_like(v_cache))
+                                    for _ in range(min(-(-ROTATE_BYTES // kv_bytes), 128) - 1 if cuda else 0)]
 
-    def run_sdpa():
+    def layers(fn):
+        return [lambda k=k, v=v: fn(k, v) for k, v in pools]
+
+    def run_sdpa(k_cache, v_cache):
         qb, k, v = gathered(q, k_cache, v_cache, meta, batch, q_len)
         return sdpa(qb, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
 
+    def time_layers(fn) -> tuple[float, float]:
+        """(graph, eager) microseconds of fn(k_cache, v_cache); eager only off CUDA."""
+        eager = timed(lambda: fn(k_cache, v_cache), cuda)
+        return (graph_timed(layers(fn), eager) if cuda else eager) * 1e6, eager * 1e6
+
     row = dict(batch=batch, q_len=q_len, ctx=ctx)
-    ours = {m: (lambda m=m: tree_attention.tree_attention(q, k_cache, v_cache, meta, scale, mode=m))
+    ours = {m: (lambda k, v, m=m: tree_attention.tree_attention(q, k, v, meta, scale, mode=m))
             for m in ("split", "fused")}
     tiles = triton.cdiv(q_len, 64 // (Q_HEADS // KV_HEADS))  # the decode launch's row tiles (64 rows each)
-    row["mode"] = tree_attention.decode_mode(tiles * batch * KV_HEADS,
-                                             triton.cdiv(meta.max_seq_len, tree_attention.SPLIT), device)
+    row["mode"], _ = tree_attention.decode_plan(tiles * batch * KV_HEADS,
+                                                triton.cdiv(meta.max_seq_len, tree_attention.SPLIT), device)
     for m, fn in ours.items():
-        row[f"{m}_us"] = timed(fn, cuda) * 1e6
-    row["ours_us"] = row[f"{row['mode']}_us"]
-    kv_bytes = batch * meta.max_seq_len * KV_HEADS * HEAD_DIM * 2 * k_cache.element_size()
+        row[f"{m}_us"], row[f"{m}_eager_us"] = time_layers(fn)
+    row["ours_us"], row["ours_eager_us"] = row[f"{row['mode']}_us"], row[f"{row['mode']}_eager_us"]
+    row["before_us"] = None
+    if baseline is not None:
+        row["before_us"], _ = time_layers(lambda k, v: baseline.tree_attention(q, k, v, meta, scale))
     row["GBps"] = kv_bytes / row["ours_us"] * 1e-3
     row["copy_frac"] = row["GBps"] * 1e9 / copy_bw
-    expected = run_sdpa().transpose(1, 2).flatten(0, 1)  # [B * q_len, Hq, D]
-    row["max_err"] = (ours[row["mode"]]().float() - expected.float()).abs().max().item()
-    row["sdpa_us"] = timed(run_sdpa, cuda) * 1e6
+    expected = run_sdpa(k_cache, v_cache).transpose(1, 2).flatten(0, 1)  # [B * q_len, Hq, D]
+    row["max_err"] = (ours[row["mode"]](k_cache, v_cache).float() - expected.float()).abs().max().item()
+    row["sdpa_us"], row["sdpa_eager_us"] = time_layers(run_sdpa)
     row["flex_us"] = None
     flex_shape = not cuda or (q_len in (1, 16) and ctx == 2048)  # it compiles per shape: a subset only
     if flex is not None and flex_shape and time.perf_counter() - started < FLEX_DEADLINE_S:
@@ -121,12 +170,12 @@ def run_case(batch, q_len, ctx, device, cuda, copy_bw, flex, started) -> dict:
         block_mask = create_block_mask(lambda b, h, qi, ki: vis[b, qi, ki], batch, None, q_len,
                                        meta.max_seq_len, device=device)
 
-        def run_flex():
+        def run_flex(k_cache, v_cache):
             qb, k, v = gathered(q, k_cache, v_cache, meta, batch, q_len)
             return flex_attention(qb, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
 
         try:
-            row["flex_us"] = timed(run_flex, cuda) * 1e6
+            row["flex_us"], _ = time_layers(run_flex)
         except Exception as exc:  # flex is an optional comparison: report and go on
             print(f"flex_attention failed on {row}: {exc!r}"[:300], file=sys.stderr)
     return row
@@ -145,13 +194,14 @@ def load_flex(cuda: bool):
 def markdown(rows: list[dict]) -> str:
     """The sweep as a markdown table, then the verify-16 / decode-1 cost ratios."""
     fmt = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
-    lines = ["| batch | q/seq | ctx | mode | ours us | split us | fused us | GB/s | % copy BW | SDPA us | flex us"
-             " | SDPA/ours | max err |", "|" + "---|" * 13]
+    lines = ["| batch | q/seq | ctx | mode | ours us | split us | fused us | before us | GB/s | % copy BW | SDPA us"
+             " | flex us | SDPA/ours | ours eager us | SDPA eager us | max err |", "|" + "---|" * 16]
     for r in rows:
         lines.append(
             f"| {r['batch']} | {r['q_len']} | {r['ctx']} | {r['mode']} | {fmt(r['ours_us'])} | {fmt(r['split_us'])}"
-            f" | {fmt(r['fused_us'])} | {r['GBps']:.0f} | {100 * r['copy_frac']:.0f} | {fmt(r['sdpa_us'])}"
-            f" | {fmt(r['flex_us'])} | {r['sdpa_us'] / r['ours_us']:.2f} | {r['max_err']:.3g} |"
+            f" | {fmt(r['fused_us'])} | {fmt(r['before_us'])} | {r['GBps']:.0f} | {100 * r['copy_frac']:.0f}"
+            f" | {fmt(r['sdpa_us'])} | {fmt(r['flex_us'])} | {r['sdpa_us'] / r['ours_us']:.2f}"
+            f" | {fmt(r['ours_eager_us'])} | {fmt(r['sdpa_eager_us'])} | {r['max_err']:.3g} |"
         )
     by_shape = {(r["batch"], r["ctx"], r["q_len"]): r["ours_us"] for r in rows}
     lines += ["", "| batch | ctx | verify 16 / decode 1 |", "|---|---|---|"]
@@ -167,18 +217,24 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="JSON results path")
     parser.add_argument("--quick", action="store_true", help="tiny subset (runs on CPU under the interpreter)")
     parser.add_argument("--no-flex", action="store_true", help="skip flex_attention")
+    parser.add_argument("--baseline", help="another tree_attention.py to time beside this one (before us)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     started = time.perf_counter()
     copy_bw = copy_bandwidth(device, cuda)
     flex = None if args.no_flex else load_flex(cuda)
+    baseline = None
+    if args.baseline:
+        spec = importlib.util.spec_from_file_location("baseline_tree_attention", args.baseline)
+        baseline = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(baseline)
     shapes = [(b, ql, c) for c in CONTEXTS for b in BATCHES for ql in QUERY_LENS]
     if args.quick:
         shapes = [(1, 1, 64), (1, 16, 64), (2, 4, 100)]
     rows = []
     for batch, q_len, ctx in shapes:
-        rows.append(run_case(batch, q_len, ctx, device, cuda, copy_bw, flex, started))
+        rows.append(run_case(batch, q_len, ctx, device, cuda, copy_bw, flex, started, baseline))
         print(f"{batch=} {q_len=} {ctx=}: {rows[-1]['ours_us']:.1f} us", file=sys.stderr, flush=True)
     name = torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter)"
     print(f"# Tree attention on {name}; copy bandwidth {copy_bw * 1e-9:.0f} GB/s\n")

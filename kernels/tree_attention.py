@@ -1,18 +1,25 @@
 """Triton tree attention over paged KV: one entry point for decode, tree verification and prefill chunks.
 
 Work split
-    A program owns one (tile of query rows, sequence, kv head). A row is a (query token, q head of the kv
-    head's group) pair, so the GROUP q heads that share a kv head read each K/V block once: verifying 16
-    tokens with GQA 4 is one 64-row tile, the same K/V traffic as decoding one token.
+    A program owns one (tile of query rows, sequence, kv head) and a run of keys. A row is a (query token, q head
+    of the kv head's group) pair, so the GROUP q heads that share a kv head read each K/V block once: verifying
+    16 tokens with GQA 4 is one 64-row tile, the same K/V traffic as decoding one token.
     Keys are cut into splits of SPLIT keys at absolute positions [0, SPLIT), [SPLIT, 2 SPLIT), ... Each split
     runs a fresh online softmax (fp32, log2 domain) and yields (o_s, lse_s); splits are folded left to right:
         M' = max(M, lse_s);  num = num * 2^(M - M') + 2^(lse_s - M') * o_s;  den likewise with 1 for o_s.
-    "split" mode runs one program per split and folds in a second kernel (parallelism for small batches);
-    "fused" mode walks all splits in one pipelined key loop and folds at each boundary in registers (no
-    workspace, for batches that fill the GPU). Both do the same operations in the same order (FMA contraction
-    off), so the per-launch choice, taken from the batch shape, does not change a bit.
-    Queries longer than `decode_max_q` (prefill chunks) go to a second launch ("whole" mode): 128-row tiles,
-    one softmax over all keys. Which launch takes a sequence depends on its own query length only.
+    "split" mode gives each program a run of `splits_per_program` splits, writes every split's (o_s, lse_s) to
+    a workspace and folds them in a second kernel (parallelism for small batches); "fused" mode walks all
+    splits in one program and folds at each boundary in registers (no workspace, for batches that fill the
+    GPU). Either way a split closes inside the one pipelined key loop, and both modes do the same operations in
+    the same order (FMA contraction off), so the per-launch choice, taken from the batch shape, does not change
+    a bit. Queries longer than `decode_max_q` (prefill chunks) go to a second launch ("whole" mode): 128-row
+    tiles, one softmax over all keys. Which launch takes a sequence depends on its own query length only.
+
+Speed (H200 tables in benchmarks/RESULTS.md)
+    Decode streams K/V, yet on the H200 this loop behaves as bound by instruction issue more than by memory:
+    deeper K/V pipelines barely moved it, fewer instructions per key block did (a 64-row tile does the softmax
+    of 64 rows even when a decode fills 4 of them). So blocks that every row of the tile sees skip the mask,
+    and fused mode pipelines deeper (DECODE_STAGES).
 
 Batch invariance (architecture.md, "Numerics")
     A row's result depends only on its visible keys and their slots: the split grid is absolute, keys it
@@ -43,6 +50,17 @@ from specserve.attention import AttentionMetadata
 SPLIT = 512  # keys per split: one constant for every launch (see "Batch invariance")
 DECODE_MAX_Q = 128  # longer queries are prefill chunks: the big-tile fused launch takes them
 LOG2E = 1.4426950408889634
+# Decode/verify launch per cache dtype: (BLOCK_N keys per loop step, warps). BLOCK_N sets where the online softmax
+# rescales and the warps set the MMA layouts, so both belong to the numerics and never depend on the batch.
+DECODE_TILES = {torch.float32: (32, 8), torch.float16: (64, 8), torch.bfloat16: (64, 8)}
+# Pipeline stages per mode, speed only. The K/V copies of a key block depend on a block-table load; for that
+# chain Triton (3.6) keeps (stages + 1) / 2 K/V buffers, so at 3 stages a block's copies start only after the
+# previous block's dots, and at 7 three blocks are in flight behind the one being multiplied. 7 is what fused
+# mode was tested with on the H200; for split mode a later sweep measured 5 faster than the tested 3 (RESULTS.md).
+# Head dims over 128 take 3 stages: deeper buffers would not fit in shared memory.
+DECODE_STAGES = {"fused": 7, "split": 3}
+FUSED_TILES_PER_SM = 0.75  # fused once the row tiles nearly fill the SMs: no workspace and no second kernel
+SPLIT_PROGRAMS_PER_SM = 4  # split mode groups splits into runs so that about this many programs per SM remain
 
 
 @triton.jit
@@ -70,32 +88,106 @@ def _finish(num, den):
 
 
 @triton.jit
-def _attend(
-    q, k_base, v_base, table_row, lo, hi, row_lim, bits_lo, bits_hi, tree_base, qk_scale, ws_o,
-    stride_kb, stride_ks, stride_vb, stride_vs,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HEAD_DIM_P: tl.constexpr, SPLIT: tl.constexpr, FOLD: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-):
-    """Online softmax of a row tile over keys [lo, hi): the last split's (m, l, acc) and the folded earlier ones.
+def _row_ptrs(base, row, head, stride_t, stride_h, HEAD_DIM_P: tl.constexpr):
+    """[R, HEAD_DIM_P] pointers to (token row, head) rows of a [tokens, heads, head_dim] tensor."""
+    return base + row[:, None] * stride_t + head[:, None] * stride_h + tl.arange(0, HEAD_DIM_P)[None, :]
 
-    With FOLD the state restarts at every SPLIT boundary and the finished split is folded into (mx, den, num)
-    inside the one loop, so the K/V pipeline never drains; without it (mx, den, num) stay empty.
+
+@triton.jit
+def _end_split(
+    m, l_sum, acc, mx, den, num, s, row_lim, ws_o, ws_lse, ws_row, out_ptr, out_row, head, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, SPLIT: tl.constexpr, FUSED: tl.constexpr,
+):
+    """Close split s of a row tile: fold it in registers (fused) or hand it to the reduce kernel (split).
+
+    Takes row vectors and builds [rows, head_dim] pointers only when it stores: split mode calls it inside the
+    key loop, once per split.
     """
+    o, lse = _normalize(m, l_sum, acc)
+    o = o.to(ws_o.dtype.element_ty)  # the workspace's rounding: both modes apply it
+    if FUSED:
+        mx, den, num = _fold(mx, den, num, lse, o.to(tl.float32))
+    else:
+        todo = (row_lim >= SPLIT) & (row_lim >= s * SPLIT)  # the reduce folds splits 0..row_lim // SPLIT
+        d = tl.arange(0, HEAD_DIM_P)
+        tl.store(ws_lse + ws_row + s, lse, mask=todo)
+        tl.store(ws_o + (ws_row + s)[:, None] * HEAD_DIM_P + d[None, :], o, mask=todo[:, None])
+        if s == 0:  # rows that see split 0 only are final now: the fold the reduce would do
+            mx, den, num = _fold(mx, den, num, lse, o.to(tl.float32))
+            done = ((row_lim >= 0) & (row_lim < SPLIT))[:, None] & (d < HEAD_DIM)[None, :]  # -1: pad rows
+            tl.store(_row_ptrs(out_ptr, out_row, head, stride_ot, stride_oh, HEAD_DIM_P),
+                     _finish(num, den).to(out_ptr.dtype.element_ty), mask=done)
+    return mx, den, num
+
+
+@triton.jit
+def _tree_attn_kernel(
+    q_ptr, k_cache, v_cache, out_ptr, ws_o, ws_lse,
+    query_start_loc, seq_lens, context_lens, block_tables, tree_offsets, tree_mask,
+    qk_scale, q_min, q_max, ws_rows_per_seq, ws_splits, chunk_keys,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
+    SPLIT: tl.constexpr, MODE: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """One (query-row tile, run of chunk_keys keys, sequence x kv head) of tree attention; MODE: split|fused|whole.
+
+    Split mode's runs are whole splits; fused and whole mode take every key in one run (chunk_keys covers them).
+    """
+    BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_P
+    tile = tl.program_id(0)
+    b = tl.program_id(2) // NUM_KV_HEADS
+    kvh = tl.program_id(2) % NUM_KV_HEADS
+    q_start = tl.load(query_start_loc + b)
+    q_len = tl.load(query_start_loc + b + 1) - q_start
+    t0 = tile * BLOCK_Q
+    if (q_len < q_min) | (q_len > q_max) | (t0 >= q_len):  # another launch's sequence, or past its query
+        return
+    ctx = tl.load(context_lens + b)
+    tree_base = ctx + tl.load(tree_offsets + b)  # sequence position of the root
+    kv_end = tl.minimum(tl.load(seq_lens + b), ctx + tl.minimum(t0 + BLOCK_Q, q_len))  # past every row's limit
+    lo = tl.program_id(1) * chunk_keys
+    if lo >= kv_end:  # split mode: no row of the tile reaches this run
+        return
+    hi = tl.minimum(lo + chunk_keys, kv_end)
+
+    r = tl.arange(0, BLOCK_M)
+    t = t0 + r // GROUP_P  # [BLOCK_M] query index within the sequence
+    head = kvh * GROUP + r % GROUP_P  # [BLOCK_M] q head
+    row_ok = (t < q_len) & (r % GROUP_P < GROUP)
+    row_lim = tl.where(row_ok, ctx + t, -1)  # last causally visible key; -1 hides every key from pad rows
+    row_bits = tl.load(tree_mask + q_start + t, mask=row_ok & (ctx + t >= tree_base), other=0)
+    bits_lo = row_bits.to(tl.int32)  # nodes 0..31 (truncation keeps the low word): int32 saves registers
+    bits_hi = (row_bits >> 32).to(tl.int32)  # nodes 32..63
     d = tl.arange(0, HEAD_DIM_P)
     d_ok = d < HEAD_DIM
-    mx = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    io_mask = row_ok[:, None] & d_ok[None, :]
+    tok = (q_start + t).to(tl.int64)  # [BLOCK_M] token row in q and out
+    q = tl.load(_row_ptrs(q_ptr, tok, head, stride_qt, stride_qh, HEAD_DIM_P), mask=io_mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    ws_row = ((b * ws_rows_per_seq + t).to(tl.int64) * (NUM_KV_HEADS * GROUP) + head) * ws_splits  # [BLOCK_M]
+    k_base = k_cache + kvh * stride_kh
+    v_base = v_cache + kvh * stride_vh
+    table_row = block_tables + b.to(tl.int64) * stride_bt
+
+    # keys below open_end are visible to every real row of the tile: below hi, within the first row's causal
+    # limit (ctx + t0) and before the root (from the root on, the ancestor bits decide)
+    open_end = tl.minimum(tl.minimum(hi, ctx + t0 + 1), tree_base)
+    mx = tl.full([BLOCK_M], float("-inf"), tl.float32)  # splits folded so far (fused mode)
     den = tl.zeros([BLOCK_M], tl.float32)
     num = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)  # the current split's online softmax
     l_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
     for start in range(lo, hi, BLOCK_N):
-        if FOLD:
+        if MODE != "whole":
+            # a split ends: close it inside the one loop, so the K/V pipeline never drains
             if (start % SPLIT == 0) & (start > lo):
-                o, lse = _normalize(m, l_sum, acc)
-                o = o.to(ws_o.dtype.element_ty).to(tl.float32)  # the rounding a split-mode workspace applies
-                mx, den, num = _fold(mx, den, num, lse, o)
+                mx, den, num = _end_split(m, l_sum, acc, mx, den, num, start // SPLIT - 1, row_lim, ws_o, ws_lse,
+                                          ws_row, out_ptr, tok, head, stride_ot, stride_oh, HEAD_DIM, HEAD_DIM_P,
+                                          SPLIT, MODE == "fused")
                 m = tl.full([BLOCK_M], float("-inf"), tl.float32)
                 l_sum = tl.zeros([BLOCK_M], tl.float32)
                 acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
@@ -114,13 +206,16 @@ def _attend(
         if UPCAST:
             k = k.to(tl.float32)
         s = tl.dot(q, k, input_precision=DOT_PREC) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
-        vis = k_ok[None, :] & (kpos[None, :] <= row_lim[:, None])
-        if start + BLOCK_N > tree_base:  # the block reaches into the tree: apply the ancestor bits
-            node = kpos - tree_base  # [BLOCK_N] tree node of each key (negative: before the root)
-            word = tl.where(node[None, :] < 32, bits_lo[:, None], bits_hi[:, None])
-            bit = (word >> (node[None, :] & 31)) & 1
-            vis = vis & ((node[None, :] < 0) | (bit != 0))
-        s = tl.where(vis, s, float("-inf"))
+        # only blocks that reach past open_end need the mask, which costs several instructions per score (see
+        # "Speed"); pad rows score the unmasked blocks too, and are never stored
+        if start + BLOCK_N > open_end:
+            vis = k_ok[None, :] & (kpos[None, :] <= row_lim[:, None])
+            if start + BLOCK_N > tree_base:  # the block reaches into the tree: apply the ancestor bits
+                node = kpos - tree_base  # [BLOCK_N] tree node of each key (negative: before the root)
+                word = tl.where(node[None, :] < 32, bits_lo[:, None], bits_hi[:, None])
+                bit = (word >> (node[None, :] & 31)) & 1
+                vis = vis & ((node[None, :] < 0) | (bit != 0))
+            s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet stay at 0
         alpha = tl.exp2(m - m_safe)
@@ -132,76 +227,16 @@ def _attend(
             v = v.to(tl.float32)
         acc = tl.dot(p, v, acc * alpha[:, None], input_precision=DOT_PREC)
         m = m_new
-    return m, l_sum, acc, mx, den, num
 
-
-@triton.jit
-def _tree_attn_kernel(
-    q_ptr, k_cache, v_cache, out_ptr, ws_o, ws_lse,
-    query_start_loc, seq_lens, context_lens, block_tables, tree_offsets, tree_mask,
-    qk_scale, q_min, q_max, ws_rows_per_seq, ws_splits,
-    stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_Q: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
-    SPLIT: tl.constexpr, MODE: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-):
-    """One (query-row tile, key split or all keys, sequence x kv head) of tree attention; MODE: split|fused|whole."""
-    BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_P
-    tile = tl.program_id(0)
-    split = tl.program_id(1)
-    b = tl.program_id(2) // NUM_KV_HEADS
-    kvh = tl.program_id(2) % NUM_KV_HEADS
-    q_start = tl.load(query_start_loc + b)
-    q_len = tl.load(query_start_loc + b + 1) - q_start
-    t0 = tile * BLOCK_Q
-    if (q_len < q_min) | (q_len > q_max) | (t0 >= q_len):  # another launch's sequence, or past its query
-        return
-    ctx = tl.load(context_lens + b)
-    tree_base = ctx + tl.load(tree_offsets + b)  # sequence position of the root
-    kv_end = tl.minimum(tl.load(seq_lens + b), ctx + tl.minimum(t0 + BLOCK_Q, q_len))  # past every row's limit
-    lo = split * SPLIT
-    if lo >= kv_end:  # split mode: no row of the tile reaches this split
-        return
-
-    r = tl.arange(0, BLOCK_M)
-    t = t0 + r // GROUP_P  # [BLOCK_M] query index within the sequence
-    head = kvh * GROUP + r % GROUP_P  # [BLOCK_M] q head
-    row_ok = (t < q_len) & (r % GROUP_P < GROUP)
-    row_lim = tl.where(row_ok, ctx + t, -1)  # last causally visible key; -1 hides every key from pad rows
-    row_bits = tl.load(tree_mask + q_start + t, mask=row_ok & (ctx + t >= tree_base), other=0)
-    bits_lo = row_bits.to(tl.int32)  # nodes 0..31 (truncation keeps the low word): int32 saves registers
-    bits_hi = (row_bits >> 32).to(tl.int32)  # nodes 32..63
-    d = tl.arange(0, HEAD_DIM_P)
-    io_mask = row_ok[:, None] & (d[None, :] < HEAD_DIM)
-    q = tl.load(q_ptr + (q_start + t)[:, None].to(tl.int64) * stride_qt + head[:, None] * stride_qh + d[None, :],
-                mask=io_mask, other=0.0)  # [BLOCK_M, HEAD_DIM_P]
-    if UPCAST:
-        q = q.to(tl.float32)
-    out_ptrs = out_ptr + (q_start + t)[:, None].to(tl.int64) * stride_ot + head[:, None] * stride_oh + d[None, :]
-    hi = kv_end if MODE != "split" else tl.minimum(lo + SPLIT, kv_end)
-    m, l_sum, acc, mx, den, num = _attend(
-        q, k_cache + kvh * stride_kh, v_cache + kvh * stride_vh, block_tables + b.to(tl.int64) * stride_bt,
-        lo, hi, row_lim, bits_lo, bits_hi, tree_base, qk_scale, ws_o, stride_kb, stride_ks, stride_vb, stride_vs,
-        BLOCK_M, BLOCK_N, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_P, SPLIT, MODE == "fused", UPCAST, DOT_PREC,
-    )
-    o, lse = _normalize(m, l_sum, acc)
+    out_ptrs = _row_ptrs(out_ptr, tok, head, stride_ot, stride_oh, HEAD_DIM_P)
     if MODE == "whole":  # prefill chunk: one softmax over all its keys, no split grid to honour
+        o, _ = _normalize(m, l_sum, acc)
         tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=io_mask)
         return
-    o = o.to(ws_o.dtype.element_ty).to(tl.float32)
-    mx, den, num = _fold(mx, den, num, lse, o)
+    mx, den, num = _end_split(m, l_sum, acc, mx, den, num, (hi - 1) // SPLIT, row_lim, ws_o, ws_lse, ws_row, out_ptr,
+                              tok, head, stride_ot, stride_oh, HEAD_DIM, HEAD_DIM_P, SPLIT, MODE == "fused")
     if MODE == "fused":
         tl.store(out_ptrs, _finish(num, den).to(out_ptr.dtype.element_ty), mask=io_mask)
-        return
-    # split: rows that need split 0 only are final now (the same fold the reduce would do); the others go to
-    # the workspace for every split they reach, and _fold_splits_kernel finishes them
-    done = row_lim < tl.where(split == 0, SPLIT, 0)
-    tl.store(out_ptrs, _finish(num, den).to(out_ptr.dtype.element_ty), mask=io_mask & done[:, None])
-    ws_row = ((b * ws_rows_per_seq + t).to(tl.int64) * (NUM_KV_HEADS * GROUP) + head) * ws_splits + split
-    todo = row_ok & (row_lim >= SPLIT) & (row_lim >= lo)
-    tl.store(ws_lse + ws_row, lse, mask=todo)
-    tl.store(ws_o + ws_row[:, None] * HEAD_DIM_P + d[None, :], o.to(ws_o.dtype.element_ty), mask=todo[:, None])
 
 
 @triton.jit
@@ -242,15 +277,18 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def decode_mode(num_programs: int, num_splits: int, device: torch.device) -> str:
-    """Fused when one program per (tile, sequence, kv head) fills the GPU twice over, else split.
+def decode_plan(num_tiles: int, num_splits: int, device: torch.device) -> tuple[str, int]:
+    """(mode, splits per split-mode program) of the decode launch for num_tiles (row tile, sequence, kv head).
 
-    Only speed depends on this: fused reads K/V once with no workspace traffic, split gives small batches
-    (and long contexts) the parallelism of one program per split.
+    Only speed depends on this. Fused once the tiles alone fill the GPU: K/V read once, no workspace, no second
+    kernel. Otherwise split mode, with runs of splits long enough to keep the pipeline full but short enough
+    to leave about SPLIT_PROGRAMS_PER_SM programs per SM (small batches, long contexts).
     """
-    if num_splits == 1 or (device.type == "cuda" and num_programs >= 2 * _num_sms(device)):
-        return "fused"
-    return "split"
+    sms = _num_sms(device) if device.type == "cuda" else 1
+    per_program = max(1, num_tiles * num_splits // (SPLIT_PROGRAMS_PER_SM * sms))
+    if num_splits == 1 or (device.type == "cuda" and num_tiles >= FUSED_TILES_PER_SM * sms):
+        return "fused", per_program
+    return "split", per_program
 
 
 def tree_attention(
@@ -262,6 +300,7 @@ def tree_attention(
     *,
     out: torch.Tensor | None = None,  # [num_tokens, num_q_heads, head_dim]; rows of empty queries untouched
     mode: str = "auto",  # "split" | "fused" | "auto": numerically identical, only speed differs
+    splits_per_program: int | None = None,  # split mode's run length; None: decode_plan's
     split_size: int = SPLIT,
     decode_max_q: int = DECODE_MAX_Q,
 ) -> torch.Tensor:
@@ -280,9 +319,12 @@ def tree_attention(
     fp32 = q.dtype == torch.float32
     # the CPU interpreter mis-multiplies bf16 dots: there the operands are upcast after the same roundings
     upcast = q.device.type != "cuda" and k_cache.dtype == torch.bfloat16
+    block_n, num_warps = DECODE_TILES[k_cache.dtype]
+    assert split_size % block_n == 0, "splits start on key-block boundaries"
     common = dict(
-        NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_P=group_p, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
-        HEAD_DIM_P=head_dim_p, SPLIT=split_size, UPCAST=upcast, DOT_PREC="ieee" if fp32 else "tf32",
+        NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_P=group_p, BLOCK_N=block_n, BLOCK_SIZE=block_size,
+        HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p, SPLIT=split_size, UPCAST=upcast,
+        DOT_PREC="ieee" if fp32 else "tf32",
         enable_fp_fusion=False,  # fused and split mode must round alike (see "Work split")
     )
     tables = meta.block_tables
@@ -290,27 +332,29 @@ def tree_attention(
     strides = (q.stride(0), q.stride(1), out.stride(0), out.stride(1), *k_cache.stride()[:3],
                *v_cache.stride()[:3], tables.stride(0))
     qk_scale = scale * LOG2E
+    all_keys = 2**31 - 1  # chunk_keys of a launch whose programs take every key
 
     # decode / verify: 64-row tiles (block_q tokens x group_p heads) over fixed splits
     block_q = max(64 // group_p, 1)
     q_cap = min(max_q, decode_max_q)  # workspace rows per sequence
     tiles = triton.cdiv(q_cap, block_q)
     num_splits = triton.cdiv(max_seq, split_size)
-    if mode == "auto":
-        mode = decode_mode(tiles * num_seqs * num_kv_heads, num_splits, q.device)
+    planned, per_program = decode_plan(tiles * num_seqs * num_kv_heads, num_splits, q.device)
+    mode = planned if mode == "auto" else mode
+    per_program = min(splits_per_program or per_program, num_splits)
     fused = mode == "fused"
-    block_n = 32 if fp32 else 64  # fp32 tiles are twice the bytes: halve them to stay in registers
-    assert split_size % block_n == 0, "splits start on key-block boundaries"
     ws_dtype = torch.float32 if fp32 else q.dtype
     if fused:
         ws_o = ws_lse = torch.empty(0, device=q.device, dtype=ws_dtype)
     else:
         ws_o = torch.empty(num_seqs * q_cap, num_q_heads, num_splits, head_dim_p, device=q.device, dtype=ws_dtype)
         ws_lse = torch.empty(num_seqs * q_cap, num_q_heads, num_splits, device=q.device, dtype=torch.float32)
-    grid = (tiles, 1 if fused else num_splits, num_seqs * num_kv_heads)
-    _tree_attn_kernel[grid](
-        q, k_cache, v_cache, out, ws_o, ws_lse, *args, qk_scale, 1, decode_max_q, q_cap, num_splits, *strides,
-        BLOCK_Q=block_q, BLOCK_N=block_n, MODE=mode, num_warps=8, num_stages=3, **common,
+    runs = 1 if fused else triton.cdiv(num_splits, per_program)
+    num_stages = DECODE_STAGES[mode] if head_dim_p <= 128 else 3
+    _tree_attn_kernel[(tiles, runs, num_seqs * num_kv_heads)](
+        q, k_cache, v_cache, out, ws_o, ws_lse, *args, qk_scale, 1, decode_max_q, q_cap, num_splits,
+        all_keys if fused else per_program * split_size, *strides,
+        BLOCK_Q=block_q, MODE=mode, num_warps=num_warps, num_stages=num_stages, **common,
     )
     if not fused:
         _fold_splits_kernel[(num_seqs * q_cap,)](
@@ -324,7 +368,7 @@ def tree_attention(
         block_q = max((64 if fp32 else 128) // group_p, 1)  # fp32 at 128 rows spills registers
         grid = (triton.cdiv(max_q, block_q), 1, num_seqs * num_kv_heads)
         _tree_attn_kernel[grid](
-            q, k_cache, v_cache, out, out, out, *args, qk_scale, decode_max_q + 1, 2**31 - 1, 0, 0, *strides,
-            BLOCK_Q=block_q, BLOCK_N=block_n, MODE="whole", num_warps=8, num_stages=3, **common,
+            q, k_cache, v_cache, out, out, out, *args, qk_scale, decode_max_q + 1, 2**31 - 1, 0, 0, all_keys,
+            *strides, BLOCK_Q=block_q, MODE="whole", num_warps=8, num_stages=3, **common,
         )
     return out

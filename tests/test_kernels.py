@@ -108,11 +108,11 @@ def make_batch(seqs, *, kv_heads=2, group=2, head_dim=64, block_size=16, dtype=t
     return Batch(q.to(DEVICE), k_cache.to(DEVICE), v_cache.to(DEVICE), meta)
 
 
-def run_triton(batch: Batch, mode: str, scale: float) -> torch.Tensor:
+def run_triton(batch: Batch, mode: str, scale: float, splits_per_program: int = 1) -> torch.Tensor:
     """Kernel output written over a NaN-filled buffer; `scale` has no default so that it matches the reference's."""
     out = torch.full_like(batch.q, float("nan"))
     tree_attention.tree_attention(batch.q, batch.k_cache, batch.v_cache, batch.meta, scale, out=out, mode=mode,
-                                  split_size=SPLIT, decode_max_q=DECODE_MAX_Q)
+                                  splits_per_program=splits_per_program, split_size=SPLIT, decode_max_q=DECODE_MAX_Q)
     return out
 
 
@@ -158,7 +158,8 @@ def test_attention_matches_reference(kind, group, dtype, block_size, head_dim):
     batch = make_batch(seqs, kv_heads=2, group=group, head_dim=head_dim, block_size=block_size, dtype=dtype,
                        seed=rng.randrange(1 << 30))
     ref = reference.paged_attention(batch.q, batch.k_cache, batch.v_cache, batch.meta, 0.125)
-    split, fused = run_triton(batch, "split", 0.125), run_triton(batch, "fused", 0.125)
+    # split programs walking runs of 2 splits: one closes inside its key loop, one at the end
+    split, fused = run_triton(batch, "split", 0.125, splits_per_program=2), run_triton(batch, "fused", 0.125)
     assert not split.isnan().any() and not ref.isnan().any()
     assert rel_err(split, ref) < TOL[dtype]
     assert torch.equal(split, fused)  # the two modes fold the same splits in the same order
@@ -287,3 +288,4 @@ def test_long_contexts(dtype, group):
     assert not split.isnan().any()
     assert rel_err(split, ref) < TOL[dtype]
     assert torch.equal(split, fused)
+    assert torch.equal(split, run_triton(batch, "split", scale, splits_per_program=5))  # one split or runs of 5
