@@ -19,13 +19,18 @@ class RowContext:
     """What processing one logits row needs: its request's params and the tokens it is conditioned on."""
 
     params: SamplingParams
-    token_ids: list[int]  # prompt + output + the row's draft path
+    committed: list[int]  # prompt + output of the request (shared by its rows, never copied per row)
     num_prompt_tokens: int
     banned_until_min_tokens: frozenset[int]  # eos + stop_token_ids, masked while output < min_tokens
+    path: tuple[int, ...] = ()  # the row's draft tokens below the root
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        return len(self.committed) + len(self.path) - self.num_prompt_tokens
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.committed + list(self.path)
 
 
 def _apply_row_processors(logits: torch.Tensor, rows: list[RowContext]) -> None:

@@ -61,10 +61,10 @@ class VerifyItem:
 
     def row_contexts(self, banned: frozenset[int]) -> list[RowContext]:
         req = self.request
-        paths: list[list[int]] = [[]]
+        paths: list[tuple[int, ...]] = [()]
         for j, p in enumerate(self.proposal.parents if self.proposal else []):
-            paths.append(paths[p] + [self.proposal.tokens[j]])
-        return [RowContext(req.params, req.token_ids + path, req.num_prompt_tokens, banned) for path in paths]
+            paths.append((*paths[p], self.proposal.tokens[j]))
+        return [RowContext(req.params, req.token_ids, req.num_prompt_tokens, banned, path) for path in paths]
 
 
 def _walk_greedy(item: VerifyItem, argmax: list[int]) -> VerifyResult:
