@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from specserve.attention import AttentionMetadata, ancestor_masks, tree_depths
+from specserve.kv_cache import block_hash
 
 
 @dataclass
@@ -100,7 +101,7 @@ class DraftKVCache:
         while len(prog.block_hashes) <= i:
             j = len(prog.block_hashes)
             prev = prog.block_hashes[-1] if prog.block_hashes else None
-            prog.block_hashes.append(hash((prev, tuple(req.token_ids[j * bs : (j + 1) * bs]))))
+            prog.block_hashes.append(block_hash(prev, req.token_ids[j * bs : (j + 1) * bs]))
         return prog.block_hashes[i]
 
     # ---- forwards ----------------------------------------------------------------------------------

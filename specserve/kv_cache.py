@@ -18,6 +18,11 @@ from dataclasses import dataclass
 from specserve.request import Request
 
 
+def block_hash(parent: int | None, tokens: list[int]) -> int:
+    """Chained hash of one full block: equal hashes mean equal token prefixes up to this block's end."""
+    return hash((parent, tuple(tokens)))
+
+
 class BlockPool:
     """Fixed-size blocks with reference counts; freed blocks stay findable by hash until reused (LRU)."""
 
@@ -94,7 +99,7 @@ class KVCacheManager:
         bs = self.block_size
         # Keep one token uncached: the step needs a query token to produce the next logits.
         for i in range((req.num_tokens - 1) // bs):
-            h = hash((hashes[-1] if hashes else None, tuple(req.token_ids[i * bs : (i + 1) * bs])))
+            h = block_hash(hashes[-1] if hashes else None, req.token_ids[i * bs : (i + 1) * bs])
             block = self.pool.cached.get(h)
             if block is None:
                 break
@@ -124,7 +129,7 @@ class KVCacheManager:
             return
         hashes = self._hashes.setdefault(req.request_id, [])
         for i in range(len(hashes), req.num_computed_tokens // bs):
-            h = hash((hashes[-1] if hashes else None, tuple(req.token_ids[i * bs : (i + 1) * bs])))
+            h = block_hash(hashes[-1] if hashes else None, req.token_ids[i * bs : (i + 1) * bs])
             hashes.append(h)
             self.pool.register(req.block_ids[i], h)
 

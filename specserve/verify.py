@@ -53,6 +53,9 @@ class VerifyItem:
     def depth(self) -> int:
         return max(tree_depths(self.proposal.parents)) if self.proposal else 0
 
+    def result(self, nodes: list[int], tokens: list[int]) -> VerifyResult:
+        return VerifyResult(nodes, tokens, [self.row_start + n for n in nodes], self.num_nodes - 1, self.depth)
+
     def children(self) -> list[list[int]]:
         kids: list[list[int]] = [[] for _ in range(self.num_nodes)]
         for j, p in enumerate(self.proposal.parents if self.proposal else []):
@@ -78,7 +81,7 @@ def _walk_greedy(item: VerifyItem, argmax: list[int]) -> VerifyResult:
         node = nxt
         nodes.append(node)
     out = [tokens[c - 1] for c in nodes[1:]] + [argmax[item.row_start + node]]
-    return VerifyResult(nodes, out, [item.row_start + n for n in nodes], item.num_nodes - 1, item.depth)
+    return item.result(nodes, out)
 
 
 def _walk_sampling(item: VerifyItem, probs: torch.Tensor) -> VerifyResult:
@@ -108,7 +111,7 @@ def _walk_sampling(item: VerifyItem, probs: torch.Tensor) -> VerifyResult:
             break
         nodes.append(node)
     out = [prop.tokens[c - 1] for c in nodes[1:]] + [last] if prop else [last]
-    return VerifyResult(nodes, out, [item.row_start + n for n in nodes], item.num_nodes - 1, item.depth)
+    return item.result(nodes, out)
 
 
 def verify(items: Sequence[VerifyItem], logits: torch.Tensor) -> list[VerifyResult]:
