@@ -63,7 +63,7 @@ class Eagle1Head(nn.Module):
         h = cfg.hidden_size
         self.fc = nn.Linear(2 * h, h, bias=bias)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_layers))
-        self.layers[0].input_layernorm = nn.Identity()  # EAGLE's first layer reads fc's output as is
+        self.layers[0].input_layernorm = None  # EAGLE's first layer reads fc's output as is
         self.rotary = RotaryEmbedding(cfg)
         self._target_logits = target_logits  # a bound method: the target's LM head stays out of this module
 

@@ -30,14 +30,13 @@ class Eagle3Layer(LlamaDecoderLayer):
         super().__init__(cfg)
         h, a = cfg.hidden_size, self.self_attn
         self.hidden_norm = RMSNorm(h, cfg.rms_norm_eps)
-        a.q_proj = make_linear(2 * h, a.num_heads * a.head_dim, False)
-        a.k_proj = make_linear(2 * h, a.num_kv_heads * a.head_dim, False)
-        a.v_proj = make_linear(2 * h, a.num_kv_heads * a.head_dim, False)
+        a.qkv_proj = make_linear(2 * h, sum(a.qkv_sizes), False)
 
     def forward(self, emb, hidden, positions, rotary, meta, kv_cache, backend) -> torch.Tensor:
-        x = torch.cat((self.input_layernorm(emb), self.hidden_norm(hidden)), dim=-1)  # [T, 2H]
-        h = hidden + self.self_attn(x, positions, rotary, meta, kv_cache, backend)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        x = torch.cat((self.input_layernorm(emb, backend=backend), self.hidden_norm(hidden, backend=backend)), dim=-1)
+        h, x = self.post_attention_layernorm(self.self_attn(x, positions, rotary, meta, kv_cache, backend), hidden,
+                                             backend)  # the residual is the raw hidden
+        return h + self.mlp(x, backend)
 
 
 class Eagle3Head(nn.Module):

@@ -44,12 +44,8 @@ def attention(
     attn: LlamaAttention, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, cache: list[KV]
 ) -> torch.Tensor:
     """Attention of x [B, S, in] at positions [S]; appends its K/V to cache (earlier unrolled steps)."""
-    b, s, _ = x.shape
-    q = attn.q_proj(x).view(b, s, attn.num_heads, attn.head_dim)  # [B, S, heads, head_dim]
-    k = attn.k_proj(x).view(b, s, attn.num_kv_heads, attn.head_dim)
-    v = attn.v_proj(x).view(b, s, attn.num_kv_heads, attn.head_dim)
-    if hasattr(attn, "q_norm"):
-        q, k = attn.q_norm(q), attn.k_norm(k)
+    s = x.shape[1]
+    q, k, v = attn.project_qkv(x)  # [B, S, heads, head_dim]
     q, k = rotary(positions, q).transpose(1, 2), rotary(positions, k).transpose(1, 2)  # [B, heads, S, hd]
     cache.append((k, v.transpose(1, 2)))
     group = attn.num_heads // attn.num_kv_heads
@@ -67,14 +63,15 @@ def attention(
 
 def decoder_layer(layer: LlamaDecoderLayer, x, positions, rotary, cache: list[KV]) -> torch.Tensor:
     """A Llama decoder layer on [B, S, H]."""
-    x = x + attention(layer.self_attn, layer.input_layernorm(x), positions, rotary, cache)
+    h = x if layer.input_layernorm is None else layer.input_layernorm(x)
+    x = x + attention(layer.self_attn, h, positions, rotary, cache)
     return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
 def eagle_step(head: Eagle1Head, emb, feature, positions, cache: list[KV]) -> torch.Tensor:
     """EAGLE-1 next-feature prediction [B, S, H] from embeddings of x_{t+1} and features f_t, both [B, S, H]."""
     x = head.fc(torch.cat((emb, feature), dim=-1))
-    return decoder_layer(head.layers[0], x, positions, head.rotary, cache)  # its input_layernorm is Identity
+    return decoder_layer(head.layers[0], x, positions, head.rotary, cache)  # its input_layernorm is None
 
 
 def eagle3_step(head: Eagle3Head, emb, hidden, positions, cache: list[KV]) -> torch.Tensor:

@@ -12,6 +12,51 @@ import torch.nn.functional as F
 from specserve.attention import AttentionMetadata
 
 
+def rms_norm(
+    x: torch.Tensor,  # [T, hidden]
+    weight: torch.Tensor,  # [hidden]
+    eps: float,
+    residual: torch.Tensor | None = None,  # [T, hidden]
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """transformers' RMSNorm (fp32, cast back, then the weight); with residual: (x + residual, norm of that)."""
+    if residual is not None:
+        x = x + residual
+    x32 = x.float()
+    out = weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return out if residual is None else (x, out)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """[T, 2 I] = [gate | up] -> [T, I] silu(gate) * up."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [T, heads, head_dim] at positions [T] with fp32 tables [P, head_dim // 2], as transformers does."""
+    c = cos[positions].to(x.dtype)[:, None, :]  # [T, 1, head_dim // 2]
+    s = sin[positions].to(x.dtype)[:, None, :]
+    x1, x2 = x.chunk(2, dim=-1)  # [T, heads, head_dim // 2] each
+    # = x * cat(cos, cos) + rotate_half(x) * cat(sin, sin), half by half
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
+def rope_write_kv(
+    q: torch.Tensor,  # [T, num_q_heads, head_dim]
+    k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+    v: torch.Tensor,  # [T, num_kv_heads, head_dim]
+    positions: torch.Tensor,  # [T] int64
+    cos: torch.Tensor,  # [max_positions, head_dim // 2] fp32
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [T] int64; negative slots are skipped (padding)
+) -> torch.Tensor:
+    """Rotated q [T, num_q_heads, head_dim]; rotated k and v stored in their slots."""
+    write_kv(apply_rope(k, positions, cos, sin), v, k_cache, v_cache, slot_mapping)
+    return apply_rope(q, positions, cos, sin)
+
+
 def write_kv(
     k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]

@@ -1,4 +1,4 @@
-"""Triton backend: write_kv / copy_slots / paged_attention with the signatures and semantics of reference.py.
+"""Triton backend: every kernel of reference.py (attention, KV writes, the layer's fused small ops), same semantics.
 
 Without CUDA the kernels run in Triton's CPU interpreter (slow: tests and debugging only).
 """
@@ -14,10 +14,11 @@ if not torch.cuda.is_available():
 
 from specserve.attention import AttentionMetadata  # noqa: E402
 
+from .fused_ops import rms_norm, rope_write_kv, silu_and_mul  # noqa: E402
 from .kv_ops import copy_slots, write_kv  # noqa: E402
 from .tree_attention import tree_attention  # noqa: E402
 
-__all__ = ["copy_slots", "paged_attention", "write_kv"]
+__all__ = ["copy_slots", "paged_attention", "rms_norm", "rope_write_kv", "silu_and_mul", "write_kv"]
 
 
 def paged_attention(

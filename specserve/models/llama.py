@@ -4,6 +4,11 @@ The whole batch is one flat run of T query tokens; `AttentionMetadata` says whic
 to, where its K/V go and what it may attend (causal chunks and draft trees alike). Parameter names are
 Hugging Face's, so an HF state_dict loads as is. The math follows transformers op for op (RMSNorm in
 fp32, rope as q * cos + rotate_half(q) * sin) so fp32 logits match it to rounding.
+
+q/k/v and gate/up run as one matmul each (`qkv_proj`, `gate_up_proj`); state_dict() and load_state_dict()
+still speak the checkpoint's names (q_proj, k_proj, ...), and the loader fills the merged weights part by part.
+The small ops between the matmuls (RMSNorm + residual add, rope + K/V store, SiLU-and-multiply) come from the
+attention backend: fused Triton kernels on CUDA, their torch references on CPU.
 """
 
 from __future__ import annotations
@@ -13,10 +18,10 @@ from dataclasses import dataclass, field
 from types import ModuleType
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from specserve.attention import AttentionMetadata
+from specserve.kernels import reference
 from specserve.models.config import ModelConfig
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # [num_blocks, block_size, num_kv_heads, head_dim] each
@@ -27,6 +32,39 @@ def make_linear(in_features: int, out_features: int, bias: bool) -> nn.Module:
     return nn.Linear(in_features, out_features, bias=bias)
 
 
+# merged projection -> the checkpoint's projections it holds, in output order
+MERGED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def merged_part(name: str) -> tuple[str, int] | None:
+    """For a checkpoint name like `...self_attn.k_proj.weight`: (`...self_attn.qkv_proj.weight`, part 1)."""
+    *path, proj, attr = name.split(".")
+    for merged, parts in MERGED_PROJECTIONS.items():
+        if proj in parts:
+            return ".".join([*path, merged, attr]), parts.index(proj)
+    return None
+
+
+def register_merged(module: nn.Module, merged: str, sizes: list[int]) -> None:
+    """Make module's state_dict show `merged` as its parts' checkpoint names, and load_state_dict accept them."""
+    parts = MERGED_PROJECTIONS[merged]
+
+    def split(mod, state, prefix, local_metadata) -> None:
+        for attr in ("weight", "bias"):
+            whole = state.pop(prefix + f"{merged}.{attr}", None)
+            if whole is not None:
+                state.update((prefix + f"{p}.{attr}", t) for p, t in zip(parts, whole.split(sizes), strict=True))
+
+    def join(mod, state, prefix, *args) -> None:
+        for attr in ("weight", "bias"):
+            names = [prefix + f"{p}.{attr}" for p in parts]
+            if all(n in state for n in names):
+                state[prefix + f"{merged}.{attr}"] = torch.cat([state.pop(n) for n in names])
+
+    module.register_state_dict_post_hook(split)
+    module.register_load_state_dict_pre_hook(join)
+
+
 @dataclass
 class ModelOutput:
     hidden_states: torch.Tensor  # [T, hidden] after the final norm: what compute_logits takes
@@ -35,17 +73,16 @@ class ModelOutput:
 
 
 class RMSNorm(nn.Module):
-    """HF's RMSNorm: normalize in fp32, cast back, then scale."""
+    """HF's RMSNorm: normalize in fp32, cast back, then scale. Given a residual, adds it first and returns
+    (x + residual, norm(x + residual)): one kernel for the layer's add and the next norm."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, backend: ModuleType = reference):
+        return backend.rms_norm(x, self.weight, self.eps, residual)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -92,15 +129,14 @@ class RotaryEmbedding(nn.Module):
         freqs = t[:, None] * inv_freq[None, :]  # [num_positions, head_dim // 2]
         self.cos, self.sin = freqs.cos(), freqs.sin()
 
+    def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) on device, covering max_position_embeddings (longer contexts call reserve() up front)."""
+        self.reserve(self.config.max_position_embeddings, device)
+        return self.cos, self.sin
+
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Rotate x [T, heads, head_dim] at positions [T]."""
-        # Covers max_position_embeddings; longer contexts call reserve() up front (no host sync here).
-        self.reserve(self.config.max_position_embeddings, positions.device)
-        cos = self.cos[positions].to(x.dtype)[:, None, :]  # [T, 1, head_dim // 2]
-        sin = self.sin[positions].to(x.dtype)[:, None, :]
-        x1, x2 = x.chunk(2, dim=-1)  # [T, heads, head_dim // 2] each
-        # = x * cat(cos, cos) + rotate_half(x) * cat(sin, sin), half by half
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return reference.apply_rope(x, positions, *self.tables(positions.device))
 
 
 class LlamaAttention(nn.Module):
@@ -113,9 +149,10 @@ class LlamaAttention(nn.Module):
         )
         self.scale = self.head_dim**-0.5
         hidden, bias = config.hidden_size, config.qkv_bias
-        self.q_proj = make_linear(hidden, self.num_heads * self.head_dim, bias)
-        self.k_proj = make_linear(hidden, self.num_kv_heads * self.head_dim, bias)
-        self.v_proj = make_linear(hidden, self.num_kv_heads * self.head_dim, bias)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_sizes = [q_size, kv_size, kv_size]
+        self.qkv_proj = make_linear(hidden, q_size + 2 * kv_size, bias)
+        register_merged(self, "qkv_proj", self.qkv_sizes)
         self.o_proj = make_linear(self.num_heads * self.head_dim, hidden, False)
         if config.qk_norm:  # Qwen3: RMSNorm over each head before rope
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -130,28 +167,33 @@ class LlamaAttention(nn.Module):
         kv_cache: KVCache,
         backend: ModuleType,
     ) -> torch.Tensor:
-        q = self.q_proj(x).view(-1, self.num_heads, self.head_dim)  # [T, num_heads, head_dim]
-        k = self.k_proj(x).view(-1, self.num_kv_heads, self.head_dim)  # [T, num_kv_heads, head_dim]
-        v = self.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)  # [T, num_kv_heads, head_dim]
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q), rotary(positions, k)
+        q, k, v = self.project_qkv(x, backend)
         k_cache, v_cache = kv_cache
-        backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        q = backend.rope_write_kv(q, k, v, positions, *rotary.tables(q.device), k_cache, v_cache, meta.slot_mapping)
         out = backend.paged_attention(q, k_cache, v_cache, meta, self.scale)  # [T, num_heads, head_dim]
         return self.o_proj(out.flatten(1))
+
+    def project_qkv(self, x: torch.Tensor, backend: ModuleType = reference) -> tuple[torch.Tensor, ...]:
+        """q [..., num_heads, head_dim], k and v [..., num_kv_heads, head_dim] (views of one matmul), before rope."""
+        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        q = q.unflatten(-1, (self.num_heads, self.head_dim))
+        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q, backend=backend), self.k_norm(k, backend=backend)
+        return q, k, v
 
 
 class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         hidden, inter, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = make_linear(hidden, inter, bias)
-        self.up_proj = make_linear(hidden, inter, bias)
+        self.gate_up_proj = make_linear(hidden, 2 * inter, bias)
+        register_merged(self, "gate_up_proj", [inter, inter])
         self.down_proj = make_linear(inter, hidden, bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, backend: ModuleType = reference) -> torch.Tensor:
+        return self.down_proj(backend.silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -163,8 +205,10 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, positions, rotary, meta, kv_cache, backend) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, meta, kv_cache, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = x if self.input_layernorm is None else self.input_layernorm(x, backend=backend)
+        h = self.self_attn(h, positions, rotary, meta, kv_cache, backend)
+        x, h = self.post_attention_layernorm(h, x, backend)  # x += attention; h = norm(x)
+        return x + self.mlp(h, backend)
 
 
 class LlamaModel(nn.Module):
@@ -212,7 +256,7 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, positions, m.rotary_emb, meta, kv_caches[i], backend)
         taps[len(m.layers)] = x
         aux = [taps[i] for i in self.aux_layers]
-        return ModelOutput(hidden_states=m.norm(x), prenorm_hidden_states=x, aux_hidden_states=aux)
+        return ModelOutput(hidden_states=m.norm(x, backend=backend), prenorm_hidden_states=x, aux_hidden_states=aux)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] float32."""

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from specserve.models.config import ModelConfig
-from specserve.models.llama import LlamaForCausalLM, init_dummy_weights
+from specserve.models.llama import MERGED_PROJECTIONS, LlamaForCausalLM, init_dummy_weights, merged_part
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Checkpoint tensors we do not need and may skip: rope tables some exporters save.
@@ -126,10 +126,23 @@ def _gguf_tensors(path: str, hf_config: Any, dtype: torch.dtype) -> Iterator[tup
 
 @torch.no_grad()
 def _assign(model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], dtype, device) -> None:
-    """Make each checkpoint tensor the parameter of that name; error on missing or unknown tensors."""
+    """Make each checkpoint tensor the parameter of that name; error on missing or unknown tensors.
+
+    The parts of a merged projection (q_proj, k_proj, v_proj -> qkv_proj) wait until all have arrived.
+    """
     params = dict(model.named_parameters())  # a tied lm_head.weight is listed once, as embed_tokens
+    pending: dict[str, dict[int, torch.Tensor]] = {}  # merged parameter -> its parts read so far
     unexpected = []
     for name, tensor in tensors:
+        merged = merged_part(name)
+        if merged is not None and merged[0] in params:
+            target, part = merged
+            parts = pending.setdefault(target, {})
+            parts[part] = tensor.to(device, dtype)
+            if len(parts) < len(MERGED_PROJECTIONS[target.split(".")[-2]]):
+                continue
+            name, tensor = target, torch.cat([parts[i] for i in range(len(parts))])
+            del pending[target]
         if name not in params:
             tied = name == "lm_head.weight" and model.config.tie_word_embeddings
             if not (tied or KNOWN_EXTRAS.search(name)):
@@ -147,7 +160,13 @@ def _assign(model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], dtype
         n = len(unexpected)
         raise ValueError(f"checkpoint has {n} tensors unknown to the model: {_names(unexpected)}")
     _tie(model)
-    missing = [name for name, p in model.named_parameters() if p.is_meta]
+    missing = []
+    for name, p in model.named_parameters():
+        if p.is_meta:  # a merged projection is missing the parts that never came: name those
+            *path, proj, attr = name.split(".")
+            got = pending.get(name, {})
+            parts = MERGED_PROJECTIONS.get(proj, (proj,))
+            missing += [".".join([*path, part, attr]) for i, part in enumerate(parts) if i not in got]
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensors: {_names(missing)}")
 
