@@ -3,6 +3,13 @@
     python benchmarks/bench_attention.py --out attention.json     # GPU sweep, < 2 min on an H200
     python benchmarks/bench_attention.py --quick --out /tmp/a.json  # tiny subset, CPU interpreter
     python benchmarks/bench_attention.py --baseline old_tree_attention.py --out a.json  # before/after, one run
+    python benchmarks/bench_attention.py --configs w8f7s3,w4f5s5 --no-flex --out a.json  # 2 configs, ~1 min
+
+--configs times our kernel in both modes under each decode launch configuration, spelled [n<BLOCK_N>]w<warps>
+f<fused-mode stages>s<split-mode stages> over the bf16 default of DECODE_CONFIGS (w8f7s3 is the default), and
+reports the best per shape. Whatever the configs, the run checks split == fused bit for bit on a few shapes
+(CHECK_SHAPES) for each, which a config needs before it can be adopted, and lists the registers and spilled
+bytes per thread that Triton reports for each compiled kernel. The main table shows the first config.
 
 Sweep: batch {1, 8, 32, 64} x query tokens per sequence {1, 4, 8, 16, 64} (root + a random draft tree) x
 cached context {512, 2048, 8192}; head_dim 128, 32 q heads over 8 kv heads, bf16, block size 16, blocks
@@ -19,10 +26,13 @@ the host's launch cost, which graphs remove.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
+import math
 import os
 import random
+import re
 import sys
 import time
 
@@ -39,6 +49,10 @@ from specserve.kernels import reference, tree_attention  # noqa: E402
 Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 BATCHES, QUERY_LENS, CONTEXTS = (1, 8, 32, 64), (1, 4, 8, 16, 64), (512, 2048, 8192)
 FLEX_DEADLINE_S = 100  # stop starting flex compiles past this point of the run
+MODES = ("split", "fused")
+# (batch, query tokens, context) of the split == fused check: rows that see split 0 alone beside rows that
+# cross into split 1 in one tile (ctx 500), split runs that close mid-loop, and the batch-64 fused shape
+CHECK_SHAPES = [(1, 16, 500), (4, 64, 1000), (3, 4, 2047), (8, 8, 4000), (64, 16, 8192)]
 ROTATE_BYTES = 256 << 20  # K/V pools of all graph layers together: several times the L2
 
 
@@ -86,6 +100,48 @@ def copy_bandwidth(device: torch.device, cuda: bool) -> float:
     return 2 * src.numel() / timed(lambda: dst.copy_(src), cuda)
 
 
+def parse_config(spec: str) -> tree_attention.DecodeConfig:
+    """A --configs entry, e.g. w4f5s5 or n32w4f5s5, over the bf16 default."""
+    match = re.fullmatch(r"(?:n(\d+))?w(\d+)f(\d+)s(\d+)", spec)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{spec!r}: expected [n<BLOCK_N>]w<warps>f<fused stages>s<split stages>")
+    block_n, warps, fused, split = (None if g is None else int(g) for g in match.groups())
+    default = tree_attention.DECODE_CONFIGS[torch.bfloat16]
+    return dataclasses.replace(default, block_n=block_n or default.block_n, num_warps=warps, fused_stages=fused,
+                               split_stages=split)
+
+
+def config_name(config: tree_attention.DecodeConfig) -> str:
+    """The --configs spelling of config."""
+    block_n = "" if config.block_n == tree_attention.DECODE_CONFIGS[torch.bfloat16].block_n else f"n{config.block_n}"
+    return f"{block_n}w{config.num_warps}f{config.fused_stages}s{config.split_stages}"
+
+
+def new_kernels(fn) -> list:
+    """The tree-attention kernels that fn() compiles (none where it finds them compiled already); CUDA only."""
+    caches = tree_attention._tree_attn_kernel.device_caches  # device -> (kernel cache, ...)
+    seen = {id(k) for cache in caches.values() for k in cache[0].values()}
+    fn()
+    return [k for cache in caches.values() for k in cache[0].values() if id(k) not in seen]
+
+
+def split_equals_fused(config, shapes, device) -> dict[str, bool]:
+    """Per shape: split mode (planned runs, and runs of 3 splits) equals fused mode bit for bit under config."""
+    equal = {}
+    for batch, q_len, ctx in shapes:
+        q, k_cache, v_cache, meta = make_case(batch, q_len, ctx, device, seed=ctx)
+        outs = []
+        for mode, per_program in (("fused", None), ("split", None), ("split", 3)):
+            out = torch.full_like(q, float("nan"))
+            tree_attention.tree_attention(q, k_cache, v_cache, meta, HEAD_DIM**-0.5, out=out, mode=mode,
+                                          splits_per_program=per_program, config=config)
+            outs.append(out)
+        bits = [out.view(torch.int16) for out in outs]  # -0 differs from +0
+        equal[f"{batch}x{q_len}x{ctx}"] = (not outs[0].isnan().any().item()
+                                           and all(torch.equal(bits[0], b) for b in bits[1:]))
+    return equal
+
+
 def make_case(batch: int, q_len: int, ctx: int, device: torch.device, seed: int):
     """Queries, a paged bf16 pool with shuffled blocks, and metadata: every sequence = ctx + a q_len tree."""
     rng = random.Random(seed)
@@ -122,8 +178,11 @@ def gathered(q, k_cache, v_cache, meta, batch, q_len):
     return q.view(batch, q_len, Q_HEADS, HEAD_DIM).transpose(1, 2), k, v
 
 
-def run_case(batch, q_len, ctx, device, cuda, copy_bw, flex, started, baseline) -> dict:
-    """Time every implementation on one shape; check the kernel against SDPA."""
+def run_case(batch, q_len, ctx, device, cuda, copy_bw, flex, started, baseline, configs, compiled) -> dict:
+    """Time every implementation on one shape (ours under each of configs); check the kernel against SDPA.
+
+    compiled collects (registers, spilled bytes) per thread of the kernels each (config, mode) compiles.
+    """
     q, k_cache, v_cache, meta = make_case(batch, q_len, ctx, device, seed=batch * 1000 + q_len)
     scale = HEAD_DIM**-0.5
     mask = torch.stack([reference.visible_mask(meta, b) for b in range(batch)])[:, None]  # [B, 1, q, seq]
@@ -145,22 +204,35 @@ def run_case(batch, q_len, ctx, device, cuda, copy_bw, flex, started, baseline) 
         eager = timed(lambda: fn(k_cache, v_cache), cuda)
         return (graph_timed(layers(fn), eager) if cuda else eager) * 1e6, eager * 1e6
 
-    row = dict(batch=batch, q_len=q_len, ctx=ctx)
-    ours = {m: (lambda k, v, m=m: tree_attention.tree_attention(q, k, v, meta, scale, mode=m))
-            for m in ("split", "fused")}
+    row = dict(batch=batch, q_len=q_len, ctx=ctx, configs={})
     tiles = triton.cdiv(q_len, 64 // (Q_HEADS // KV_HEADS))  # the decode launch's row tiles (64 rows each)
     row["mode"], _ = tree_attention.decode_plan(tiles * batch * KV_HEADS,
                                                 triton.cdiv(meta.max_seq_len, tree_attention.SPLIT), device)
-    for m, fn in ours.items():
-        row[f"{m}_us"], row[f"{m}_eager_us"] = time_layers(fn)
+    for name, config in configs.items():
+        times = row["configs"][name] = {}
+        for m in MODES:
+            def fn(k, v, m=m, config=config):
+                return tree_attention.tree_attention(q, k, v, meta, scale, mode=m, config=config)
+
+            if cuda:
+                for kernel in new_kernels(lambda fn=fn: fn(k_cache, v_cache)):
+                    regs, spills = compiled.setdefault(name, {}).get(m, (0, 0))
+                    compiled[name][m] = max(regs, kernel.n_regs), max(spills, kernel.n_spills)
+            times[f"{m}_us"], times[f"{m}_eager_us"] = time_layers(fn)
+    first = next(iter(configs))
+    for key in ("split_us", "split_eager_us", "fused_us", "fused_eager_us"):
+        row[key] = row["configs"][first][key]
     row["ours_us"], row["ours_eager_us"] = row[f"{row['mode']}_us"], row[f"{row['mode']}_eager_us"]
+    row["best_config"] = min(configs, key=lambda n: row["configs"][n][f"{row['mode']}_us"])  # in the planned mode
+    row["best_any"] = min(((n, m) for n in configs for m in MODES), key=lambda nm: row["configs"][nm[0]][f"{nm[1]}_us"])
     row["before_us"] = None
     if baseline is not None:
         row["before_us"], _ = time_layers(lambda k, v: baseline.tree_attention(q, k, v, meta, scale))
     row["GBps"] = kv_bytes / row["ours_us"] * 1e-3
     row["copy_frac"] = row["GBps"] * 1e9 / copy_bw
     expected = run_sdpa(k_cache, v_cache).transpose(1, 2).flatten(0, 1)  # [B * q_len, Hq, D]
-    row["max_err"] = (ours[row["mode"]](k_cache, v_cache).float() - expected.float()).abs().max().item()
+    ours = tree_attention.tree_attention(q, k_cache, v_cache, meta, scale, mode=row["mode"], config=configs[first])
+    row["max_err"] = (ours.float() - expected.float()).abs().max().item()
     row["sdpa_us"], row["sdpa_eager_us"] = time_layers(run_sdpa)
     row["flex_us"] = None
     flex_shape = not cuda or (q_len in (1, 16) and ctx == 2048)  # it compiles per shape: a subset only
@@ -211,6 +283,31 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def config_markdown(rows: list[dict], bitwise: dict, compiled: dict) -> str:
+    """Per config: the split == fused check, spills, speed against the first; with several, per shape the best."""
+    names = list(bitwise)
+    lines = ["| config | split == fused bitwise | split regs / spill B | fused regs / spill B | planned-mode time /"
+             f" {names[0]}'s (geomean) | best at |", "|---|---|---|---|---|---|"]
+    for n in names:
+        failed = [shape for shape, ok in bitwise[n].items() if not ok]
+        check = f"{len(bitwise[n]) - len(failed)}/{len(bitwise[n])} shapes" + (f", fails {failed}" if failed else "")
+        regs = " | ".join("/".join(map(str, compiled.get(n, {}).get(m, ("-", "-")))) for m in MODES)
+        ratios = [r["configs"][n][f"{r['mode']}_us"] / r["configs"][names[0]][f"{r['mode']}_us"] for r in rows]
+        geomean = math.exp(sum(map(math.log, ratios)) / len(ratios))
+        wins = sum(r["best_config"] == n for r in rows)
+        lines.append(f"| {n} | {check} | {regs} | {geomean:.3f} | {wins}/{len(rows)} shapes |")
+    if len(names) == 1:
+        return "\n".join(lines)
+    lines += ["", "| batch | q/seq | ctx | mode | " + " | ".join(f"{n} split us | {n} fused us" for n in names)
+              + " | best (planned mode) | best (any mode) |", "|" + "---|" * (6 + 2 * len(names))]
+    for r in rows:
+        times = " | ".join(f"{r['configs'][n]['split_us']:.1f} | {r['configs'][n]['fused_us']:.1f}" for n in names)
+        any_name, any_mode = r["best_any"]
+        lines.append(f"| {r['batch']} | {r['q_len']} | {r['ctx']} | {r['mode']} | {times} | {r['best_config']}"
+                     f" | {any_name} {any_mode} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     """Run the sweep, print the table, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -218,6 +315,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny subset (runs on CPU under the interpreter)")
     parser.add_argument("--no-flex", action="store_true", help="skip flex_attention")
     parser.add_argument("--baseline", help="another tree_attention.py to time beside this one (before us)")
+    parser.add_argument("--configs", type=lambda text: [parse_config(c) for c in text.split(",")],
+                        default=[tree_attention.DECODE_CONFIGS[torch.bfloat16]],
+                        help="decode launch configs to time side by side, e.g. w8f7s3,w4f5s5 (see above)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -229,19 +329,25 @@ def main() -> None:
         spec = importlib.util.spec_from_file_location("baseline_tree_attention", args.baseline)
         baseline = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(baseline)
+    configs = {config_name(c): c for c in args.configs}
     shapes = [(b, ql, c) for c in CONTEXTS for b in BATCHES for ql in QUERY_LENS]
+    check_shapes = CHECK_SHAPES
     if args.quick:
-        shapes = [(1, 1, 64), (1, 16, 64), (2, 4, 100)]
-    rows = []
+        shapes, check_shapes = [(1, 1, 64), (1, 16, 64), (2, 4, 100)], [(1, 16, 500)]
+    bitwise = {n: split_equals_fused(c, check_shapes, device) for n, c in configs.items()}
+    print(f"split == fused bitwise: {bitwise}", file=sys.stderr, flush=True)
+    rows, compiled = [], {}
     for batch, q_len, ctx in shapes:
-        rows.append(run_case(batch, q_len, ctx, device, cuda, copy_bw, flex, started, baseline))
+        rows.append(run_case(batch, q_len, ctx, device, cuda, copy_bw, flex, started, baseline, configs, compiled))
         print(f"{batch=} {q_len=} {ctx=}: {rows[-1]['ours_us']:.1f} us", file=sys.stderr, flush=True)
     name = torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter)"
-    print(f"# Tree attention on {name}; copy bandwidth {copy_bw * 1e-9:.0f} GB/s\n")
+    print(f"# Tree attention on {name}; copy bandwidth {copy_bw * 1e-9:.0f} GB/s; ours: {next(iter(configs))}\n")
     print(markdown(rows))
+    print("\n" + config_markdown(rows, bitwise, compiled))
     with open(args.out, "w") as f:
-        json.dump(dict(device=name, copy_GBps=copy_bw * 1e-9, seconds=time.perf_counter() - started, rows=rows),
-                  f, indent=1)
+        json.dump(dict(device=name, copy_GBps=copy_bw * 1e-9, seconds=time.perf_counter() - started,
+                       configs={n: dataclasses.asdict(c) for n, c in configs.items()}, bitwise=bitwise,
+                       compiled=compiled, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,16 @@ Work split
     splits in one program and folds at each boundary in registers (no workspace, for batches that fill the
     GPU). Either way a split closes inside the one pipelined key loop, and both modes do the same operations in
     the same order (FMA contraction off), so the per-launch choice, taken from the batch shape, does not change
-    a bit. Queries longer than `decode_max_q` (prefill chunks) go to a second launch ("whole" mode): 128-row
-    tiles, one softmax over all keys. Which launch takes a sequence depends on its own query length only.
+    a bit. Split mode finishes the rows that see split 0 alone in its first kernel, with the same fold from the
+    empty state, and carries no fold state through its key loop (registers). Queries longer than `decode_max_q`
+    (prefill chunks) go to a second launch ("whole" mode): 128-row tiles, one softmax over all keys. Which
+    launch takes a sequence depends on its own query length only.
 
 Speed (H200 tables in benchmarks/RESULTS.md)
     Decode streams K/V, yet on the H200 this loop behaves as bound by instruction issue more than by memory:
     deeper K/V pipelines barely moved it, fewer instructions per key block did (a 64-row tile does the softmax
     of 64 rows even when a decode fills 4 of them). So blocks that every row of the tile sees skip the mask,
-    and fused mode pipelines deeper (DECODE_STAGES).
+    and fused mode pipelines deeper (DECODE_CONFIGS).
 
 Batch invariance (architecture.md, "Numerics")
     A row's result depends only on its visible keys and their slots: the split grid is absolute, keys it
@@ -40,6 +42,7 @@ Masking, worked example: 100 cached tokens, query [c0 | r d1 d2 d3], tree_offset
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -50,15 +53,29 @@ from specserve.attention import AttentionMetadata
 SPLIT = 512  # keys per split: one constant for every launch (see "Batch invariance")
 DECODE_MAX_Q = 128  # longer queries are prefill chunks: the big-tile fused launch takes them
 LOG2E = 1.4426950408889634
-# Decode/verify launch per cache dtype: (BLOCK_N keys per loop step, warps). BLOCK_N sets where the online softmax
-# rescales and the warps set the MMA layouts, so both belong to the numerics and never depend on the batch.
-DECODE_TILES = {torch.float32: (32, 8), torch.float16: (64, 8), torch.bfloat16: (64, 8)}
-# Pipeline stages per mode, speed only. The K/V copies of a key block depend on a block-table load; for that
-# chain Triton (3.6) keeps (stages + 1) / 2 K/V buffers, so at 3 stages a block's copies start only after the
-# previous block's dots, and at 7 three blocks are in flight behind the one being multiplied. 7 is what fused
-# mode was tested with on the H200; for split mode a later sweep measured 5 faster than the tested 3 (RESULTS.md).
-# Head dims over 128 take 3 stages: deeper buffers would not fit in shared memory.
-DECODE_STAGES = {"fused": 7, "split": 3}
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Decode/verify launch. block_n and num_warps belong to the numerics, so both modes share them; stages do not."""
+
+    block_n: int  # keys per loop step: where the online softmax rescales
+    num_warps: int  # sets the MMA layouts, so the order of each row's sums
+    fused_stages: int  # pipeline depth per mode, speed only
+    split_stages: int
+
+
+# Per cache dtype, never per batch (see "Batch invariance"). Stages: the K/V copies of a key block depend on a
+# block-table load; for that chain Triton (3.6) keeps (stages + 1) / 2 K/V buffers, so at 3 stages a block's
+# copies start only after the previous block's dots, and at 7 three blocks are in flight behind the one being
+# multiplied. Head dims over 128 take 3 stages: deeper buffers would not fit in shared memory. Candidates are
+# timed with `bench_attention.py --configs`, and one that changes warps or block_n is adoptable only once the
+# split == fused tests (parametrized over tests/test_kernels.py CONFIGS) pass with it on the GPU.
+DECODE_CONFIGS = {
+    torch.float32: DecodeConfig(block_n=32, num_warps=8, fused_stages=7, split_stages=3),
+    torch.float16: DecodeConfig(block_n=64, num_warps=8, fused_stages=7, split_stages=3),
+    torch.bfloat16: DecodeConfig(block_n=64, num_warps=8, fused_stages=7, split_stages=3),
+}
 FUSED_TILES_PER_SM = 0.75  # fused once the row tiles nearly fill the SMs: no workspace and no second kernel
 SPLIT_PROGRAMS_PER_SM = 4  # split mode groups splits into runs so that about this many programs per SM remain
 
@@ -73,12 +90,12 @@ def _normalize(m, l_sum, acc):
 
 @triton.jit
 def _fold(mx, den, num, lse, o):
-    """Fold one split (lse [R], o [R, D]) into the running (max, denominator, numerator)."""
+    """Fold one split (lse [R], o [R, D] as the workspace holds it) into the running (max, denominator, numerator)."""
     m_new = tl.maximum(mx, lse)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     a = tl.exp2(mx - m_safe)
     w = tl.exp2(lse - m_safe)
-    return m_new, den * a + w, num * a[:, None] + w[:, None] * o
+    return m_new, den * a + w, num * a[:, None] + w[:, None] * o.to(tl.float32)
 
 
 @triton.jit
@@ -94,30 +111,31 @@ def _row_ptrs(base, row, head, stride_t, stride_h, HEAD_DIM_P: tl.constexpr):
 
 
 @triton.jit
-def _end_split(
-    m, l_sum, acc, mx, den, num, s, row_lim, ws_o, ws_lse, ws_row, out_ptr, out_row, head, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, SPLIT: tl.constexpr, FUSED: tl.constexpr,
-):
-    """Close split s of a row tile: fold it in registers (fused) or hand it to the reduce kernel (split).
-
-    Takes row vectors and builds [rows, head_dim] pointers only when it stores: split mode calls it inside the
-    key loop, once per split.
-    """
+def _close_split(m, l_sum, acc, ws_o):
+    """(o, lse) of the split that just ended, o in the workspace dtype: both modes apply that rounding."""
     o, lse = _normalize(m, l_sum, acc)
-    o = o.to(ws_o.dtype.element_ty)  # the workspace's rounding: both modes apply it
-    if FUSED:
-        mx, den, num = _fold(mx, den, num, lse, o.to(tl.float32))
-    else:
-        todo = (row_lim >= SPLIT) & (row_lim >= s * SPLIT)  # the reduce folds splits 0..row_lim // SPLIT
-        d = tl.arange(0, HEAD_DIM_P)
-        tl.store(ws_lse + ws_row + s, lse, mask=todo)
-        tl.store(ws_o + (ws_row + s)[:, None] * HEAD_DIM_P + d[None, :], o, mask=todo[:, None])
-        if s == 0:  # rows that see split 0 only are final now: the fold the reduce would do
-            mx, den, num = _fold(mx, den, num, lse, o.to(tl.float32))
-            done = ((row_lim >= 0) & (row_lim < SPLIT))[:, None] & (d < HEAD_DIM)[None, :]  # -1: pad rows
-            tl.store(_row_ptrs(out_ptr, out_row, head, stride_ot, stride_oh, HEAD_DIM_P),
-                     _finish(num, den).to(out_ptr.dtype.element_ty), mask=done)
-    return mx, den, num
+    return o.to(ws_o.dtype.element_ty), lse
+
+
+@triton.jit
+def _store_split(
+    o, lse, s, row_lim, ws_o, ws_lse, ws_row, out_ptr, out_row, head, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, SPLIT: tl.constexpr,
+):
+    """Split mode: hand split s of a row tile to the fold kernel; rows that see split 0 only are final here."""
+    todo = (row_lim >= SPLIT) & (row_lim >= s * SPLIT)  # the fold kernel takes splits 0..row_lim // SPLIT
+    d = tl.arange(0, HEAD_DIM_P)
+    tl.store(ws_lse + ws_row + s, lse, mask=todo)
+    tl.store(ws_o + (ws_row + s)[:, None] * HEAD_DIM_P + d[None, :], o, mask=todo[:, None])
+    if s == 0:
+        # the fold of split 0 into the empty state, as fused mode computes it (these rows' later splits fold in
+        # there as exact no-ops); storing o itself would differ in the sign of zero (0 + -0 is +0) and would
+        # count on Triton's approximate fp32 divide being exact by 1
+        _, den, num = _fold(tl.full(lse.shape, float("-inf"), tl.float32), tl.zeros(lse.shape, tl.float32),
+                            tl.zeros(o.shape, tl.float32), lse, o)
+        done = ((row_lim >= 0) & (row_lim < SPLIT))[:, None] & (d < HEAD_DIM)[None, :]  # -1: pad rows
+        tl.store(_row_ptrs(out_ptr, out_row, head, stride_ot, stride_oh, HEAD_DIM_P),
+                 _finish(num, den).to(out_ptr.dtype.element_ty), mask=done)
 
 
 @triton.jit
@@ -175,7 +193,7 @@ def _tree_attn_kernel(
     # keys below open_end are visible to every real row of the tile: below hi, within the first row's causal
     # limit (ctx + t0) and before the root (from the root on, the ancestor bits decide)
     open_end = tl.minimum(tl.minimum(hi, ctx + t0 + 1), tree_base)
-    mx = tl.full([BLOCK_M], float("-inf"), tl.float32)  # splits folded so far (fused mode)
+    mx = tl.full([BLOCK_M], float("-inf"), tl.float32)  # fused mode: the splits folded so far
     den = tl.zeros([BLOCK_M], tl.float32)
     num = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)  # the current split's online softmax
@@ -185,9 +203,12 @@ def _tree_attn_kernel(
         if MODE != "whole":
             # a split ends: close it inside the one loop, so the K/V pipeline never drains
             if (start % SPLIT == 0) & (start > lo):
-                mx, den, num = _end_split(m, l_sum, acc, mx, den, num, start // SPLIT - 1, row_lim, ws_o, ws_lse,
-                                          ws_row, out_ptr, tok, head, stride_ot, stride_oh, HEAD_DIM, HEAD_DIM_P,
-                                          SPLIT, MODE == "fused")
+                o, lse = _close_split(m, l_sum, acc, ws_o)
+                if MODE == "fused":
+                    mx, den, num = _fold(mx, den, num, lse, o)
+                else:  # split mode carries no fold state through the loop (it spilled registers at 4 warps)
+                    _store_split(o, lse, start // SPLIT - 1, row_lim, ws_o, ws_lse, ws_row, out_ptr, tok, head,
+                                 stride_ot, stride_oh, HEAD_DIM, HEAD_DIM_P, SPLIT)
                 m = tl.full([BLOCK_M], float("-inf"), tl.float32)
                 l_sum = tl.zeros([BLOCK_M], tl.float32)
                 acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
@@ -233,10 +254,13 @@ def _tree_attn_kernel(
         o, _ = _normalize(m, l_sum, acc)
         tl.store(out_ptrs, o.to(out_ptr.dtype.element_ty), mask=io_mask)
         return
-    mx, den, num = _end_split(m, l_sum, acc, mx, den, num, (hi - 1) // SPLIT, row_lim, ws_o, ws_lse, ws_row, out_ptr,
-                              tok, head, stride_ot, stride_oh, HEAD_DIM, HEAD_DIM_P, SPLIT, MODE == "fused")
+    o, lse = _close_split(m, l_sum, acc, ws_o)
     if MODE == "fused":
+        mx, den, num = _fold(mx, den, num, lse, o)
         tl.store(out_ptrs, _finish(num, den).to(out_ptr.dtype.element_ty), mask=io_mask)
+    else:
+        _store_split(o, lse, (hi - 1) // SPLIT, row_lim, ws_o, ws_lse, ws_row, out_ptr, tok, head, stride_ot,
+                     stride_oh, HEAD_DIM, HEAD_DIM_P, SPLIT)
 
 
 @triton.jit
@@ -265,7 +289,7 @@ def _fold_splits_kernel(
     for s in range(0, row_lim // SPLIT + 1):
         lse = tl.load(ws_lse + ws_row + s, mask=h_ok, other=float("-inf"))
         o = tl.load(ws_o + (ws_row + s)[:, None] * HEAD_DIM_P + d[None, :], mask=h_ok[:, None], other=0.0)
-        mx, den, num = _fold(mx, den, num, lse, o.to(tl.float32))
+        mx, den, num = _fold(mx, den, num, lse, o)
     out_ptrs = out_ptr + (q_start + t).to(tl.int64) * stride_ot + h[:, None] * stride_oh + d[None, :]
     tl.store(out_ptrs, _finish(num, den).to(out_ptr.dtype.element_ty),
              mask=h_ok[:, None] & (d[None, :] < HEAD_DIM))
@@ -303,6 +327,7 @@ def tree_attention(
     splits_per_program: int | None = None,  # split mode's run length; None: decode_plan's
     split_size: int = SPLIT,
     decode_max_q: int = DECODE_MAX_Q,
+    config: DecodeConfig | None = None,  # None: DECODE_CONFIGS of the cache dtype; benchmarks try others
 ) -> torch.Tensor:
     """Paged tree attention (semantics of reference.paged_attention); no host syncs."""
     num_tokens, num_q_heads, head_dim = q.shape
@@ -319,7 +344,8 @@ def tree_attention(
     fp32 = q.dtype == torch.float32
     # the CPU interpreter mis-multiplies bf16 dots: there the operands are upcast after the same roundings
     upcast = q.device.type != "cuda" and k_cache.dtype == torch.bfloat16
-    block_n, num_warps = DECODE_TILES[k_cache.dtype]
+    config = config or DECODE_CONFIGS[k_cache.dtype]
+    block_n = config.block_n
     assert split_size % block_n == 0, "splits start on key-block boundaries"
     common = dict(
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_P=group_p, BLOCK_N=block_n, BLOCK_SIZE=block_size,
@@ -350,11 +376,11 @@ def tree_attention(
         ws_o = torch.empty(num_seqs * q_cap, num_q_heads, num_splits, head_dim_p, device=q.device, dtype=ws_dtype)
         ws_lse = torch.empty(num_seqs * q_cap, num_q_heads, num_splits, device=q.device, dtype=torch.float32)
     runs = 1 if fused else triton.cdiv(num_splits, per_program)
-    num_stages = DECODE_STAGES[mode] if head_dim_p <= 128 else 3
+    num_stages = (config.fused_stages if fused else config.split_stages) if head_dim_p <= 128 else 3
     _tree_attn_kernel[(tiles, runs, num_seqs * num_kv_heads)](
         q, k_cache, v_cache, out, ws_o, ws_lse, *args, qk_scale, 1, decode_max_q, q_cap, num_splits,
         all_keys if fused else per_program * split_size, *strides,
-        BLOCK_Q=block_q, MODE=mode, num_warps=num_warps, num_stages=num_stages, **common,
+        BLOCK_Q=block_q, MODE=mode, num_warps=config.num_warps, num_stages=num_stages, **common,
     )
     if not fused:
         _fold_splits_kernel[(num_seqs * q_cap,)](

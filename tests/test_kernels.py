@@ -2,7 +2,8 @@
 
 Without CUDA the kernels run in Triton's CPU interpreter on small shapes (a covering subset of the matrix);
 with CUDA the whole matrix runs, plus contexts to 32k. Every kernel output starts as NaN, and every cache
-slot outside the sequences is NaN, so a row left unwritten or a masked key that gets read shows up.
+slot outside the sequences is NaN, so a row left unwritten or a masked key that gets read shows up. On one
+H200, run it with at most 8 xdist workers: at 16 the long-context cases' references ran out of GPU memory.
 """
 
 import os
@@ -13,6 +14,7 @@ CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"  # must come before the process first imports triton
 
+import dataclasses  # noqa: E402
 import itertools  # noqa: E402
 import random  # noqa: E402
 import subprocess  # noqa: E402
@@ -34,6 +36,12 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 # small splits and a low prefill threshold let small CPU shapes reach every path; CUDA runs the defaults
 SPLIT = tree_attention.SPLIT if CUDA else 64
 DECODE_MAX_Q = tree_attention.DECODE_MAX_Q if CUDA else 72
+# Decode launch configurations as overrides of the cache dtype's DECODE_CONFIGS entry; candidates are named as
+# bench_attention.py --configs spells them. Warps change the MMA layouts, so a candidate must keep split == fused
+# bit for bit before it can be adopted. The interpreter ignores warps and stages: on CPU the candidates run in
+# the chain test only, to cover the plumbing.
+CONFIGS = {"default": {}, "w4f5s5": dict(num_warps=4, fused_stages=5, split_stages=5)}
+GPU_CONFIGS = list(CONFIGS) if CUDA else ["default"]
 
 
 @pytest.fixture(autouse=True)
@@ -108,12 +116,20 @@ def make_batch(seqs, *, kv_heads=2, group=2, head_dim=64, block_size=16, dtype=t
     return Batch(q.to(DEVICE), k_cache.to(DEVICE), v_cache.to(DEVICE), meta)
 
 
-def run_triton(batch: Batch, mode: str, scale: float, splits_per_program: int = 1) -> torch.Tensor:
+def run_triton(batch: Batch, mode: str, scale: float, splits_per_program: int = 1, config: str = "default"):
     """Kernel output written over a NaN-filled buffer; `scale` has no default so that it matches the reference's."""
     out = torch.full_like(batch.q, float("nan"))
+    launch = dataclasses.replace(tree_attention.DECODE_CONFIGS[batch.k_cache.dtype], **CONFIGS[config])
     tree_attention.tree_attention(batch.q, batch.k_cache, batch.v_cache, batch.meta, scale, out=out, mode=mode,
-                                  splits_per_program=splits_per_program, split_size=SPLIT, decode_max_q=DECODE_MAX_Q)
+                                  splits_per_program=splits_per_program, split_size=SPLIT, decode_max_q=DECODE_MAX_Q,
+                                  config=launch)
     return out
+
+
+def same_bits(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Bitwise equality: unlike torch.equal, -0 differs from +0."""
+    ints = {4: torch.int32, 2: torch.int16}[x.element_size()]
+    return x.dtype == y.dtype and torch.equal(x.view(ints), y.view(ints))
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -151,18 +167,20 @@ CASES = ODD_HEAD_DIMS + (list(itertools.product(KINDS, [1, 2, 4], DTYPES, [16, 3
 ])
 
 
+@pytest.mark.parametrize("config", GPU_CONFIGS)
 @pytest.mark.parametrize("kind,group,dtype,block_size,head_dim", CASES)
-def test_attention_matches_reference(kind, group, dtype, block_size, head_dim):
+def test_attention_matches_reference(kind, group, dtype, block_size, head_dim, config):
     rng = random.Random(f"{kind}{group}{dtype}{block_size}{head_dim}")
     seqs = scenario(kind, rng, scale=20 if CUDA else 1)
     batch = make_batch(seqs, kv_heads=2, group=group, head_dim=head_dim, block_size=block_size, dtype=dtype,
                        seed=rng.randrange(1 << 30))
     ref = reference.paged_attention(batch.q, batch.k_cache, batch.v_cache, batch.meta, 0.125)
     # split programs walking runs of 2 splits: one closes inside its key loop, one at the end
-    split, fused = run_triton(batch, "split", 0.125, splits_per_program=2), run_triton(batch, "fused", 0.125)
+    split = run_triton(batch, "split", 0.125, splits_per_program=2, config=config)
+    fused = run_triton(batch, "fused", 0.125, config=config)
     assert not split.isnan().any() and not ref.isnan().any()
     assert rel_err(split, ref) < TOL[dtype]
-    assert torch.equal(split, fused)  # the two modes fold the same splits in the same order
+    assert same_bits(split, fused)  # the two modes fold the same splits in the same order
 
 
 def test_entry_point_runs_default_configuration():
@@ -172,12 +190,13 @@ def test_entry_point_runs_default_configuration():
     assert rel_err(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_chain_verify_equals_plain_decode_bitwise(dtype):
+def test_chain_verify_equals_plain_decode_bitwise(dtype, config):
     """Verify rows of a chain equal plain decodes of the same tokens in other batches, bit for bit."""
     ctx, k = 2 * SPLIT - 3, 6  # the chain crosses a split boundary
     verify = make_batch([Seq(ctx, 1, list(range(k))), Seq(50, 1, [0, 0])], dtype=dtype, seed=5)
-    verified = run_triton(verify, "split", 0.125)
+    verified = run_triton(verify, "split", 0.125, config=config)
     for j in range(k + 1):
         m = verify.meta
         # token j of the chain decoded alone after j committed drafts: same slots, q_len 1, batch of 1
@@ -192,7 +211,7 @@ def test_chain_verify_equals_plain_decode_bitwise(dtype):
         )
         decode = Batch(verify.q[j : j + 1], verify.k_cache, verify.v_cache, meta)
         for mode in ("split", "fused"):
-            assert torch.equal(run_triton(decode, mode, 0.125)[0], verified[j]), (j, mode)
+            assert same_bits(run_triton(decode, mode, 0.125, config=config)[0], verified[j]), (j, mode)
 
 
 def brute_force(q, keys, values, seq: Seq, scale) -> torch.Tensor:
@@ -269,8 +288,9 @@ def test_copy_slots_matches_reference_with_overlaps(strip, monkeypatch):
 LONG_CASES = list(itertools.product(DTYPES, [1, 4, 8])) if CUDA else [(torch.float32, 1)]
 
 
+@pytest.mark.parametrize("config", GPU_CONFIGS)
 @pytest.mark.parametrize("dtype,group", LONG_CASES)
-def test_long_contexts(dtype, group):
+def test_long_contexts(dtype, group, config):
     """64 splits of context, a chain and a 64-node tree at the end of it, a prefill chunk over 23 splits.
 
     On CUDA a unit is 512 keys (contexts 32704, 20000, 8191, 12000 and 513, a 300-token chunk). Each call
@@ -284,8 +304,8 @@ def test_long_contexts(dtype, group):
     batch = make_batch(seqs, kv_heads=kv_heads, group=group, head_dim=head_dim, block_size=16, dtype=dtype, seed=7)
     scale = head_dim**-0.5
     ref = reference.paged_attention(batch.q, batch.k_cache, batch.v_cache, batch.meta, scale)
-    split, fused = run_triton(batch, "split", scale), run_triton(batch, "fused", scale)
+    split, fused = run_triton(batch, "split", scale, config=config), run_triton(batch, "fused", scale, config=config)
     assert not split.isnan().any()
     assert rel_err(split, ref) < TOL[dtype]
-    assert torch.equal(split, fused)
-    assert torch.equal(split, run_triton(batch, "split", scale, splits_per_program=5))  # one split or runs of 5
+    assert same_bits(split, fused)
+    assert same_bits(split, run_triton(batch, "split", scale, splits_per_program=5, config=config))  # runs of 5
