@@ -73,10 +73,10 @@ class Eagle1Head(nn.Module):
 
     def forward(self, emb, hidden, positions, meta, kv_layers, backend) -> torch.Tensor:
         """Draft outputs [T, H] from token embeddings and input features/hiddens, both [T, H]."""
-        x = self.fc(torch.cat((emb, hidden), dim=-1))
+        h, residual = self.fc(torch.cat((emb, hidden), dim=-1)), None
         for layer, kv in zip(self.layers, kv_layers, strict=True):
-            x = layer(x, positions, self.rotary, meta, kv, backend)
-        return x
+            h, residual = layer(h, residual, positions, self.rotary, meta, kv, backend)
+        return h + residual
 
     def top_k(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-probs [N, k], target token ids [N, k]) of the k likeliest next tokens."""

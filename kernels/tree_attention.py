@@ -71,10 +71,12 @@ class DecodeConfig:
 # multiplied. Head dims over 128 take 3 stages: deeper buffers would not fit in shared memory. Candidates are
 # timed with `bench_attention.py --configs`, and one that changes warps or block_n is adoptable only once the
 # split == fused tests (parametrized over tests/test_kernels.py CONFIGS) pass with it on the GPU.
+# bf16/fp16 at 4 warps and 5 stages: 0.77x the time of 8 warps / 7 + 3 stages over the bench's 60 shapes on an
+# H200, 73-83% of copy bandwidth at batch >= 32 and context >= 2048 (RESULTS.md); fp32 keeps 8 warps (untimed).
 DECODE_CONFIGS = {
     torch.float32: DecodeConfig(block_n=32, num_warps=8, fused_stages=7, split_stages=3),
-    torch.float16: DecodeConfig(block_n=64, num_warps=8, fused_stages=7, split_stages=3),
-    torch.bfloat16: DecodeConfig(block_n=64, num_warps=8, fused_stages=7, split_stages=3),
+    torch.float16: DecodeConfig(block_n=64, num_warps=4, fused_stages=5, split_stages=5),
+    torch.bfloat16: DecodeConfig(block_n=64, num_warps=4, fused_stages=5, split_stages=5),
 }
 FUSED_TILES_PER_SM = 0.75  # fused once the row tiles nearly fill the SMs: no workspace and no second kernel
 SPLIT_PROGRAMS_PER_SM = 4  # split mode groups splits into runs so that about this many programs per SM remain
@@ -304,13 +306,14 @@ def _num_sms(device: torch.device) -> int:
 def decode_plan(num_tiles: int, num_splits: int, device: torch.device) -> tuple[str, int]:
     """(mode, splits per split-mode program) of the decode launch for num_tiles (row tile, sequence, kv head).
 
-    Only speed depends on this. Fused once the tiles alone fill the GPU: K/V read once, no workspace, no second
-    kernel. Otherwise split mode, with runs of splits long enough to keep the pipeline full but short enough
-    to leave about SPLIT_PROGRAMS_PER_SM programs per SM (small batches, long contexts).
+    Only speed depends on this. Fused once the tiles alone fill the GPU, or when there are at most two splits
+    (a second kernel costs what the extra parallelism saves): K/V read once, no workspace. Otherwise split mode,
+    with runs of splits long enough to keep the pipeline full but short enough to leave about
+    SPLIT_PROGRAMS_PER_SM programs per SM (small batches, long contexts).
     """
     sms = _num_sms(device) if device.type == "cuda" else 1
     per_program = max(1, num_tiles * num_splits // (SPLIT_PROGRAMS_PER_SM * sms))
-    if num_splits == 1 or (device.type == "cuda" and num_tiles >= FUSED_TILES_PER_SM * sms):
+    if num_splits <= 2 or (device.type == "cuda" and num_tiles >= FUSED_TILES_PER_SM * sms):
         return "fused", per_program
     return "split", per_program
 

@@ -40,7 +40,7 @@ DECODE_MAX_Q = tree_attention.DECODE_MAX_Q if CUDA else 72
 # bench_attention.py --configs spells them. Warps change the MMA layouts, so a candidate must keep split == fused
 # bit for bit before it can be adopted. The interpreter ignores warps and stages: on CPU the candidates run in
 # the chain test only, to cover the plumbing.
-CONFIGS = {"default": {}, "w4f5s5": dict(num_warps=4, fused_stages=5, split_stages=5)}
+CONFIGS = {"default": {}, "w8f7s3": dict(num_warps=8, fused_stages=7, split_stages=3)}
 GPU_CONFIGS = list(CONFIGS) if CUDA else ["default"]
 
 

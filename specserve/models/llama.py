@@ -204,11 +204,18 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, positions, rotary, meta, kv_cache, backend) -> torch.Tensor:
-        h = x if self.input_layernorm is None else self.input_layernorm(x, backend=backend)
+    def forward(self, h, residual, positions, rotary, meta, kv_cache, backend) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, residual) -> (mlp output, residual stream before it): the stream entering the next layer is their
+        sum, which the next norm adds in its own kernel (residual None: h is the stream itself)."""
+        if residual is None:
+            residual = h
+            if self.input_layernorm is not None:
+                h = self.input_layernorm(h, backend=backend)
+        else:
+            residual, h = self.input_layernorm(h, residual, backend)
         h = self.self_attn(h, positions, rotary, meta, kv_cache, backend)
-        x, h = self.post_attention_layernorm(h, x, backend)  # x += attention; h = norm(x)
-        return x + self.mlp(h, backend)
+        residual, h = self.post_attention_layernorm(h, residual, backend)
+        return self.mlp(h, backend), residual
 
 
 class LlamaModel(nn.Module):
@@ -248,15 +255,16 @@ class LlamaForCausalLM(nn.Module):
         backend: ModuleType,
     ) -> ModelOutput:
         m = self.model
-        x = m.embed_tokens(input_ids)  # [T, hidden]
+        h, residual = m.embed_tokens(input_ids), None  # [T, hidden]; the stream is h + residual
         taps = {}  # layer index -> residual stream entering it
         for i, layer in enumerate(m.layers):
             if i in self.aux_layers:
-                taps[i] = x
-            x = layer(x, positions, m.rotary_emb, meta, kv_caches[i], backend)
+                taps[i] = h if residual is None else h + residual
+            h, residual = layer(h, residual, positions, m.rotary_emb, meta, kv_caches[i], backend)
+        x, hidden = m.norm(h, residual, backend)
         taps[len(m.layers)] = x
         aux = [taps[i] for i in self.aux_layers]
-        return ModelOutput(hidden_states=m.norm(x, backend=backend), prenorm_hidden_states=x, aux_hidden_states=aux)
+        return ModelOutput(hidden_states=hidden, prenorm_hidden_states=x, aux_hidden_states=aux)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] float32."""
