@@ -130,10 +130,10 @@ def _rope_write_kv_kernel(
         blk, off = slot // BLOCK_SIZE, slot % BLOCK_SIZE
         hk = tl.arange(0, KVH_P)[:, None]
         mk = (hk < NUM_KV) & d_ok[None, :]
-        a, b = _rotate(k_ptr, t * stride_kt + hk * stride_kh, cos, sin, HALF, HALF_P, mk)
+        k1, k2 = _rotate(k_ptr, t * stride_kt + hk * stride_kh, cos, sin, HALF, HALF_P, mk)  # (other shape than q's)
         kc = k_cache + blk * stride_kcb + off * stride_kcs + hk * stride_kch + d[None, :]
-        tl.store(kc, a.to(k_cache.dtype.element_ty), mask=mk)
-        tl.store(kc + HALF, b.to(k_cache.dtype.element_ty), mask=mk)
+        tl.store(kc, k1.to(k_cache.dtype.element_ty), mask=mk)
+        tl.store(kc + HALF, k2.to(k_cache.dtype.element_ty), mask=mk)
         vc = v_cache + blk * stride_vcb + off * stride_vcs + hk * stride_vch + d[None, :]
         vs = v_ptr + t * stride_vt + hk * stride_vh + d[None, :]
         tl.store(vc, tl.load(vs, mask=mk).to(v_cache.dtype.element_ty), mask=mk)

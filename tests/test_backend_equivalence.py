@@ -16,6 +16,7 @@ import torch
 
 SCRIPT = r"""
 import json, random, sys
+import torch
 from specserve import LLM, SamplingParams
 from specserve.drafters.base import DraftProposal
 
@@ -44,7 +45,8 @@ class RandomTreeDrafter:
 
 
 model, backend = sys.argv[1], sys.argv[2]
-llm = LLM(model=model, device="cpu", dtype="float32", attention_backend=backend,
+device = "cuda" if torch.cuda.is_available() else "cpu"  # Triton kernels take CUDA tensors off the interpreter
+llm = LLM(model=model, device=device, dtype="float32", attention_backend=backend,
           speculative_config={"method": "ngram", "num_speculative_tokens": 8})
 llm.engine.drafters["ngram:8"] = RandomTreeDrafter()
 prompts = ["a b c a b c a b", "hello world, hello world, hello", "the cat sat on the mat and the cat"]
