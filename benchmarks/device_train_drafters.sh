@@ -1,22 +1,97 @@
 #!/usr/bin/env bash
-# On the GPU machine: self-distil drafters for SmolLM2-135M-Instruct, then measure tau on MT-bench.
-# Usage: benchmarks/device_train_drafters.sh GGUF OUT "KIND[ KIND...]" [EVAL_ARMS...]
-# Needs `source benchmarks/device_setup.sh` first and .devdata/{train_prompts,mt_bench}.jsonl carried.
+# One GPU call (< 9 min wall): self-distil SmolLM2-135M-Instruct once, train EAGLE, EAGLE-3, Medusa and the draft
+# model at the same time against one deadline, measure tau on MT-bench, and return each checkpoint as a tar.
+#
+#   benchmarks/device_train_drafters.sh [GGUF] [OUT]      (default /root/m/smol.gguf and $OUT)
+#
+# From the repo root on the device, after `source benchmarks/device_setup.sh`, with .devdata/train_prompts.jsonl
+# and .devdata/mt_bench.jsonl carried. OUT receives 7 files: {eagle,eagle3,medusa,draft_model}.tar (config,
+# weights, training_curves.json), distill.safetensors (the answers: carry it back as --distill-cache to skip the
+# distillation on a later machine), tau.json and log.txt.
+#
+# Sizing, from RECIPE.md's H200 run (GGUF load ~28 s per process; teacher pass 2.5 s per 387k tokens; EAGLE
+# 95 ms, EAGLE-3 140 ms, Medusa 20 ms per step at batch 16 in randomly composed, padded batches):
+#   ~0-30 s    the eagle run loads the target
+#   ~30-70 s   distillation, once: 427 prompts x 17 answers (1 greedy, 8 at T=0.7, 8 at T=1.0), <= 256 tokens:
+#              ~7.3k answers, ~1M answer tokens (4x the last run), in static batches of 1024 sampled on the
+#              device: ~8 batches x <= 256 eager steps at an estimated 6-10 ms = 12-20 s (through the engine,
+#              whose sampling is per sequence on the host, 3.4k tokens/s: ~5 min)
+#   ~70-120 s  the other three start once the answers are cached: load (~30 s) and teacher pass (~1.6M tokens,
+#              ~11 s; EAGLE-3's with 3x aux features ~14 s)
+#   -> 330 s   training, all four at once: their steps are mostly host time, so they interleave on the GPU.
+#              Batch 32 (~216 steps an epoch), length-grouped batches, best validated epoch kept; --time-budget
+#              ends every run by TRAIN_END, its learning rate annealed by then whatever the step count.
+#   330-510 s  tau on MT-bench (80 first turns, greedy, 256 tokens): engine start with graphs ~45 s, 6 arms
+#              ~60 s; capped at 180 s.
 set -uo pipefail
-gguf=$1 out=$2 kinds=$3
-shift 3
-mkdir -p /root/td
-for k in $kinds; do
-  start=$(date +%s)
-  timeout 240 python3 -P -m specserve.cli train-drafter --kind "$k" --model "$gguf" \
-    --prompts .devdata/train_prompts.jsonl --out "/root/td/$k" --distill-cache /root/td/distill.json \
-    --device cuda 2>&1 | tr '\r' '\n' | grep -v 'it/s\]' | tail -25
-  echo "train $k: $(( $(date +%s) - start )) s"
-  cp "/root/td/$k/training_curves.json" "$out/curves_$k.json" 2>/dev/null
+gguf=${1:-/root/m/smol.gguf} out=${2:-$OUT}
+TRAIN_END=330 EVAL_LIMIT=180
+td=/root/td
+T0=$(date +%s)
+phase() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
+mkdir -p "$td" "$out"
+nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -l 10 > "$td/gpu.log" 2>&1 &
+smi=$!
+
+common=(--model "$gguf" --prompts .devdata/train_prompts.jsonl --distill-cache "$td/distill.safetensors"
+        --temperatures 0,0.7,1.0 --num-samples 8 --max-tokens 256 --max-num-seqs 1024 --device cuda
+        --batch-size 32 --group-by-length --keep-best --val-fraction 0.05)
+declare -A kind_args=(
+  [eagle]="--epochs 5 --feature-noise 0.2"
+  [eagle3]="--epochs 4 --draft-vocab-size 4096"
+  [medusa]="--epochs 3"
+  [draft_model]="--epochs 3 --lr 3e-4"
+)
+pids=()
+train() {  # in the background; its log (progress bars dropped) in $td/KIND.log
+  local kind=$1 budget=$(( T0 + TRAIN_END - $(date +%s) ))
+  (( budget < 30 )) && budget=30
+  # shellcheck disable=SC2086  # kind_args are word lists
+  timeout $(( budget + 30 )) python3 -P -m specserve.cli train-drafter --kind "$kind" --out "$td/$kind" \
+    "${common[@]}" ${kind_args[$kind]} --time-budget "$budget" 2>&1 \
+    | tr '\r' '\n' | grep --line-buffered -v -e 'it/s\]' -e 's/it\]' > "$td/$kind.log" &
+  pids+=($!)
+}
+
+phase "start: eagle run (load, distill)"
+train eagle
+eagle_pid=${pids[0]}
+until [ -f "$td/distill.safetensors" ]; do
+  if ! kill -0 "$eagle_pid" 2>/dev/null; then phase "eagle run ended before the answers were cached"; break; fi
+  sleep 2
 done
-if [ $# -gt 0 ]; then
-  args=()
-  for a in "$@"; do args+=(--arm "$a"); done
-  timeout 280 python3 -P benchmarks/eval_drafters_tau.py --model "$gguf" --mt-bench .devdata/mt_bench.jsonl \
-    --device cuda --dtype bfloat16 --out "$out/tau.json" "${args[@]}" 2>&1 | grep -v -i 'warn\|Convert'
-fi
+phase "answers cached"
+for k in eagle3 medusa draft_model; do train "$k"; done
+wait "${pids[@]}"
+phase "training done"
+
+arms=(--arm 'ngram8={"method":"ngram","num_speculative_tokens":8}')
+declare -A arm_json=(
+  [eagle]='"method":"eagle","num_speculative_tokens":48,"top_k":8,"depth":7'
+  [eagle3]='"method":"eagle3","num_speculative_tokens":48,"top_k":8,"depth":7'
+  [medusa]='"method":"medusa","num_speculative_tokens":16'
+  [draft_model]='"method":"draft_model","num_speculative_tokens":5'
+)
+for k in eagle eagle3 medusa draft_model; do
+  echo "--- $k"
+  grep -h -e '^train-drafter' -e 'Error' -e 'error' "$td/$k.log" | grep -v -e '--kind' | tail -6
+  if [ -f "$td/$k/config.json" ]; then
+    (cd "$td" && tar -cf "$out/$k.tar" --exclude=train_state.pt "$k")
+    arms+=(--arm "$k={${arm_json[$k]},\"model\":\"$td/$k\"}")
+    python3 - "$td/$k/training_curves.json" <<'EOF'
+import json, sys
+c = json.load(open(sys.argv[1]))
+t = {k: round(v) for k, v in c["times"].items()}
+print(f"times {t}; steps {c['log']['step'][-1] if c['log']['step'] else 0}/{c['total_steps']} "
+      f"({c['steps_per_epoch']} an epoch); saved step {c['saved_step']}: validation {c.get('saved_val')}")
+EOF
+  fi
+done
+cp "$td/distill.safetensors" "$out/" 2>/dev/null
+phase "tau on MT-bench"
+timeout "$EVAL_LIMIT" python3 -P benchmarks/eval_drafters_tau.py --model "$gguf" --mt-bench .devdata/mt_bench.jsonl \
+  --device cuda --dtype bfloat16 --out "$out/tau.json" "${arms[@]}" 2>&1 | grep -v -i 'warn\|convert'
+phase "done"
+kill "$smi"
+for f in "$td"/{eagle,eagle3,medusa,draft_model}.log "$td/gpu.log"; do echo "=== $f"; cat "$f"; done > "$out/log.txt"
+ls -l "$out"

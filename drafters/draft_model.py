@@ -7,6 +7,9 @@ accepts it (same token, same position), so after verification the draft lags by 
 in gpt-fast, when all k drafts are accepted the last one was never fed, and the next chunk runs it with the
 bonus token. observe() catches up long runs (prefill chunks) in chunked forwards, keeping propose small.
 
+A draft model trained by `specserve train-drafter` shares the target's embedding and LM head (its config.json
+says `specserve_shared_embeddings`): they are the target's tensors, not copies.
+
 Sampled requests draw drafts from the draft's own distribution after the request's temperature / top-k /
 top-p / min-p and hand it to verification as draft_probs, which keeps rejection sampling exact.
 """
@@ -32,7 +35,10 @@ class DraftModelDrafter:
     """Chain drafter backed by a small causal LM whose KV shares the target's blocks."""
 
     def __init__(self, spec: SpeculativeConfig, target):
-        loaded = load_model(spec.model, target.dtype, target.device)
+        # A checkpoint trained by `train-drafter` stores no embedding / LM head: it uses the target's tensors.
+        shared = {"model.embed_tokens.weight": target.model.model.embed_tokens.weight,
+                  "lm_head.weight": target.model.lm_head.weight}
+        loaded = load_model(spec.model, target.dtype, target.device, shared_tensors=shared)
         check_same_vocab(loaded, target)
         self.model = loaded.model
         cfg = loaded.config

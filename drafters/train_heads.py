@@ -31,6 +31,7 @@ from specserve.drafters.medusa import medusa_heads
 from specserve.drafters.train_data import Batch
 from specserve.models.config import ModelConfig
 from specserve.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, RotaryEmbedding
+from specserve.models.loader import SHARED_EMBEDDINGS_KEY
 
 KV = tuple[torch.Tensor, torch.Tensor]  # [B, num_kv_heads, S, head_dim] each, rope applied
 
@@ -147,20 +148,27 @@ def _write_json(obj: dict, path: str) -> None:
 
 class EagleObjective:
     """EAGLE-1/2: smooth-L1 on the next feature (weight 1.0) + CE of its logits through the target's LM head
-    against the target's next-token distribution (0.1), as in the EAGLE paper; unrolled steps weigh 0.8^j."""
+    against the target's next-token distribution (0.1), as in the EAGLE paper; unrolled steps weigh 0.8^j.
+
+    feature_noise w adds U(-w/2, w/2) to the target features the head reads (never to its targets) while the
+    module is in training mode: SafeAILab/EAGLE's `AddUniformNoise` (std 0.2 in its train config), which also
+    scales by 512 / sequence length (a side effect of its [1, S, H] layout) that we leave out.
+    """
 
     v_weight, p_weight = 1.0, 0.1
 
     aux_layers = ()
 
-    def __init__(self, target, steps: int = 1):
-        self.target, self.steps, self.max_shift = target, steps, steps
+    def __init__(self, target, steps: int = 1, feature_noise: float = 0.0):
+        self.target, self.steps, self.max_shift, self.feature_noise = target, steps, steps, feature_noise
         self.module = Eagle1Head(draft_layer_config(target.config), bias=True, target_logits=None)
 
     def loss(self, b: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         fs, embed = b.fs, self.target.model.embed_tokens
         feats = fs.hidden  # [N, H] the feature is the post-norm last hidden state, as EAGLE's runtime reads it
         feature, cache, total, metrics = feats[b.at(0)], [], 0.0, {}
+        if self.feature_noise and self.module.training:
+            feature = feature + (torch.rand_like(feature) - 0.5) * self.feature_noise
         for j in range(self.steps):
             idx = b.at(1 + j)  # [B, S]: x_{t+1+j}, and the feature f_{t+1+j} step j predicts
             out = eagle_step(self.module, embed(fs.tokens[idx]), feature, b.pos + j, cache)  # [B, S, H]
@@ -262,7 +270,9 @@ class MedusaObjective:
 
 class DraftModelObjective:
     """A small Llama of the target's first layers (plus its embedding, final norm and LM head), trained with
-    KL(target || draft) on every answer position. Embedding and LM head stay frozen: shared output space."""
+    KL(target || draft) on every answer position. Embedding and LM head stay frozen and are not saved: the
+    checkpoint declares SHARED_EMBEDDINGS_KEY and takes the target's at load time (SmolLM2's tied 49152 x 576
+    embedding alone is 57 MB in bf16, four times the two layers)."""
 
     aux_layers, max_shift = (), 0
 
@@ -286,15 +296,16 @@ class DraftModelObjective:
         return kl, {"acc_0": (logits.argmax(-1) == p.argmax(-1)).float().mean(), "kl": kl}
 
     def save(self, out_dir: str, dtype: torch.dtype) -> None:
-        """An HF model directory our loader (and transformers) reads: config.json, model.safetensors, tokenizer."""
+        """An HF-layout directory (config.json, model.safetensors) without embedding, LM head or tokenizer:
+        our loader fills them from the target (load_model(..., shared_tensors=...))."""
         cfg = self.module.config
         _save(self.module, os.path.join(out_dir, "model.safetensors"), dtype,
-              skip=("lm_head.weight",) if cfg.tie_word_embeddings else ())
+              skip=("model.embed_tokens.weight", "lm_head.weight"))
         hf = copy.deepcopy(self.loaded.hf_config)
         hf.num_hidden_layers = cfg.num_layers
+        setattr(hf, SHARED_EMBEDDINGS_KEY, True)
         if getattr(hf, "layer_types", None):
             hf.layer_types = hf.layer_types[: cfg.num_layers]
         if hasattr(hf, "quantization_config"):  # a GGUF target's: these weights are plain floats
             del hf.quantization_config
         hf.save_pretrained(out_dir)
-        self.loaded.tokenizer.save_pretrained(out_dir)

@@ -191,6 +191,47 @@ def test_draft_model_vocab_mismatch(tiny_model_dir, tmp_path):
         _build(target, "draft_model", draft)
 
 
+def write_shared_draft(path: str, target_dir: str, layers: int = 1, seed: int = 0, **config) -> str:
+    """A `train-drafter --kind draft_model` directory: the target's config cut to `layers` layers, declaring
+    specserve_shared_embeddings, with no embedding, LM head or tokenizer (they are the target's)."""
+    c = target_config(target_dir)
+    g = torch.Generator().manual_seed(seed)
+    cfg = {**c, "num_hidden_layers": layers, "specserve_shared_embeddings": True, **config}
+    t = {"model.norm.weight": 1 + 0.1 * torch.randn(cfg["hidden_size"], generator=g)}
+    for i in range(layers):
+        t.update(_layer(f"model.layers.{i}.", cfg, g))
+    return _write(path, cfg, t, "model.safetensors")
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_shared_draft_model_loads_with_target(tiny_model_dir, tmp_path, tied):
+    """The draft's embedding (and untied LM head) are the target's tensors; alone it is no model."""
+    target = tiny_model_dir()
+    draft = write_shared_draft(str(tmp_path / "draft"), target, tie_word_embeddings=tied)
+    llm = LLM(model=target, device="cpu", dtype="float32",
+              speculative_config={"method": "draft_model", "model": draft, "num_speculative_tokens": 3})
+    drafter, embed = llm.engine.drafters[llm.engine.default_arm].model, llm.engine.model.model.embed_tokens.weight
+    assert drafter.model.embed_tokens.weight.data_ptr() == embed.data_ptr()
+    assert drafter.lm_head.weight.data_ptr() == llm.engine.model.lm_head.weight.data_ptr()
+    missing = "model.embed_tokens.weight" if tied else "model.embed_tokens.weight / lm_head.weight"
+    with pytest.raises(ValueError, match=f"stores no {missing}: its config.json sets specserve_shared_embeddings, "
+                                         "so it takes them from the target it drafts for"):
+        LLM(model=draft, device="cpu", dtype="float32")
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (dict(hidden_size=48, head_dim=12), r"the target's is \(320, 64\) and this model needs \(320, 48\)"),
+        (dict(vocab_size=300), r"the target's is \(320, 64\) and this model needs \(300, 64\)"),
+    ],
+)
+def test_shared_draft_model_must_match_target(tiny_model_dir, tmp_path, config, message):
+    draft = write_shared_draft(str(tmp_path / "draft"), tiny_model_dir(), **config)
+    with pytest.raises(ValueError, match="takes model.embed_tokens.weight from its target .*" + message):
+        _build(tiny_model_dir(), "draft_model", draft)
+
+
 def test_missing_checkpoint_files(tiny_model_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         _build(tiny_model_dir(), "eagle", str(tmp_path))

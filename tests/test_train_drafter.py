@@ -13,9 +13,20 @@ import torch
 from safetensors.torch import load_file
 
 from specserve.drafters import DRAFTERS
-from specserve.drafters.train import add_train_args, run_train
-from specserve.drafters.train_data import Distilled, causal_meta, collect_features, load_prompts
+from specserve.drafters import train as train_module
+from specserve.drafters.train import add_train_args, epoch_batches, run_train, split_by_prompt
+from specserve.drafters.train_data import (
+    Distilled,
+    DistillPlan,
+    causal_meta,
+    collect_features,
+    distill,
+    encode_chat,
+    load_prompts,
+    make_batch,
+)
 from specserve.drafters.train_heads import (
+    EagleObjective,
     dense_causal_lm,
     draft_layer_config,
     draft_vocab_from_counts,
@@ -23,12 +34,12 @@ from specserve.drafters.train_heads import (
     eagle_step,
 )
 from specserve.kernels import get_backend
-from specserve.models.loader import load_model
+from specserve.models.loader import SHARED_EMBEDDINGS_KEY, load_model
 
 PROMPTS = ["Tell me about the fox.", "What is a cache?", "Write add(a, b).", "Say hello.", "Why blocks?", "Count."]
 KIND_ARGS = {
     "eagle": ["--lr", "3e-3", "--ttt-steps", "2"],
-    "eagle3": ["--lr", "3e-3", "--ttt-steps", "2", "--draft-vocab-size", "128"],
+    "eagle3": ["--lr", "3e-3", "--ttt-steps", "2", "--draft-vocab-size", "128", "--group-by-length"],
     "medusa": ["--lr", "3e-3", "--medusa-heads", "3"],
     "draft_model": ["--lr", "1e-3", "--draft-layers", "2"],
 }
@@ -49,8 +60,8 @@ def train(setup, kind: str, out: str, *extra: str) -> dict:
     add_train_args(parser)
     args = parser.parse_args([
         "--kind", kind, "--model", model, "--prompts", prompts, "--out", out, "--max-tokens", "16",
-        "--batch-size", "8", "--steps", "6", "--kv-cache-memory-gb", "0.01",
-        "--distill-cache", str(root / "distill.json"), *KIND_ARGS[kind], *extra,
+        "--batch-size", "8", "--steps", "6", "--distill-cache", str(root / "distill.safetensors"),
+        *KIND_ARGS[kind], *extra,
     ])  # batch 8 >= 6 sequences: every step sees the same data, so the loss must fall
     assert run_train(args) == 0
     with open(os.path.join(out, "training_curves.json")) as f:
@@ -116,21 +127,32 @@ def test_medusa_layout(trained):
     assert (cfg["hidden_size"], cfg["vocab_size"]) == (H, V)
 
 
-def test_draft_model_layout(trained):
+def test_draft_model_layout(setup, trained):
+    """Two layers and the final norm in HF names, no embedding / LM head / tokenizer: they are the target's."""
     out, _ = trained["draft_model"]
-    loaded = load_model(out, torch.float32, "cpu")  # our loader reads it as any HF model
-    assert loaded.config.num_layers == 2 and loaded.tokenizer is not None
     keys = load_file(os.path.join(out, "model.safetensors")).keys()
-    assert "lm_head.weight" not in keys and "model.layers.1.mlp.up_proj.weight" in keys  # tied, like the target
+    assert "model.layers.1.mlp.up_proj.weight" in keys and "model.norm.weight" in keys
+    assert "model.embed_tokens.weight" not in keys and "lm_head.weight" not in keys
+    assert json.load(open(os.path.join(out, "config.json")))[SHARED_EMBEDDINGS_KEY] is True
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "train_state.pt", "training_curves.json"]
+    with pytest.raises(ValueError, match="stores no model.embed_tokens.weight: its config.json sets "
+                                         "specserve_shared_embeddings"):
+        load_model(out, torch.float32, "cpu")
+    target = load_model(setup[0], torch.float32, "cpu").model
+    embed = target.model.embed_tokens.weight
+    draft = load_model(out, torch.float32, "cpu", shared_tensors={"model.embed_tokens.weight": embed})
+    assert draft.config.num_layers == 2 and draft.tokenizer is None
+    assert draft.model.model.embed_tokens.weight.data_ptr() == embed.data_ptr()  # the target's tensor, no copy
+    assert draft.model.lm_head.weight.data_ptr() == embed.data_ptr()  # tied, like the target
+    with pytest.raises(ValueError, match=r"the target's is \(320, 48\) and this model needs \(320, 64\)"):
+        load_model(out, torch.float32, "cpu", shared_tensors={"model.embed_tokens.weight": torch.zeros(V, 48)})
 
 
 def test_resume_continues_and_reuses_answers(setup, trained, tmp_path, monkeypatch):
     out = str(tmp_path / "eagle")
-    held_out = ("--val-fraction", "0.34")  # 2 of 6 sequences: 4 train (one step an epoch), evaluated each step
+    held_out = ("--val-fraction", "0.34")  # 2 of 6 prompts: 4 train (one step an epoch), evaluated each step
     train(setup, "eagle", out, "--steps", "3", *held_out)
-    import specserve
-
-    monkeypatch.setattr(specserve, "LLM", None)  # the cached answers must be used: no engine this time
+    monkeypatch.setattr(train_module, "distill", None)  # the cached answers must be used: no generation
     curves = train(setup, "eagle", out, "--steps", "5", "--resume", *held_out)
     assert curves["log"]["step"] == [1, 2, 3, 4, 5] and curves["num_val_sequences"] == 2
     assert [v["step"] for v in curves["log"]["val"]] == [1, 2, 3, 4, 5] and "acc_0" in curves["final_val"]
@@ -143,7 +165,7 @@ def test_teacher_pass_matches_dense_forward(setup):
     model, _, _ = setup
     loaded = load_model(model, torch.float32, "cpu")
     seqs = [[1, 5, 9, 33, 7], [1, 40, 41], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]]
-    data = Distilled(seqs, [2, 1, 4], {})
+    data = Distilled.from_lists(seqs, [2, 1, 4], [0, 1, 2], [0.0] * 3, {})
     fs = collect_features(loaded.model, get_backend("torch", torch.device("cpu")), data, "cpu",
                           aux=False, batch_tokens=10)  # two teacher batches
     with torch.no_grad():
@@ -153,7 +175,7 @@ def test_teacher_pass_matches_dense_forward(setup):
 
 
 def test_helpers():
-    meta, pos = causal_meta([3, 17], block_size=16, device="cpu")
+    meta, pos = causal_meta([3, 17], "cpu")
     assert meta.block_tables.tolist() == [[0, 0], [1, 2]] and pos.tolist() == [0, 1, 2, *range(17)]
     assert meta.slot_mapping.tolist() == [0, 1, 2, *range(16, 33)]
     counts = torch.tensor([0, 5, 1, 5, 0, 9])
@@ -188,6 +210,9 @@ def test_trained_drafter_runs_lossless(setup, trained, kind):
     fast = llm.chat(convs, params)
     assert [o.outputs[0].token_ids for o in fast] == [o.outputs[0].token_ids for o in plain]
     assert sum(o.metrics.num_draft_tokens for o in fast) > 0
+    if kind == "draft_model":  # it drafts with the target's own embedding tensor
+        draft = llm.engine.drafters[llm.engine.default_arm].model
+        assert draft.model.embed_tokens.weight.data_ptr() == loaded.model.model.embed_tokens.weight.data_ptr()
 
 
 def test_dense_heads_match_runtime_forward(setup):
@@ -200,7 +225,7 @@ def test_dense_heads_match_runtime_forward(setup):
     cfg = draft_layer_config(target.config)
     torch.manual_seed(0)
     emb, hidden = torch.randn(20, H), torch.randn(20, H)  # one sequence of 20 entries
-    meta, positions = causal_meta([20], block_size=16, device="cpu")
+    meta, positions = causal_meta([20], "cpu")
     backend = get_backend("torch", torch.device("cpu"))
     kv = [(torch.zeros(2, 16, KV_HEADS, HEAD_DIM), torch.zeros(2, 16, KV_HEADS, HEAD_DIM))]
     for head, step in ((Eagle1Head(cfg, True, None), eagle_step), (Eagle3Head(cfg, 3, 128), eagle3_step)):
@@ -208,3 +233,115 @@ def test_dense_heads_match_runtime_forward(setup):
             paged = head(emb, hidden, positions, meta, kv, backend)
             dense = step(head, emb[None], hidden[None], positions, [])[0]
         torch.testing.assert_close(dense, paged, atol=1e-5, rtol=1e-4)
+
+
+def _answers(data: Distilled) -> list[list[int]]:
+    return [data.tokens[s + p : e].tolist()
+            for s, e, p in zip(data.offsets[:-1], data.offsets[1:], data.prompt_lens, strict=True)]
+
+
+def test_distill_greedy_matches_engine(setup):
+    """The static-batch sampler at temperature 0 gives the engine's greedy answers, the stop token kept."""
+    from specserve import LLM, SamplingParams
+
+    model, _, _ = setup
+    loaded = load_model(model, torch.float32, "cpu")
+    backend, cpu = get_backend("torch", torch.device("cpu")), torch.device("cpu")
+    prompts = [encode_chat(loaded.tokenizer, p) for p in PROMPTS]
+    plan = DistillPlan(prompts, [0.0], 1, max_tokens=20, batch_size=4, seed=0)  # two batches: 4 + 2
+    eos = loaded.config.eos_token_ids
+    stop = _answers(distill(loaded.model, backend, plan, eos, cpu, {}))[0][6]  # the tiny model never says eos
+    data = distill(loaded.model, backend, plan, [stop, *eos], cpu, {})
+    llm = LLM(model=model, device="cpu", loaded_model=loaded, num_kv_blocks=256)
+    ref = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop]))
+    answers = _answers(data)
+    assert answers == [list(o.outputs[0].token_ids) for o in ref]
+    assert answers[0][-1] == stop and len(answers[0]) <= 7 and any(len(a) == 20 for a in answers)
+    assert data.prompt_lens.tolist() == [len(p) for p in prompts] and data.prompt_index.tolist() == list(range(6))
+
+
+def test_distill_mixed_temperatures_and_cache(setup, tmp_path):
+    """One greedy and num_samples sampled answers per prompt at each temperature, recorded per sequence;
+    the cache round-trips through safetensors."""
+    model, _, _ = setup
+    loaded = load_model(model, torch.float32, "cpu")
+    prompts = [encode_chat(loaded.tokenizer, p) for p in PROMPTS[:2]]
+    plan = DistillPlan(prompts, [0.0, 0.7, 1.5], 3, max_tokens=12, batch_size=5, seed=1)
+    data = distill(loaded.model, get_backend("torch", torch.device("cpu")), plan, loaded.config.eos_token_ids,
+                   torch.device("cpu"), {"seed": 1})
+    assert data.num_sequences == 2 * 7 and data.prompt_index.tolist() == [0] * 7 + [1] * 7
+    assert data.temperatures.tolist()[:7] == [0.0] + [pytest.approx(0.7)] * 3 + [1.5] * 3
+    answers = {tuple(data.tokens[s:e].tolist()) for s, e in zip(data.offsets[:-1], data.offsets[1:], strict=True)}
+    assert len(answers) > 7  # sampled answers differ
+    path = str(tmp_path / "d.safetensors")
+    data.save(path)
+    back = Distilled.load(path)
+    assert back.meta == {"seed": 1} and torch.equal(back.tokens, data.tokens) and back.tokens.dtype == torch.int32
+    assert torch.equal(back.offsets, data.offsets) and torch.equal(back.temperatures, data.temperatures)
+    mask = data.answer_mask()
+    assert int(mask.sum()) == data.num_answer_tokens and not mask[: data.prompt_lens[0]].any()
+
+
+def test_split_by_prompt():
+    prompt_index = torch.arange(40).repeat_interleave(16)  # 40 prompts x 16 answers
+    train_ids, val_ids = split_by_prompt(prompt_index, 0.1, seed=3)
+    assert len(val_ids) == 4 * 16 and len(train_ids) + len(val_ids) == 640
+    assert not set(prompt_index[val_ids].tolist()) & set(prompt_index[train_ids].tolist())
+    assert torch.equal(split_by_prompt(prompt_index, 0.1, seed=3)[1], val_ids)
+
+
+def test_keep_best_saves_best_validated_module(setup, tmp_path):
+    out = str(tmp_path / "medusa")
+    curves = train(setup, "medusa", out, "--steps", "5", "--val-fraction", "0.34", "--keep-best", "--lr", "3e-2")
+    vals = curves["log"]["val"]
+    assert [v["step"] for v in vals] == [1, 2, 3, 4, 5]  # 4 training sequences, batch 8: one step an epoch
+    best = max(vals, key=lambda v: v["acc_0"])
+    assert curves["saved_step"] == best["step"] and curves["saved_val"] == best
+    state = torch.load(os.path.join(out, "train_state.pt"), weights_only=False)
+    saved = load_file(os.path.join(out, "medusa_lm_head.safetensors"))
+    for name, value in state["best"]["module"].items():
+        torch.testing.assert_close(saved[name], value.to(torch.bfloat16))
+
+
+def test_time_budget_stops_annealed(setup, tmp_path):
+    curves = train(setup, "medusa", str(tmp_path / "m"), "--time-budget", "1e-6", "--val-fraction", "0")
+    assert curves["stopped_at_step"] == 1 and curves["log"]["step"] == [1]
+    assert curves["log"]["lr"] == [pytest.approx(3e-3 * 0.1)]  # out of time: the schedule's end
+
+
+def test_feature_noise_only_in_training(setup):
+    model, _, _ = setup
+    loaded = load_model(model, torch.float32, "cpu")
+    data = Distilled.from_lists([[1, 5, 9, 33, 7, 8], [1, 40, 41, 42]], [2, 1], [0, 1], [0.0, 0.0], {})
+    fs = collect_features(loaded.model, get_backend("torch", torch.device("cpu")), data, "cpu", aux=False)
+    obj = EagleObjective(loaded.model, steps=2, feature_noise=0.2)
+    batch = make_batch(fs, torch.arange(2), obj.max_shift)
+    with torch.no_grad():
+        obj.module.eval()
+        assert obj.loss(batch)[0] == obj.loss(batch)[0]
+        obj.module.train()
+        assert obj.loss(batch)[0] != obj.loss(batch)[0]
+
+
+def test_group_by_length_batches():
+    lens = torch.randint(5, 500, (1000,))
+    train_ids = torch.arange(3, 1000, 2)  # 499 sequences
+    args = argparse.Namespace(seed=0, group_by_length=True)
+    batches = epoch_batches(train_ids, lens, 8, 0, args)
+    assert len(batches) == 63 and sorted(torch.cat(batches).tolist()) == train_ids.tolist()
+    padded = sum(len(b) * int(lens[b].max()) for b in batches)
+    plain = sum(len(b) * int(lens[b].max()) for b in epoch_batches(train_ids, lens, 8, 0, argparse.Namespace(
+        seed=0, group_by_length=False)))
+    assert padded < 0.7 * plain  # far less padding than random batches
+    assert [b.tolist() for b in epoch_batches(train_ids, lens, 8, 0, args)] == [b.tolist() for b in batches]
+
+
+def test_temperature_flags(capsys):
+    parser = argparse.ArgumentParser()
+    add_train_args(parser)
+    base = ["--kind", "eagle", "--prompts", "p.jsonl", "--out", "o"]
+    assert parser.parse_args([*base, "--temperature", "0.7"]).temperatures == [0.7]  # the old spelling
+    assert parser.parse_args([*base, "--temperatures", "0,0.7,1"]).temperatures == [0.0, 0.7, 1.0]
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--temperatures", "0.7,0.7"])
+    assert "distinct temperatures" in capsys.readouterr().err

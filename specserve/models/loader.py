@@ -3,11 +3,16 @@
 The model is built on the meta device and each checkpoint tensor becomes its parameter once converted
 to the target dtype/device, so the full model is never held twice. A parameter still on the meta
 device afterwards is a missing weight.
+
+A draft model may leave its embedding and LM head to its target: its config.json then says
+`"specserve_shared_embeddings": true`, it stores neither, and load_model(..., shared_tensors=...) takes the
+target's tensors as they are (no copy).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import os
 import re
@@ -25,6 +30,7 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Checkpoint tensors we do not need and may skip: rope tables some exporters save.
 KNOWN_EXTRAS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+SHARED_EMBEDDINGS_KEY = "specserve_shared_embeddings"
 
 
 @dataclass
@@ -48,9 +54,18 @@ def default_model_path() -> str:
 
 
 def load_model(
-    path: str | None, dtype: torch.dtype, device: torch.device | str, load_format: str = "auto", seed: int = 0
+    path: str | None,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    load_format: str = "auto",
+    seed: int = 0,
+    shared_tensors: dict[str, torch.Tensor] | None = None,
 ) -> LoadedModel:
-    """Config, weights (or random ones for load_format="dummy") and tokenizer of the model at path."""
+    """Config, weights (or random ones for load_format="dummy") and tokenizer of the model at path.
+
+    shared_tensors: the target's `model.embed_tokens.weight` (and `lm_head.weight`), used by a checkpoint that
+    declares SHARED_EMBEDDINGS_KEY (in dtype on device, they are not copied); ignored by one that stores its own.
+    """
     from transformers import AutoConfig
 
     if load_format not in ("auto", "dummy"):
@@ -72,6 +87,7 @@ def load_model(
     else:
         raise FileNotFoundError(f"{path!r} is neither a .gguf file nor a directory with a config.json")
     config = ModelConfig.from_hf(hf_config)
+    shared = _shared(path, hf_config, config, shared_tensors or {})
 
     with torch.device("meta"):
         model = LlamaForCausalLM(config).to(dtype)
@@ -81,16 +97,40 @@ def load_model(
         init_dummy_weights(model, seed)
     else:
         tensors = _gguf_tensors(path, hf_config, dtype) if gguf else _safetensors(model_dir)
-        _assign(model, tensors, dtype, device)
+        _assign(model, itertools.chain(shared.items(), tensors), dtype, device)
     model.requires_grad_(False).eval()
 
-    tokenizer = None
-    if gguf or load_format == "auto" or _has_tokenizer(model_dir):
+    tokenizer = None  # a checkpoint sharing the target's embedding has the target's vocabulary: it may omit it
+    if gguf or _has_tokenizer(model_dir) or (load_format == "auto" and not shared):
         from transformers import AutoTokenizer
 
         kwargs = {"gguf_file": gguf_name} if gguf else {}
         tokenizer = AutoTokenizer.from_pretrained(model_dir, **kwargs)
     return LoadedModel(model, config, hf_config, tokenizer, path)
+
+
+def _shared(path: str, hf_config: Any, config: ModelConfig, given: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint leaves to its target (none unless it declares SHARED_EMBEDDINGS_KEY), checked."""
+    if not getattr(hf_config, SHARED_EMBEDDINGS_KEY, False):
+        return {}
+    names = ["model.embed_tokens.weight"] + ([] if config.tie_word_embeddings else ["lm_head.weight"])
+    missing = [n for n in names if n not in given]
+    if missing:
+        raise ValueError(
+            f"{path!r} stores no {' / '.join(missing)}: its config.json sets {SHARED_EMBEDDINGS_KEY}, so it takes "
+            "them from the target it drafts for; use it as a draft model (speculative_config method "
+            "'draft_model') of that target, or pass load_model(..., shared_tensors=...)"
+        )
+    want = (config.vocab_size, config.hidden_size)
+    for n in names:
+        t = given[n]
+        if tuple(t.shape) != want:
+            raise ValueError(
+                f"{path!r} takes {n} from its target ({SHARED_EMBEDDINGS_KEY}), but the target's is "
+                f"{tuple(t.shape)} and this model needs {want} (vocab, hidden): use it with the target it was "
+                "trained for"
+            )
+    return {n: given[n] for n in names}
 
 
 def _safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
