@@ -40,7 +40,7 @@ declare -A kind_args=(
   [eagle]="--epochs 5 --feature-noise 0.2"
   [eagle3]="--epochs 4 --draft-vocab-size 4096"
   [medusa]="--epochs 3"
-  [draft_model]="--epochs 3 --lr 3e-4"
+  [draft_model]="--epochs 3"
 )
 pids=()
 train() {  # in the background; its log (progress bars dropped) in $td/KIND.log

@@ -48,7 +48,9 @@ from specserve.kernels import get_backend
 from specserve.models.loader import load_model
 
 KINDS = ("eagle", "eagle3", "medusa", "draft_model")
-DEFAULT_LR = {"eagle": 5e-4, "eagle3": 5e-4, "medusa": 1e-3, "draft_model": 1e-4}
+# draft_model: 1e-3 beat 3e-4 and 1e-4 on held-out prompts in a CPU run (SmolLM2, 40 prompts x 3 answers,
+# 120 steps of 8 sequences: validation top-1 0.21 / 0.16 / 0.12): two truncated layers have far to go.
+DEFAULT_LR = {"eagle": 5e-4, "eagle3": 5e-4, "medusa": 1e-3, "draft_model": 1e-3}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
