@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from specserve.detokenizer import IncrementalDetokenizer
-from specserve.drafters.ngram import ngram_lookup
+from specserve.drafters.ngram import NgramIndex
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +51,36 @@ def test_earliest_of_several_stop_strings_wins(tokenizer):
     assert hit == "beta" and detok.text == " alpha "
 
 
+def ngram_lookup(tokens: list[int], min_n: int, max_n: int, k: int) -> list[int]:
+    """A fresh index's lookup."""
+    return NgramIndex(min_n, max_n).lookup(tokens, k)
+
+
+def brute_force_lookup(tokens: list[int], min_n: int, max_n: int, k: int) -> list[int]:
+    """The definition: longest suffix first, its latest occurrence that ends before the last token."""
+    total = len(tokens)
+    for n in range(min(max_n, total - 1), min_n - 1, -1):
+        starts = [i for i in range(total - n) if tokens[i : i + n] == tokens[total - n :]]
+        if starts:
+            return tokens[starts[-1] + n : starts[-1] + n + k]
+    return []
+
+
 def test_ngram_lookup_takes_the_latest_longest_match():
-    tokens = np.array([1, 2, 3, 9, 1, 2, 3, 4, 5, 1, 2, 3])
+    tokens = [1, 2, 3, 9, 1, 2, 3, 4, 5, 1, 2, 3]
     # suffix [1 2 3] last occurred at 4 -> continue with [4 5 1 ...]
     assert ngram_lookup(tokens, 1, 3, 3) == [4, 5, 1]
     assert ngram_lookup(tokens, 1, 3, 10) == [4, 5, 1, 2, 3]  # stops at the end of the sequence
-    assert ngram_lookup(np.array([7, 8, 9]), 1, 3, 4) == []  # no earlier occurrence
-    assert ngram_lookup(np.array([5, 6, 5]), 2, 3, 4) == []  # only a 1-gram matches, below the minimum
-    assert ngram_lookup(np.array([5, 6, 5]), 1, 3, 4) == [6, 5]
+    assert ngram_lookup([7, 8, 9], 1, 3, 4) == []  # no earlier occurrence
+    assert ngram_lookup([5, 6, 5], 2, 3, 4) == []  # only a 1-gram matches, below the minimum
+    assert ngram_lookup([5, 6, 5], 1, 3, 4) == [6, 5]
+
+
+def test_incremental_index_equals_brute_force():
+    rng = np.random.default_rng(0)
+    for min_n, max_n in ((1, 3), (2, 4), (3, 3)):
+        tokens = rng.integers(0, 6, size=5).tolist()
+        index = NgramIndex(min_n, max_n)
+        while len(tokens) < 300:  # grow by 1-5 tokens a step, as accepted drafts do
+            assert index.lookup(tokens, 4) == brute_force_lookup(tokens, min_n, max_n, 4), len(tokens)
+            tokens += rng.integers(0, 6, size=int(rng.integers(1, 6))).tolist()
