@@ -23,9 +23,11 @@
 #              ends every run by TRAIN_END, its learning rate annealed by then whatever the step count.
 #   330-510 s  tau on MT-bench (80 first turns, greedy, 256 tokens): engine start with graphs ~45 s, 6 arms
 #              ~60 s; capped at 180 s.
+# Knobs (environment): TRAIN_END, EVAL_LIMIT (seconds), NUM_SAMPLES (answers per prompt and temperature),
+# EAGLE_EPOCHS, DRAFT_MODEL_EPOCHS, DRAFT_VOCAB (EAGLE-3's draft vocabulary).
 set -uo pipefail
 gguf=${1:-/root/m/smol.gguf} out=${2:-$OUT}
-TRAIN_END=330 EVAL_LIMIT=180
+TRAIN_END=${TRAIN_END:-330} EVAL_LIMIT=${EVAL_LIMIT:-180}
 td=/root/td
 T0=$(date +%s)
 phase() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
@@ -34,7 +36,7 @@ nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -l 10 >
 smi=$!
 
 common=(--model "$gguf" --prompts .devdata/train_prompts.jsonl --distill-cache "$td/distill.safetensors"
-        --temperatures 0,0.7,1.0 --num-samples 8 --max-tokens 256 --max-num-seqs 1024 --device cuda
+        --temperatures 0,0.7,1.0 --num-samples ${NUM_SAMPLES:-8} --max-tokens 256 --max-num-seqs 1024 --device cuda
         --batch-size 32 --group-by-length --keep-best --val-fraction 0.05)
 declare -A kind_args=(
   [eagle]="--epochs 5 --feature-noise 0.2"
