@@ -24,7 +24,7 @@
 #   330-510 s  tau on MT-bench (80 first turns, greedy, 256 tokens): engine start with graphs ~45 s, 6 arms
 #              ~60 s; capped at 180 s.
 # Knobs (environment): TRAIN_END, EVAL_LIMIT (seconds), NUM_SAMPLES (answers per prompt and temperature),
-# EAGLE_EPOCHS, DRAFT_MODEL_EPOCHS, DRAFT_VOCAB (EAGLE-3's draft vocabulary).
+# EAGLE_EPOCHS, EAGLE3_EPOCHS, DRAFT_MODEL_EPOCHS, DRAFT_VOCAB (EAGLE-3's draft vocabulary).
 set -uo pipefail
 gguf=${1:-/root/m/smol.gguf} out=${2:-$OUT}
 TRAIN_END=${TRAIN_END:-330} EVAL_LIMIT=${EVAL_LIMIT:-180}
@@ -39,10 +39,10 @@ common=(--model "$gguf" --prompts .devdata/train_prompts.jsonl --distill-cache "
         --temperatures 0,0.7,1.0 --num-samples ${NUM_SAMPLES:-8} --max-tokens 256 --max-num-seqs 1024 --device cuda
         --batch-size 32 --group-by-length --keep-best --val-fraction 0.05)
 declare -A kind_args=(
-  [eagle]="--epochs 5 --feature-noise 0.2"
-  [eagle3]="--epochs 4 --draft-vocab-size 4096"
+  [eagle]="--epochs ${EAGLE_EPOCHS:-5} --feature-noise 0.2"
+  [eagle3]="--epochs ${EAGLE3_EPOCHS:-4} --draft-vocab-size ${DRAFT_VOCAB:-4096}"
   [medusa]="--epochs 3"
-  [draft_model]="--epochs 3"
+  [draft_model]="--epochs ${DRAFT_MODEL_EPOCHS:-3}"
 )
 pids=()
 train() {  # in the background; its log (progress bars dropped) in $td/KIND.log
