@@ -300,7 +300,7 @@ def test_keep_best_saves_best_validated_module(setup, tmp_path):
     state = torch.load(os.path.join(out, "train_state.pt"), weights_only=False)
     saved = load_file(os.path.join(out, "medusa_lm_head.safetensors"))
     for name, value in state["best"]["module"].items():
-        torch.testing.assert_close(saved[name], value.to(torch.bfloat16))
+        torch.testing.assert_close(saved[name], value.to("cpu", torch.bfloat16))  # trained on CUDA where there is one
 
 
 def test_time_budget_stops_annealed(setup, tmp_path):
