@@ -241,7 +241,8 @@ def build_smol(args) -> tuple[LLM, object, list[list[int]]]:
     loaded = load_model(args.gguf, torch.bfloat16, args.device)
     weights = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "drafters", "weights",
                            "smollm2-135m-instruct")
-    arms = {"ngram": NGRAM, "ngram-adaptive": {**NGRAM, "adaptive": True}}
+    arms = {"ngram": NGRAM, "ngram-adaptive": {**NGRAM, "adaptive": True},
+            "ngram8-adaptive": {**NGRAM, "num_speculative_tokens": 8, "adaptive": True}}  # the tau eval's best k
     for method, extra in LEARNED.items():
         if os.path.isfile(os.path.join(weights, method, "config.json")):
             arms[method] = {"method": method, "model": os.path.join(weights, method), **extra}
