@@ -35,14 +35,6 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
 ENGINE = dict(device="cpu", dtype="float32", max_num_batched_tokens=48)  # long prompts prefill in chunks
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def target(tiny_model_dir):
     return tiny_model_dir()

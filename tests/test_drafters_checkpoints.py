@@ -17,15 +17,6 @@ from safetensors.torch import save_file
 from specserve.llm import LLM
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls on a shared 2-core box run ~10x faster on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def target_config(target_dir: str) -> dict:
     with open(os.path.join(target_dir, "config.json")) as f:
         return json.load(f)
