@@ -5,8 +5,8 @@
     python benchmarks/bench_attention.py --baseline old_tree_attention.py --out a.json  # before/after, one run
     python benchmarks/bench_attention.py --configs w8f7s3,w4f5s5 --no-flex --out a.json  # 2 configs, ~1 min
 
---configs times our kernel in both modes under each decode launch configuration, spelled [n<BLOCK_N>]w<warps>
-f<fused-mode stages>s<split-mode stages> over the bf16 default of DECODE_CONFIGS (w8f7s3 is the default), and
+--configs times our kernel in both modes under each decode launch configuration, spelled [p<SPLIT>][n<BLOCK_N>]
+w<warps>f<fused-mode stages>s<split-mode stages> over the bf16 default of DECODE_CONFIGS (w4f5s5 is the default), and
 reports the best per shape. Whatever the configs, the run checks split == fused bit for bit on a few shapes
 (CHECK_SHAPES) for each, which a config needs before it can be adopted, and lists the registers and spilled
 bytes per thread that Triton reports for each compiled kernel. The main table shows the first config.
@@ -101,20 +101,24 @@ def copy_bandwidth(device: torch.device, cuda: bool) -> float:
 
 
 def parse_config(spec: str) -> tree_attention.DecodeConfig:
-    """A --configs entry, e.g. w4f5s5 or n32w4f5s5, over the bf16 default."""
-    match = re.fullmatch(r"(?:n(\d+))?w(\d+)f(\d+)s(\d+)", spec)
+    """A --configs entry, e.g. w4f5s5, n32w4f5s5 or p128w4f5s5 (128-key splits), over the bf16 default."""
+    match = re.fullmatch(r"(?:p(\d+))?(?:n(\d+))?w(\d+)f(\d+)s(\d+)", spec)
     if match is None:
-        raise argparse.ArgumentTypeError(f"{spec!r}: expected [n<BLOCK_N>]w<warps>f<fused stages>s<split stages>")
-    block_n, warps, fused, split = (None if g is None else int(g) for g in match.groups())
+        raise argparse.ArgumentTypeError(
+            f"{spec!r}: expected [p<SPLIT>][n<BLOCK_N>]w<warps>f<fused stages>s<split stages>"
+        )
+    split, block_n, warps, fused, split_stages = (None if g is None else int(g) for g in match.groups())
     default = tree_attention.DECODE_CONFIGS[torch.bfloat16]
-    return dataclasses.replace(default, block_n=block_n or default.block_n, num_warps=warps, fused_stages=fused,
-                               split_stages=split)
+    return dataclasses.replace(default, split=split or default.split, block_n=block_n or default.block_n,
+                               num_warps=warps, fused_stages=fused, split_stages=split_stages)
 
 
 def config_name(config: tree_attention.DecodeConfig) -> str:
     """The --configs spelling of config."""
-    block_n = "" if config.block_n == tree_attention.DECODE_CONFIGS[torch.bfloat16].block_n else f"n{config.block_n}"
-    return f"{block_n}w{config.num_warps}f{config.fused_stages}s{config.split_stages}"
+    default = tree_attention.DECODE_CONFIGS[torch.bfloat16]
+    split = "" if config.split == default.split else f"p{config.split}"
+    block_n = "" if config.block_n == default.block_n else f"n{config.block_n}"
+    return f"{split}{block_n}w{config.num_warps}f{config.fused_stages}s{config.split_stages}"
 
 
 def new_kernels(fn) -> list:
@@ -206,10 +210,10 @@ def run_case(batch, q_len, ctx, device, cuda, copy_bw, flex, started, baseline, 
 
     row = dict(batch=batch, q_len=q_len, ctx=ctx, configs={})
     tiles = triton.cdiv(q_len, 64 // (Q_HEADS // KV_HEADS))  # the decode launch's row tiles (64 rows each)
-    row["mode"], _ = tree_attention.decode_plan(tiles * batch * KV_HEADS,
-                                                triton.cdiv(meta.max_seq_len, tree_attention.SPLIT), device)
     for name, config in configs.items():
         times = row["configs"][name] = {}
+        times["mode"], _ = tree_attention.decode_plan(tiles * batch * KV_HEADS,
+                                                      triton.cdiv(meta.max_seq_len, config.split), device)
         for m in MODES:
             def fn(k, v, m=m, config=config):
                 return tree_attention.tree_attention(q, k, v, meta, scale, mode=m, config=config)
@@ -219,11 +223,13 @@ def run_case(batch, q_len, ctx, device, cuda, copy_bw, flex, started, baseline, 
                     regs, spills = compiled.setdefault(name, {}).get(m, (0, 0))
                     compiled[name][m] = max(regs, kernel.n_regs), max(spills, kernel.n_spills)
             times[f"{m}_us"], times[f"{m}_eager_us"] = time_layers(fn)
+        times["planned_us"] = times[f"{times['mode']}_us"]
     first = next(iter(configs))
+    row["mode"] = row["configs"][first]["mode"]
     for key in ("split_us", "split_eager_us", "fused_us", "fused_eager_us"):
         row[key] = row["configs"][first][key]
     row["ours_us"], row["ours_eager_us"] = row[f"{row['mode']}_us"], row[f"{row['mode']}_eager_us"]
-    row["best_config"] = min(configs, key=lambda n: row["configs"][n][f"{row['mode']}_us"])  # in the planned mode
+    row["best_config"] = min(configs, key=lambda n: row["configs"][n]["planned_us"])  # each in its planned mode
     row["best_any"] = min(((n, m) for n in configs for m in MODES), key=lambda nm: row["configs"][nm[0]][f"{nm[1]}_us"])
     row["before_us"] = None
     if baseline is not None:
@@ -292,18 +298,19 @@ def config_markdown(rows: list[dict], bitwise: dict, compiled: dict) -> str:
         failed = [shape for shape, ok in bitwise[n].items() if not ok]
         check = f"{len(bitwise[n]) - len(failed)}/{len(bitwise[n])} shapes" + (f", fails {failed}" if failed else "")
         regs = " | ".join("/".join(map(str, compiled.get(n, {}).get(m, ("-", "-")))) for m in MODES)
-        ratios = [r["configs"][n][f"{r['mode']}_us"] / r["configs"][names[0]][f"{r['mode']}_us"] for r in rows]
+        ratios = [r["configs"][n]["planned_us"] / r["configs"][names[0]]["planned_us"] for r in rows]
         geomean = math.exp(sum(map(math.log, ratios)) / len(ratios))
         wins = sum(r["best_config"] == n for r in rows)
         lines.append(f"| {n} | {check} | {regs} | {geomean:.3f} | {wins}/{len(rows)} shapes |")
     if len(names) == 1:
         return "\n".join(lines)
-    lines += ["", "| batch | q/seq | ctx | mode | " + " | ".join(f"{n} split us | {n} fused us" for n in names)
-              + " | best (planned mode) | best (any mode) |", "|" + "---|" * (6 + 2 * len(names))]
+    lines += ["", "| batch | q/seq | ctx | " + " | ".join(f"{n} mode | {n} split us | {n} fused us" for n in names)
+              + " | best (planned mode) | best (any mode) |", "|" + "---|" * (5 + 3 * len(names))]
     for r in rows:
-        times = " | ".join(f"{r['configs'][n]['split_us']:.1f} | {r['configs'][n]['fused_us']:.1f}" for n in names)
+        times = " | ".join(f"{r['configs'][n]['mode']} | {r['configs'][n]['split_us']:.1f} | "
+                           f"{r['configs'][n]['fused_us']:.1f}" for n in names)
         any_name, any_mode = r["best_any"]
-        lines.append(f"| {r['batch']} | {r['q_len']} | {r['ctx']} | {r['mode']} | {times} | {r['best_config']}"
+        lines.append(f"| {r['batch']} | {r['q_len']} | {r['ctx']} | {times} | {r['best_config']}"
                      f" | {any_name} {any_mode} |")
     return "\n".join(lines)
 

@@ -50,15 +50,16 @@ import triton.language as tl
 
 from specserve.attention import AttentionMetadata
 
-SPLIT = 512  # keys per split: one constant for every launch (see "Batch invariance")
 DECODE_MAX_Q = 128  # longer queries are prefill chunks: the big-tile fused launch takes them
 LOG2E = 1.4426950408889634
 
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Decode/verify launch. block_n and num_warps belong to the numerics, so both modes share them; stages do not."""
+    """Decode/verify launch. split, block_n and num_warps belong to the numerics, so both modes share them; stages
+    do not."""
 
+    split: int  # keys per split: the absolute split grid, one per dtype for every launch (see "Batch invariance")
     block_n: int  # keys per loop step: where the online softmax rescales
     num_warps: int  # sets the MMA layouts, so the order of each row's sums
     fused_stages: int  # pipeline depth per mode, speed only
@@ -74,9 +75,9 @@ class DecodeConfig:
 # bf16/fp16 at 4 warps and 5 stages: 0.77x the time of 8 warps / 7 + 3 stages over the bench's 60 shapes on an
 # H200, 73-83% of copy bandwidth at batch >= 32 and context >= 2048 (RESULTS.md); fp32 keeps 8 warps (untimed).
 DECODE_CONFIGS = {
-    torch.float32: DecodeConfig(block_n=32, num_warps=8, fused_stages=7, split_stages=3),
-    torch.float16: DecodeConfig(block_n=64, num_warps=4, fused_stages=5, split_stages=5),
-    torch.bfloat16: DecodeConfig(block_n=64, num_warps=4, fused_stages=5, split_stages=5),
+    torch.float32: DecodeConfig(split=512, block_n=32, num_warps=8, fused_stages=7, split_stages=3),
+    torch.float16: DecodeConfig(split=512, block_n=64, num_warps=4, fused_stages=5, split_stages=5),
+    torch.bfloat16: DecodeConfig(split=512, block_n=64, num_warps=4, fused_stages=5, split_stages=5),
 }
 FUSED_TILES_PER_SM = 0.75  # fused once the row tiles nearly fill the SMs: no workspace and no second kernel
 SPLIT_PROGRAMS_PER_SM = 4  # split mode groups splits into runs so that about this many programs per SM remain
@@ -328,7 +329,7 @@ def tree_attention(
     out: torch.Tensor | None = None,  # [num_tokens, num_q_heads, head_dim]; rows of empty queries untouched
     mode: str = "auto",  # "split" | "fused" | "auto": numerically identical, only speed differs
     splits_per_program: int | None = None,  # split mode's run length; None: decode_plan's
-    split_size: int = SPLIT,
+    split_size: int | None = None,  # None: the config's split
     decode_max_q: int = DECODE_MAX_Q,
     config: DecodeConfig | None = None,  # None: DECODE_CONFIGS of the cache dtype; benchmarks try others
 ) -> torch.Tensor:
@@ -348,7 +349,7 @@ def tree_attention(
     # the CPU interpreter mis-multiplies bf16 dots: there the operands are upcast after the same roundings
     upcast = q.device.type != "cuda" and k_cache.dtype == torch.bfloat16
     config = config or DECODE_CONFIGS[k_cache.dtype]
-    block_n = config.block_n
+    block_n, split_size = config.block_n, split_size or config.split
     assert split_size % block_n == 0, "splits start on key-block boundaries"
     common = dict(
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_P=group_p, BLOCK_N=block_n, BLOCK_SIZE=block_size,

@@ -15,7 +15,11 @@ class IncrementalDetokenizer:
     """
 
     def __init__(self, tokenizer, prompt_ids: list[int], skip_special_tokens: bool, stop: list[str]):
-        self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        # The Rust tokenizer decodes the same text ~3x faster than the transformers wrapper, which only adds
+        # the optional space clean-up on top of it.
+        plain = backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False)
+        self._decoder = backend.decode if plain else tokenizer.decode
         self.skip_special_tokens = skip_special_tokens
         self.stop = stop
         self.prefix_offset = max(len(prompt_ids) - _CONTEXT_TOKENS, 0)
@@ -23,7 +27,7 @@ class IncrementalDetokenizer:
         self.text = ""
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        return self._decoder(ids, skip_special_tokens=self.skip_special_tokens)
 
     def append(self, all_ids: list[int]) -> str | None:
         """Account for the last token of all_ids; returns the stop string it completed, if any.

@@ -34,13 +34,13 @@ IN_PROCESS = CUDA or type(tl.zeros).__name__ == "InterpretedFunction"
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 # small splits and a low prefill threshold let small CPU shapes reach every path; CUDA runs the defaults
-SPLIT = tree_attention.SPLIT if CUDA else 64
+SPLIT = None if CUDA else 64  # None: the dtype's DECODE_CONFIGS split
 DECODE_MAX_Q = tree_attention.DECODE_MAX_Q if CUDA else 72
 # Decode launch configurations as overrides of the cache dtype's DECODE_CONFIGS entry; candidates are named as
 # bench_attention.py --configs spells them. Warps change the MMA layouts, so a candidate must keep split == fused
 # bit for bit before it can be adopted. The interpreter ignores warps and stages: on CPU the candidates run in
 # the chain test only, to cover the plumbing.
-CONFIGS = {"default": {}, "w8f7s3": dict(num_warps=8, fused_stages=7, split_stages=3)}
+CONFIGS = {"default": {}, "w8f7s3": dict(num_warps=8, fused_stages=7, split_stages=3), "p128": dict(split=128)}
 GPU_CONFIGS = list(CONFIGS) if CUDA else ["default"]
 
 
@@ -194,7 +194,7 @@ def test_entry_point_runs_default_configuration():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chain_verify_equals_plain_decode_bitwise(dtype, config):
     """Verify rows of a chain equal plain decodes of the same tokens in other batches, bit for bit."""
-    ctx, k = 2 * SPLIT - 3, 6  # the chain crosses a split boundary
+    ctx, k = 2 * (SPLIT or tree_attention.DECODE_CONFIGS[dtype].split) - 3, 6  # the chain crosses a split boundary
     verify = make_batch([Seq(ctx, 1, list(range(k))), Seq(50, 1, [0, 0])], dtype=dtype, seed=5)
     verified = run_triton(verify, "split", 0.125, config=config)
     for j in range(k + 1):

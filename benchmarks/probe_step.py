@@ -1,0 +1,134 @@
+"""Where a step's time goes on the GPU: SmolLM2 plain / n-gram / adaptive n-gram at several batch sizes.
+
+Per arm and batch: median step wall time, the host time of each stage of LLMEngine.step, the forward's GPU
+time (CUDA events), the graph buckets replayed, and the adaptive policy's cost estimates.
+
+    python3 -P benchmarks/probe_step.py SMOL.gguf mt_bench.jsonl [BATCH ...]
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+import specserve.engine as engine_mod
+from specserve import LLM, SamplingParams
+from specserve.models.loader import load_model
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
+ARMS = ["none", "ngram", "ngram-adaptive", "ngram-adaptive"]  # adaptive twice: its estimates warm up
+CUDA = torch.cuda.is_available()  # on a CPU the probe still runs (a dry run): no GPU times
+STAGES = ["schedule", "propose", "prepare", "forward", "verify", "commit", "observe", "outputs"]
+
+
+def median_ms(xs) -> float:
+    xs = list(xs)
+    return statistics.median(xs) * 1e3 if xs else 0.0
+
+
+class StageClock:
+    """Wraps the callables a step runs so each records its host seconds; the forward also gets CUDA events."""
+
+    def __init__(self, eng):
+        self.host: dict[str, list[float]] = collections.defaultdict(list)
+        self.gpu: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.keys: list[str] = []
+        sched, runner = eng.scheduler, eng.runner
+        sched.schedule = self._timed("schedule", sched.schedule)
+        eng._propose = self._timed("propose", eng._propose)
+        runner.prepare = self._timed("prepare", runner.prepare)
+        eng._commit = self._timed("commit", eng._commit)
+        eng._observe = self._timed("observe", eng._observe)
+        eng._outputs = self._timed("outputs", eng._outputs)
+        engine_mod.verify = self._timed("verify", engine_mod.verify)
+        forward = self._timed("forward", runner.forward)
+
+        def gpu_forward(batch):
+            self.keys.append(str(batch.graph_key))
+            if not CUDA:
+                return forward(batch)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = forward(batch)
+            end.record()
+            self.gpu.append((start, end))
+            return out
+
+        runner.forward = gpu_forward
+
+    def _timed(self, name, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.host[name].append(time.perf_counter() - start)
+            return out
+
+        return wrapper
+
+    def clear(self) -> None:
+        self.host.clear()
+        self.gpu.clear()
+        self.keys.clear()
+
+    def report(self) -> str:
+        if CUDA:
+            torch.cuda.synchronize()
+        gpu = median_ms(s.elapsed_time(e) * 1e-3 for s, e in self.gpu)
+        stages = ", ".join(f"{name} {median_ms(self.host[name]):.3f}" for name in STAGES if self.host[name])
+        top = collections.Counter(self.keys).most_common(4)
+        return f"   host ms (median): {stages}; forward GPU {gpu:.3f} ms; buckets {top}"
+
+
+def kernel_table(eng, prompt: list[int]) -> None:
+    """torch.profiler over 20 batch-1 plain decode steps: the GPU kernels by total time."""
+    eng.add_request("profile", prompt, SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True), spec_arm="none")
+    for _ in range(30):  # prefill and warm-up
+        eng.step()
+    activity = torch.profiler.ProfilerActivity.CUDA if CUDA else torch.profiler.ProfilerActivity.CPU
+    with torch.profiler.profile(activities=[activity]) as prof:
+        for _ in range(20):
+            eng.step()
+        if CUDA:
+            torch.cuda.synchronize()
+    while eng.has_unfinished_requests():
+        eng.step()
+    print(prof.key_averages().table(sort_by="cuda_time_total" if CUDA else "cpu_time_total", row_limit=20), flush=True)
+
+
+def main(gguf: str, mt_bench: str, *batches: str) -> None:
+    device, dtype = ("cuda", "bfloat16") if CUDA else ("cpu", "float32")
+    loaded = load_model(gguf, getattr(torch, dtype), device)
+    llm = LLM(loaded_model=loaded, device=device, dtype=dtype, max_num_seqs=128, enable_prefix_caching=False,
+              max_model_len=2048, speculative_arms={"ngram": NGRAM, "ngram-adaptive": {**NGRAM, "adaptive": True}})
+    with open(mt_bench) as f:
+        prompts = [llm.encode_chat([{"role": "user", "content": json.loads(line)["turns"][0]}]) for line in f]
+    eng = llm.engine
+    clock = StageClock(eng)
+    params = SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True)
+    kernel_table(eng, prompts[0])
+    for b in [int(x) for x in batches] or [1, 16, 64, 128]:
+        for n, arm in enumerate(ARMS):
+            for i in range(b):
+                eng.add_request(f"{arm}-{b}-{n}-{i}", prompts[i % len(prompts)], params, spec_arm=arm)
+            clock.clear()
+            steps, tokens = [], 0
+            while eng.has_unfinished_requests():
+                start = time.perf_counter()
+                tokens += sum(len(o.outputs[0].token_ids) for o in eng.step() if o.finished)
+                steps.append(time.perf_counter() - start)
+            print(f"B={b} {arm}: {len(steps)} steps, {tokens / sum(steps):.0f} tok/s, step {median_ms(steps):.3f} "
+                  "ms", flush=True)
+            print(clock.report(), flush=True)
+            pol = eng.spec_policy
+            if pol is not None and arm.endswith("adaptive"):
+                per_seq = {k: round(v * 1e6, 1) for k, v in pol.propose_s.items()}
+                print(f"   policy overhead {pol.overhead_s * 1e3:.3f} ms, propose us/sequence {per_seq}", flush=True)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
