@@ -69,7 +69,7 @@ def run(llm: LLM, prompts: list[list[int]], params: SamplingParams, arm: str) ->
         drafted, emitted = sum(r.metrics.num_draft_tokens for r in reqs), sum(r.num_output_tokens for r in reqs)
         prefill = any(r.num_computed_tokens < r.num_prompt_tokens for r in reqs)
         t = time.perf_counter()
-        eng.step()
+        eng.step(finished_only=True)
         steps.append((time.perf_counter() - t, sum(r.metrics.num_draft_tokens for r in reqs) - drafted,
                       sum(r.num_output_tokens for r in reqs) - emitted, prefill))
     wall = time.perf_counter() - start

@@ -85,19 +85,22 @@ class StageClock:
 
 
 def kernel_table(eng, prompt: list[int]) -> None:
-    """torch.profiler over 20 batch-1 plain decode steps: the GPU kernels by total time."""
+    """torch.profiler over 20 batch-1 plain decode steps: GPU kernels by total time, host ops by own time."""
     eng.add_request("profile", prompt, SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True), spec_arm="none")
     for _ in range(30):  # prefill and warm-up
         eng.step()
-    activity = torch.profiler.ProfilerActivity.CUDA if CUDA else torch.profiler.ProfilerActivity.CPU
-    with torch.profiler.profile(activities=[activity]) as prof:
+    activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * CUDA
+    with torch.profiler.profile(activities=activities) as prof:
         for _ in range(20):
             eng.step()
         if CUDA:
             torch.cuda.synchronize()
     while eng.has_unfinished_requests():
         eng.step()
-    print(prof.key_averages().table(sort_by="cuda_time_total" if CUDA else "cpu_time_total", row_limit=20), flush=True)
+    table = prof.key_averages()
+    if CUDA:
+        print(table.table(sort_by="cuda_time_total", row_limit=12), flush=True)
+    print(table.table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
 
 
 def main(gguf: str, mt_bench: str, *batches: str) -> None:
@@ -127,7 +130,8 @@ def main(gguf: str, mt_bench: str, *batches: str) -> None:
             pol = eng.spec_policy
             if pol is not None and arm.endswith("adaptive"):
                 per_seq = {k: round(v * 1e6, 1) for k, v in pol.propose_s.items()}
-                print(f"   policy overhead {pol.overhead_s * 1e3:.3f} ms, propose us/sequence {per_seq}", flush=True)
+                print(f"   policy overhead {pol.overhead_s * 1e3:.3f} ms + {pol.per_draft_s * 1e6:.1f} us a draft "
+                      f"token, propose us/sequence {per_seq}", flush=True)
 
 
 if __name__ == "__main__":

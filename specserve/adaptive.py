@@ -3,12 +3,14 @@
 A sequence drafting k tokens yields E(k) = 1 + a_0 + a_0 a_1 + ... + a_0 ... a_{k-1} tokens in expectation,
 where a_d estimates P(draft d accepted | drafts 0..d-1 accepted): an EMA per request and position, started
 from its arm's running average. A step of B sequences and T query tokens takes overhead + cost(B, T)
-seconds, plus the drafter's host time for every sequence that drafts (n-gram lookups, say). cost is
-measured at start-up on CUDA (timed forwards of every graph bucket) and a fixed linear model elsewhere, so
-CPU tests are deterministic. On CUDA the host costs are measured as the engine runs: per-sequence propose
-time per arm (an EMA), and the overhead, an EMA of step time minus the predicted forward and propose time.
+seconds, plus the drafter's host time for every sequence that drafts (n-gram lookups, say) and a host cost
+per draft token (its verify row, commit and detokenization). cost is measured at start-up on CUDA (timed
+forwards of every graph bucket) and a fixed linear model elsewhere, so CPU tests are deterministic. On CUDA
+the host costs are measured as the engine runs: per-sequence propose time per arm (an EMA), and the step
+time minus the predicted forward and propose time, regressed on the step's draft tokens over recent steps
+(overhead + per_draft_s * drafts).
 
-The plan maximises expected tokens per second, sum_i E_i(k_i) / (overhead + cost(B, T) + propose). The
+The plan maximises expected tokens per second, sum_i E_i(k_i) / (overhead + cost(B, T) + propose + host). The
 next draft token of sequence i adds g = a_0 ... a_{k_i} expected tokens, and g only shrinks as k_i grows,
 so taking tokens in decreasing order of gain and keeping the best prefix is optimal for every total T (up
 to the propose term, paid with a sequence's first token). Plain decoding (no drafts) is always a
@@ -23,7 +25,7 @@ from __future__ import annotations
 import bisect
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -33,6 +35,7 @@ from specserve.request import Request
 from specserve.verify import VerifyResult
 
 PROBE_EVERY = 64  # a probe costs a propose and a verify node: rare enough to stay under ~2%
+HOST_EMA = 0.05  # weight of a step in the host-cost moments (~20 steps of memory)
 
 
 class LinearCost:
@@ -78,7 +81,7 @@ class AdaptiveSpeculation:
 
     def __init__(
         self, arms: Mapping[str, int], cost, *, prior: float = 0.5, ema: float = 0.25, arm_ema: float = 0.05,
-        overhead_s: float = 0.0, measure: bool = False,
+        overhead_s: float = 0.0, measure: bool = False, clock: Callable[[], float] = time.perf_counter,
     ):
         self.cost = cost
         self.ema, self.arm_ema = ema, arm_ema
@@ -87,7 +90,11 @@ class AdaptiveSpeculation:
         self.estimates: weakref.WeakKeyDictionary[Request, _Estimate] = weakref.WeakKeyDictionary()
         self.overhead_s = overhead_s
         self.measure = measure  # host costs measured as the engine runs (CUDA); fixed otherwise (tests)
-        self._last: tuple[float, float] | None = None  # (when the last plan was made, its predicted device+propose s)
+        self.clock = clock
+        self.per_draft_s = 0.0  # host seconds per draft token (verify rows, commits, detokenization)
+        self._moments = np.array([0.0, overhead_s, 0.0, 0.0])  # EMAs of drafts, host s, drafts^2, drafts * host s
+        # (when the last plan was made, its predicted device + propose seconds, its draft tokens)
+        self._last: tuple[float, float, int] | None = None
 
     def _estimate(self, req: Request) -> _Estimate:
         est = self.estimates.get(req)
@@ -100,17 +107,24 @@ class AdaptiveSpeculation:
         self._time_step()
         num_seqs = len(caps)
         adaptive = [r for r, c in caps.items() if c > 0 and r.spec_arm in self.arm_accept]
+        if not adaptive:
+            return caps
         fixed = num_seqs + sum(c for r, c in caps.items() if r.spec_arm not in self.arm_accept)
         ests = [self._estimate(r) for r in adaptive]
-        gains = [np.cumprod(e.accept[: caps[r]]) for r, e in zip(adaptive, ests, strict=True)]  # [cap_i] each
-        owner = np.repeat(np.arange(len(adaptive)), [len(g) for g in gains])
-        flat = np.concatenate(gains) if gains else np.zeros(0)
-        first = np.concatenate([[self.propose_s[r.spec_arm]] + [0.0] * (len(g) - 1)
-                                for r, g in zip(adaptive, gains, strict=True)]) if gains else flat
+        width = max(len(e.accept) for e in ests)
+        accept = np.stack([e.accept if len(e.accept) == width else np.pad(e.accept, (0, width - len(e.accept)))
+                           for e in ests])  # [n, width]
+        cap = np.fromiter((caps[r] for r in adaptive), np.int64, len(adaptive))  # [n]
+        drafted = np.arange(width) < cap[:, None]  # [n, width] positions each sequence may draft
+        flat = np.cumprod(accept, axis=1)[drafted]  # [M] gain of each draft token, sequence by sequence
+        owner, position = np.nonzero(drafted)  # [M] each
+        propose_s = np.array([self.propose_s[r.spec_arm] for r in adaptive])  # [n]
+        first = np.where(position == 0, propose_s[owner], 0.0)  # a sequence's drafting cost rides its first token
         order = np.argsort(-flat, kind="stable")  # stable: a sequence's tokens stay in position order
         expected = num_seqs + np.concatenate([[0.0], np.cumsum(flat[order])])  # [M + 1] tokens out of m drafts
         propose = np.concatenate([[0.0], np.cumsum(first[order])])  # [M + 1] host seconds of drafting
-        secs = self.overhead_s + self.cost.seconds(num_seqs, fixed + np.arange(len(expected))) + propose
+        drafts = np.arange(len(expected))
+        secs = self.overhead_s + self.cost.seconds(num_seqs, fixed + drafts) + propose + self.per_draft_s * drafts
         best = int(np.argmax(expected / secs))  # first maximum: the fewest drafts among equals
         counts = np.bincount(owner[order[:best]], minlength=len(adaptive))
         out = dict(caps)
@@ -119,17 +133,25 @@ class AdaptiveSpeculation:
             if e.idle_steps >= PROBE_EVERY:
                 k, e.idle_steps = 1, 0
             out[r] = k
-        self._last = (time.perf_counter(), float(secs[best]) - self.overhead_s)
+        self._last = (self.clock(), float(secs[best] - self.overhead_s - self.per_draft_s * best), best)
         return out
 
     def _time_step(self) -> None:
-        """Overhead sample: time since the last plan (a whole step) minus the forward time it predicted."""
+        """Host-cost sample from the step since the last plan: its time minus the forward and drafting time
+        predicted; regressed on the step's draft tokens, it splits into a per-step and a per-draft-token part."""
         if not self.measure or self._last is None:
             return
-        since, predicted = self._last
-        step = time.perf_counter() - since
-        if step < 1.0:  # longer: the engine sat idle between steps
-            self.overhead_s += 0.1 * (max(step - predicted, 0.0) - self.overhead_s)
+        since, predicted, drafts = self._last
+        step = self.clock() - since
+        if step >= 1.0:  # the engine sat idle between steps
+            return
+        host = max(step - predicted, 0.0)
+        m = self._moments
+        m += HOST_EMA * (np.array([drafts, host, drafts * drafts, drafts * host]) - m)
+        var = m[2] - m[0] ** 2
+        if var > 1.0:  # drafts vary enough across recent steps to tell the two parts apart
+            self.per_draft_s = max((m[3] - m[0] * m[1]) / var, 0.0)
+        self.overhead_s = max(m[1] - self.per_draft_s * m[0], 0.0)
 
     def observe_propose(self, arm: str, seconds: float, num_seqs: int) -> None:
         """Host time of one propose call of an arm over num_seqs sequences."""

@@ -19,6 +19,7 @@ class SpeculativeConfig:
     model: str | None = None  # checkpoint of learned drafters
     prompt_lookup_min: int = 1  # n-gram: shortest suffix to match
     prompt_lookup_max: int = 4  # n-gram: longest suffix to match
+    prompt_lookup_matches: int = 1  # n-gram: latest occurrences whose continuations form the draft (> 1: a tree)
     tree: list[list[int]] | None = None  # static tree as paths of top-k ranks (Medusa's *_choices)
     top_k: int = 8  # EAGLE-2 dynamic tree: children expanded per node
     depth: int = 6  # EAGLE-2 dynamic tree: draft depth
@@ -34,6 +35,10 @@ class SpeculativeConfig:
             )
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError("speculative_config needs 1 <= prompt_lookup_min <= prompt_lookup_max")
+        if not isinstance(self.prompt_lookup_matches, int) or self.prompt_lookup_matches < 1:
+            raise ValueError(
+                f"speculative_config.prompt_lookup_matches must be an integer >= 1, got {self.prompt_lookup_matches!r}"
+            )
         if not 0.0 <= self.acceptance <= 1.0:
             raise ValueError(f"speculative_config.acceptance must be in [0, 1], got {self.acceptance!r}")
         if self.method not in NEEDS_NO_MODEL and not self.model:

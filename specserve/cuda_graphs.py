@@ -73,13 +73,21 @@ class StepBuffers:
         self.dev32 = torch.zeros_like(self.host32, device=device) if self.cuda else self.host32
         self._copied = torch.cuda.Event() if self.cuda else None
         self._pending = False
+        # views at a shape are fixed slices of fixed buffers: build each shape's once (slicing costs host time)
+        width = self.width
+        self._host_views = functools.lru_cache(maxsize=1024)(
+            functools.partial(_views, self.host64.numpy(), self.host32.numpy(), width=width)
+        )
+        self._device_views = functools.lru_cache(maxsize=1024)(
+            functools.partial(_views, self.dev64, self.dev32, width=width)
+        )
 
     def host(self, num_seqs: int, num_tokens: int, num_rows: int) -> StepViews[np.ndarray]:
         """Numpy views to fill, once the previous upload has left the pinned memory."""
         if self._pending:
             self._copied.synchronize()  # normally done long ago: each step syncs once after its forward
             self._pending = False
-        return _views(self.host64.numpy(), self.host32.numpy(), num_seqs, num_tokens, num_rows, self.width)
+        return self._host_views(num_seqs, num_tokens, num_rows)
 
     def upload(self, num_seqs: int, num_tokens: int, num_rows: int) -> StepViews[torch.Tensor]:
         """Copy the filled prefix of both buffers to the device (async); device views of the same shape."""
@@ -90,7 +98,7 @@ class StepBuffers:
             self.dev32[:n32].copy_(self.host32[:n32], non_blocking=True)
             self._copied.record()
             self._pending = True
-        return _views(self.dev64, self.dev32, num_seqs, num_tokens, num_rows, self.width)
+        return self._device_views(num_seqs, num_tokens, num_rows)
 
 
 def batch_buckets(max_seqs: int) -> list[int]:

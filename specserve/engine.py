@@ -199,7 +199,8 @@ class LLMEngine:
 
     # ---- the step ---------------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """One step; returns an output per request it advanced (finished_only: only the finished ones)."""
         sched = self.scheduler.schedule({name: d.max_num_tokens for name, d in self.drafters.items()})
         if not sched.scheduled:
             return []
@@ -214,7 +215,7 @@ class LLMEngine:
         results = dict(zip((id(it.request) for it in items), verify(items, out.logits), strict=True))
         touched = self._commit(sched.scheduled, results, out)
         self._observe(sched.scheduled, results, out)
-        return self._outputs(touched)
+        return self._outputs(touched, finished_only)
 
     def _propose(self, scheduled: list[ScheduledRequest]) -> list[DraftProposal | None]:
         proposals: list[DraftProposal | None] = [None] * len(scheduled)
@@ -328,13 +329,15 @@ class LLMEngine:
             if reqs:
                 drafter.observe(reqs, [results.get(id(r)) for r in reqs], out)
 
-    def _outputs(self, group_ids: set[str]) -> list[RequestOutput]:
+    def _outputs(self, group_ids: set[str], finished_only: bool) -> list[RequestOutput]:
         outputs = []
         for gid in group_ids:
             group = self.groups.get(gid)
             if group is None:
                 continue
             finished = all(r.finished for r in group)
+            if finished_only and not finished:
+                continue
             outputs.append(
                 RequestOutput(
                     request_id=gid,

@@ -63,7 +63,7 @@ class LLM:
         done: dict[str, RequestOutput] = {}
         with tqdm(total=len(order), disable=not use_tqdm, desc="generate") as bar:
             while len(done) < len(order):
-                for out in self.engine.step():
+                for out in self.engine.step(finished_only=True):
                     if out.finished:
                         done[out.request_id] = out
                         bar.update(1)

@@ -19,7 +19,8 @@ from specserve.cuda_graphs import Buckets, CudaGraphs, StepBuffers, StepViews
 from specserve.drafters.base import DraftProposal
 from specserve.scheduler import ScheduledRequest
 
-CHAIN_MASKS = np.asarray(ancestor_masks(list(range(MAX_TREE_NODES - 1))), dtype=np.int64)  # node j of a chain
+# entry j + 1: the mask of chain node j; entry 0 (mask 0) for the causal tokens before a root
+CHAIN_MASKS = np.asarray([0, *ancestor_masks(list(range(MAX_TREE_NODES - 1)))], dtype=np.int64)
 PROFILE_REPEATS = 3
 
 
@@ -92,8 +93,8 @@ class ModelRunner:
         n_draft = np.fromiter((len(p.tokens) if p else 0 for p in proposals), np.int64, num_seqs)  # [B]
         ctx = np.fromiter((r.num_computed_tokens for r in reqs), np.int64, num_seqs)  # [B] cached tokens
         produces = np.fromiter((s.produces_token for s in scheduled), bool, num_seqs)  # [B]
-        if n_draft.max() >= MAX_TREE_NODES:
-            raise ValueError(f"a draft tree has at most {MAX_TREE_NODES - 1} nodes, got {n_draft.max()}")
+        if (longest := int(n_draft.max())) >= MAX_TREE_NODES:
+            raise ValueError(f"a draft tree has at most {MAX_TREE_NODES - 1} nodes, got {longest}")
         q_len = n_new + n_draft
         qsl = np.zeros(num_seqs + 1, np.int64)
         np.cumsum(q_len, out=qsl[1:])
@@ -115,7 +116,7 @@ class ModelRunner:
             tables[b, len(r.block_ids) :] = 0
         h.input_ids[:num_tokens] = [t for s, p in zip(scheduled, proposals, strict=True) for t in _query(s, p)]
         depth = np.maximum(node, 0)  # a chain's node j sits at depth j
-        h.tree_mask[:num_tokens] = np.where(node >= 0, CHAIN_MASKS[np.clip(node, 0, None)], 0)
+        h.tree_mask[:num_tokens] = CHAIN_MASKS[np.maximum(node + 1, 0)]
         for b, p in enumerate(proposals):
             if p is not None and not _is_chain(p.parents):
                 root = qsl[b] + n_new[b] - 1
@@ -182,13 +183,14 @@ class ModelRunner:
         if batch.graph_key is None:
             out = self._model_forward(batch.input_ids, batch.positions, batch.meta)
             hidden, prenorm, aux = out.hidden_states, out.prenorm_hidden_states, out.aux_hidden_states
+            logits = self.model.compute_logits(hidden[batch.logits_indices])
         else:
             out = self.graphs.replay(batch.graph_key)  # padded to the bucket: keep the real tokens' rows
             t = batch.input_ids.shape[0]
             hidden, prenorm, aux = out.hidden_states[:t], out.prenorm_hidden_states[:t], [
                 a[:t] for a in out.aux_hidden_states
             ]
-        logits = self.model.compute_logits(hidden[batch.logits_indices])
+            logits = self.model.compute_logits(hidden)  # graphs run decode/verify steps: every token is a row
         return ForwardOutput(logits, hidden, prenorm, aux, batch)
 
     @torch.inference_mode()

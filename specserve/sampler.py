@@ -55,11 +55,12 @@ def _apply_row_processors(logits: torch.Tensor, rows: list[RowContext]) -> None:
 
 
 def process_logits(logits: torch.Tensor, rows: list[RowContext]) -> torch.Tensor:
-    """Penalties, logit_bias and min_tokens applied to a copy of logits ([N, vocab] float32)."""
-    logits = logits.float().clone()
+    """Penalties, logit_bias and min_tokens applied to a copy of logits ([N, vocab] float32); logits itself when
+    no row has any (callers never write to the result)."""
     if any(r.params.has_penalties or r.params.logit_bias or r.num_output_tokens < r.params.min_tokens for r in rows):
+        logits = logits.float().clone()
         _apply_row_processors(logits, rows)
-    return logits
+    return logits.float()
 
 
 def target_probs(logits: torch.Tensor, rows: list[RowContext]) -> torch.Tensor:

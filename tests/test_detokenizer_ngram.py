@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from specserve.detokenizer import IncrementalDetokenizer
-from specserve.drafters.ngram import NgramIndex
+from specserve.drafters.ngram import NgramIndex, continuation_tree
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +84,36 @@ def test_incremental_index_equals_brute_force():
         while len(tokens) < 300:  # grow by 1-5 tokens a step, as accepted drafts do
             assert index.lookup(tokens, 4) == brute_force_lookup(tokens, min_n, max_n, 4), len(tokens)
             tokens += rng.integers(0, 6, size=int(rng.integers(1, 6))).tolist()
+
+
+def brute_force_matches(tokens: list[int], min_n: int, max_n: int, limit: int) -> tuple[int, list[int]]:
+    """The longest suffix that occurred before, and its latest `limit` earlier starts, latest first."""
+    total = len(tokens)
+    for n in range(min(max_n, total - 1), min_n - 1, -1):
+        starts = [i for i in range(total - n) if tokens[i : i + n] == tokens[total - n :]]
+        if starts:
+            return n, starts[::-1][:limit]
+    return 0, []
+
+
+def test_incremental_matches_equal_brute_force():
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, 5, size=4).tolist()
+    index = NgramIndex(1, 3)
+    while len(tokens) < 200:
+        assert index.matches(tokens, 3) == brute_force_matches(tokens, 1, 3, 3), len(tokens)
+        tokens += rng.integers(0, 5, size=int(rng.integers(1, 4))).tolist()
+
+
+def test_continuation_tree_keeps_the_nodes_most_continuations_share():
+    # after suffix [9] (n = 1): starts 8, 4, 0 (latest first) continue with [1 2 5], [1 2 4], [1 3 7]
+    tokens = [9, 1, 3, 7, 9, 1, 2, 4, 9, 1, 2, 5, 9]
+    n, starts = NgramIndex(1, 1).matches(tokens, 3)
+    assert (n, starts) == (1, [8, 4, 0])
+    tree = continuation_tree(tokens, n, starts, 4)
+    # counts: 1 x3, 2 x2, then depth 2 before depth 3: 3 (from start 0), then 5 (the latest start's) over 4
+    assert tree.tokens == [1, 2, 3, 5]
+    assert tree.parents == [0, 1, 1, 2]
+    assert continuation_tree(tokens, n, starts, 2).is_chain
+    chain = continuation_tree(tokens, n, starts[:1], 8)  # one start: the plain lookup's chain
+    assert chain.is_chain and chain.tokens == NgramIndex(1, 1).lookup(tokens, 8) == [1, 2, 5, 9]

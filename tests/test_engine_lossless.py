@@ -16,6 +16,7 @@ GREEDY_128 = SamplingParams(temperature=0.0, max_tokens=128)
 @pytest.fixture(scope="module")
 def llm(smollm2) -> LLM:
     arms = {f"ngram{k}": {"method": "ngram", "num_speculative_tokens": k} for k in (1, 3, 8)}
+    arms["ngram-tree"] = {"method": "ngram", "num_speculative_tokens": 8, "prompt_lookup_matches": 4}
     return LLM(loaded_model=smollm2, device="cpu", dtype="float32", speculative_arms=arms)
 
 
@@ -45,6 +46,16 @@ def test_ngram_greedy_equals_plain(llm, prompts, plain, k):
     assert drafted > 0 and accepted > 0, "the n-gram drafter never drafted or was never accepted"
     steps = sum(o.metrics.num_steps for o in outs)
     assert sum(len(o.outputs[0].token_ids) for o in outs) == steps + accepted  # one recovered/bonus per step
+
+
+def test_ngram_tree_greedy_equals_plain(llm, prompts, plain):
+    """Continuations of several earlier matches, merged into a tree: still plain greedy's tokens."""
+    outs = llm.generate(prompts[:8], GREEDY_128, spec_arm="ngram-tree")
+    assert [o.outputs[0].token_ids for o in outs] == plain[:8]
+    m = [o.metrics for o in outs]
+    # a chain drafts one node per depth it reaches; a branching tree drafts more
+    assert sum(x.num_draft_tokens for x in m) > sum(sum(x.drafts_per_position) for x in m), "no tree was drafted"
+    assert sum(x.num_accepted_tokens for x in m) > 0
 
 
 def test_sixteen_mixed_requests_together(llm, prompts, plain):
