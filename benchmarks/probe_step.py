@@ -4,21 +4,26 @@ Per arm and batch: median step wall time, the host time of each stage of LLMEngi
 time (CUDA events), the graph buckets replayed, and the adaptive policy's cost estimates.
 
     python3 -P benchmarks/probe_step.py SMOL.gguf mt_bench.jsonl [BATCH ...]
+    python3 -P benchmarks/probe_step.py 8b - 1         # the Llama-3.1-8B shape, random weights, plain
 """
 
 from __future__ import annotations
 
 import collections
 import json
+import os
 import statistics
 import sys
 import time
 
 import torch
 
-import specserve.engine as engine_mod
-from specserve import LLM, SamplingParams
-from specserve.models.loader import load_model
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import e2e_models as em  # noqa: E402
+
+import specserve.engine as engine_mod  # noqa: E402
+from specserve import LLM, SamplingParams  # noqa: E402
+from specserve.models.loader import load_model  # noqa: E402
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
 ARMS = ["none", "ngram", "ngram-adaptive", "ngram-adaptive"]  # adaptive twice: its estimates warm up
@@ -103,19 +108,29 @@ def kernel_table(eng, prompt: list[int]) -> None:
     print(table.table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
 
 
-def main(gguf: str, mt_bench: str, *batches: str) -> None:
+def main(model: str, mt_bench: str, *batches: str) -> None:
+    """model: a SmolLM2 GGUF, or "8b" for the Llama-3.1-8B shape with random weights (plain, 512-token prompt)."""
     device, dtype = ("cuda", "bfloat16") if CUDA else ("cpu", "float32")
-    loaded = load_model(gguf, getattr(torch, dtype), device)
+    arms = {"ngram": NGRAM, "ngram-adaptive": {**NGRAM, "adaptive": True}}
+    if model == "8b":
+        loaded = em.dummy_model(em.write_config("/tmp/probe_8b", quick=not CUDA), device, getattr(torch, dtype),
+                                repeat=True)
+        arms = {}
+    else:
+        loaded = load_model(model, getattr(torch, dtype), device)
     llm = LLM(loaded_model=loaded, device=device, dtype=dtype, max_num_seqs=128, enable_prefix_caching=False,
-              max_model_len=2048, speculative_arms={"ngram": NGRAM, "ngram-adaptive": {**NGRAM, "adaptive": True}})
-    with open(mt_bench) as f:
-        prompts = [llm.encode_chat([{"role": "user", "content": json.loads(line)["turns"][0]}]) for line in f]
+              max_model_len=2048, speculative_arms=arms)
+    if model == "8b":
+        prompts = [[(7 * i + 3) % loaded.config.vocab_size for i in range(512)]]
+    else:
+        with open(mt_bench) as f:
+            prompts = [llm.encode_chat([{"role": "user", "content": json.loads(line)["turns"][0]}]) for line in f]
     eng = llm.engine
     clock = StageClock(eng)
     params = SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True)
     kernel_table(eng, prompts[0])
     for b in [int(x) for x in batches] or [1, 16, 64, 128]:
-        for n, arm in enumerate(ARMS):
+        for n, arm in enumerate(ARMS if arms else ARMS[:1]):
             for i in range(b):
                 eng.add_request(f"{arm}-{b}-{n}-{i}", prompts[i % len(prompts)], params, spec_arm=arm)
             clock.clear()

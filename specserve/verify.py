@@ -114,6 +114,72 @@ def _walk_sampling(item: VerifyItem, probs: torch.Tensor) -> VerifyResult:
     return item.result(nodes, out)
 
 
+def _walk_chains(items: Sequence[VerifyItem], probs: torch.Tensor) -> list[VerifyResult]:
+    """_walk_sampling for requests whose draft is a chain (or empty), batched: two host syncs in all.
+
+    probs: [sum of num_nodes, vocab], each item's rows in order. The uniforms are drawn in _walk_sampling's
+    order (one per tried node, then one for the final token), so both give the same tokens.
+    """
+    starts = [0]
+    for it in items:
+        starts.append(starts[-1] + it.num_nodes)
+    # p(x_c) at the parent row of every draft node c, and q(x_c) where the drafter sampled
+    parent_rows, toks, q_rows = [], [], []
+    for it, start in zip(items, starts, strict=False):
+        prop = it.proposal
+        for c, tok in enumerate(prop.tokens if prop else []):
+            parent_rows.append(start + c)
+            toks.append(tok)
+            q_rows.append(prop.draft_probs[c] if prop.draft_probs is not None else None)
+    p_tok = probs[parent_rows, toks].tolist() if toks else []  # sync 1
+    q_tok = [1.0 if q is None else q for q in q_rows]
+    needs_q = [i for i, q in enumerate(q_rows) if q is not None]
+    if needs_q:
+        picked = torch.stack([q_rows[i][toks[i]] for i in needs_q]).tolist()
+        for i, v in zip(needs_q, picked, strict=True):
+            q_tok[i] = v
+    final_rows, removed, residual_q, uniforms, accepted = [], [], [], [], []
+    flat = 0
+    for it, start in zip(items, starts, strict=False):
+        prop, a = it.proposal, 0
+        k = len(prop.tokens) if prop else 0
+        while a < k:
+            q, p = q_tok[flat + a], p_tok[flat + a]
+            u = float(torch.rand((), generator=it.generator))
+            if q > 0 and u * q < p:
+                a += 1
+            else:
+                break
+        final_rows.append(start + a)
+        rejected = a < k
+        removed.append(prop.tokens[a] if rejected and prop.draft_probs is None else -1)
+        residual_q.append(prop.draft_probs[a] if rejected and prop.draft_probs is not None else None)
+        uniforms.append(float(torch.rand((), generator=it.generator)))
+        accepted.append(a)
+        flat += k
+    dist = probs[final_rows]  # [n, vocab]
+    rows_q = [i for i, q in enumerate(residual_q) if q is not None]
+    if rows_q:  # rejected a sampled draft: the residual max(0, p - q)
+        dist[rows_q] = (dist[rows_q] - torch.stack([residual_q[i] for i in rows_q]).to(dist.device)).clamp(min=0.0)
+    rows_x = [i for i, x in enumerate(removed) if x >= 0]
+    if rows_x:  # rejected a deterministic draft x: p without x
+        dist[rows_x, [removed[i] for i in rows_x]] = 0.0
+    if rows_q or rows_x:
+        rej = sorted(rows_q + rows_x)
+        residual = dist[rej]
+        mass = residual.sum(dim=-1, keepdim=True)
+        # an empty residual is only reachable through rounding: sample from p then, as _walk_sampling does
+        dist[rej] = torch.where(mass > 0, residual / mass, probs[[final_rows[i] for i in rej]])
+    cdf = dist.cumsum(dim=-1)  # [n, vocab]
+    x = torch.tensor(uniforms, device=cdf.device, dtype=cdf.dtype)[:, None] * cdf[:, -1:]
+    last = torch.searchsorted(cdf, x, right=True).clamp(max=cdf.shape[-1] - 1)[:, 0].tolist()  # sync 2
+    results = []
+    for it, a, tok in zip(items, accepted, last, strict=True):
+        nodes = list(range(a + 1))
+        results.append(it.result(nodes, (it.proposal.tokens[:a] if it.proposal else []) + [tok]))
+    return results
+
+
 def verify(items: Sequence[VerifyItem], logits: torch.Tensor) -> list[VerifyResult]:
     """Verify every request's tree against its logits rows ([num_rows, vocab]); one host sync for greedy."""
     rows: list[RowContext] = []
@@ -131,8 +197,15 @@ def verify(items: Sequence[VerifyItem], logits: torch.Tensor) -> list[VerifyResu
     if sampled:
         idx = [it.row_start + n for it in sampled for n in range(it.num_nodes)]
         probs = target_probs(logits[idx], [rows[i] for i in idx])
-        start = 0
+        chains, chain_rows, start = [], [], 0
         for it in sampled:
-            results[id(it)] = _walk_sampling(it, probs[start : start + it.num_nodes])
+            if it.proposal is None or it.proposal.is_chain:
+                chains.append(it)
+                chain_rows.extend(range(start, start + it.num_nodes))
+            else:
+                results[id(it)] = _walk_sampling(it, probs[start : start + it.num_nodes])
             start += it.num_nodes
+        if chains:
+            for it, res in zip(chains, _walk_chains(chains, probs[chain_rows]), strict=True):
+                results[id(it)] = res
     return [results[id(it)] for it in items]

@@ -10,7 +10,7 @@ from specserve.drafters.base import DraftProposal
 from specserve.request import Request
 from specserve.sampler import RowContext, process_logits, target_probs
 from specserve.sampling_params import SamplingParams
-from specserve.verify import VerifyItem, verify
+from specserve.verify import VerifyItem, _walk_chains, _walk_sampling, verify
 
 
 def make_request(params: SamplingParams, prompt: list[int]) -> Request:
@@ -127,3 +127,26 @@ def test_speculative_sampling_is_exact(tiny_distributions, temperature, top_p):
     assert abs(second.numel() / n - float(overlap.sum())) < 0.02  # acceptance rate = sum of min(p, q)
     mixture = (overlap[:, None] * p_after).sum(dim=0)
     assert chi2_pvalue(second, mixture / mixture.sum()) > 1e-3
+
+
+def test_batched_chain_sampling_equals_the_node_walk():
+    """Chains take a batched path (two host syncs); with the same seeds it emits what the node walk emits."""
+    vocab, gen = 12, torch.Generator().manual_seed(0)
+    req = make_request(SamplingParams(temperature=1.0), [1])
+    batched, walked, blocks = [], [], []
+    for i in range(300):
+        k = i % 5
+        tokens = torch.randint(vocab, (k,), generator=gen).tolist()
+        q = torch.softmax(torch.randn(k, vocab, generator=gen), dim=-1) if k and i % 3 == 0 else None
+        logits = torch.randn(k + 1, vocab, generator=gen)  # [num_nodes, vocab]
+        for c, tok in enumerate(tokens):  # make most drafts likely under the target, so walks go deep
+            logits[c, tok] += 3.0 * float(torch.rand((), generator=gen) < 0.7)
+        blocks.append(logits.softmax(dim=-1))
+        prop = DraftProposal.chain(tokens, q) if k else None
+        batched.append(VerifyItem(req, prop, 0, torch.Generator().manual_seed(i)))
+        walked.append(VerifyItem(req, prop, 0, torch.Generator().manual_seed(i)))
+    got = _walk_chains(batched, torch.cat(blocks))
+    want = [_walk_sampling(it, probs) for it, probs in zip(walked, blocks, strict=True)]
+    assert [(r.accepted_nodes, r.token_ids) for r in got] == [(r.accepted_nodes, r.token_ids) for r in want]
+    depths = [len(r.accepted_nodes) - 1 for r in got]
+    assert max(depths) == 4 and depths.count(0) > 30  # both full acceptances and first-draft rejections
