@@ -242,7 +242,12 @@ def build_smol(args) -> tuple[LLM, object, list[list[int]]]:
     weights = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "drafters", "weights",
                            "smollm2-135m-instruct")
     arms = {"ngram": NGRAM, "ngram-adaptive": {**NGRAM, "adaptive": True},
-            "ngram8-adaptive": {**NGRAM, "num_speculative_tokens": 8, "adaptive": True}}  # the tau eval's best k
+            "ngram8-adaptive": {**NGRAM, "num_speculative_tokens": 8, "adaptive": True},  # the tau eval's best k
+            # trees: the continuations of the 4 (8) latest matches, merged
+            "ngram8-tree4-adaptive": {**NGRAM, "num_speculative_tokens": 8, "prompt_lookup_matches": 4,
+                                      "adaptive": True},
+            "ngram16-tree8-adaptive": {**NGRAM, "num_speculative_tokens": 16, "prompt_lookup_matches": 8,
+                                       "adaptive": True}}
     for method, extra in LEARNED.items():
         if os.path.isfile(os.path.join(weights, method, "config.json")):
             arms[method] = {"method": method, "model": os.path.join(weights, method), **extra}

@@ -10,6 +10,7 @@ time (CUDA events), the graph buckets replayed, and the adaptive policy's cost e
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import os
 import statistics
@@ -22,11 +23,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import e2e_models as em  # noqa: E402
 
 import specserve.engine as engine_mod  # noqa: E402
+import specserve.verify as verify_mod  # noqa: E402
 from specserve import LLM, SamplingParams  # noqa: E402
 from specserve.models.loader import load_model  # noqa: E402
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
 ARMS = ["none", "ngram", "ngram-adaptive", "ngram-adaptive"]  # adaptive twice: its estimates warm up
+BATCHED_CHAINS = verify_mod._walk_chains
 CUDA = torch.cuda.is_available()  # on a CPU the probe still runs (a dry run): no GPU times
 STAGES = ["schedule", "propose", "prepare", "forward", "verify", "commit", "observe", "outputs"]
 
@@ -108,6 +111,12 @@ def kernel_table(eng, prompt: list[int]) -> None:
     print(table.table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
 
 
+def walk_each(items, probs):
+    """The node-by-node walk for every chain (several host syncs per request): what verify did before."""
+    starts = itertools.accumulate((it.num_nodes for it in items), initial=0)
+    return [verify_mod._walk_sampling(it, probs[s : s + it.num_nodes]) for it, s in zip(items, starts, strict=False)]
+
+
 def main(model: str, mt_bench: str, *batches: str) -> None:
     """model: a SmolLM2 GGUF, or "8b" for the Llama-3.1-8B shape with random weights (plain, 512-token prompt)."""
     device, dtype = ("cuda", "bfloat16") if CUDA else ("cpu", "float32")
@@ -129,10 +138,16 @@ def main(model: str, mt_bench: str, *batches: str) -> None:
     clock = StageClock(eng)
     params = SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True)
     kernel_table(eng, prompts[0])
+    sampled = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=128, ignore_eos=True, seed=0)
+    runs = [(arm, params, "") for arm in (ARMS if arms else ARMS[:1])]
+    runs += [(arm, sampled, mode) for arm in ("none", "ngram") if arm == "none" or arms for mode in ("batched", "walk")]
     for b in [int(x) for x in batches] or [1, 16, 64, 128]:
-        for n, arm in enumerate(ARMS if arms else ARMS[:1]):
+        for n, (arm, params, mode) in enumerate(runs):
+            # sampled runs: chains verified in one batch (batched), or node by node as before (walk)
+            verify_mod._walk_chains = walk_each if mode == "walk" else BATCHED_CHAINS
             for i in range(b):
                 eng.add_request(f"{arm}-{b}-{n}-{i}", prompts[i % len(prompts)], params, spec_arm=arm)
+            arm = f"{arm} sampled {mode}" if mode else arm
             clock.clear()
             steps, tokens = [], 0
             while eng.has_unfinished_requests():
