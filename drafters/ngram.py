@@ -22,31 +22,43 @@ from specserve.drafters.base import DraftProposal
 class NgramIndex:
     """Every start of every n-gram (min_n <= n <= max_n) of a growing token list, indexed as tokens arrive.
 
-    A lookup costs O(max_n) plus the new tokens' windows: rescanning the whole sequence per step (numpy
-    windows) cost ~0.1 ms a request, which at batch 128 was more host time than the step's forward.
+    A lookup costs O(max_n + matches) plus the new tokens' windows: rescanning the whole sequence per step
+    (numpy windows) cost ~0.1 ms a request, which at batch 128 was more host time than the step's forward.
+    An n-gram's starts form a linked list through `earlier`: flat int lists, not a list per n-gram, because
+    hundreds of thousands of small lists made each of Python's full garbage collections take ~0.1 s.
     """
 
-    def __init__(self, min_n: int, max_n: int):
-        self.min_n, self.max_n = min_n, max_n
-        self.starts: dict[tuple[int, ...], list[int]] = {}  # n-gram -> its starts, ascending
+    def __init__(self, min_n: int, max_n: int, max_matches: int = 1):
+        self.min_n, self.max_n, self.max_matches = min_n, max_n, max_matches
+        self.latest: dict[tuple[int, ...], int] = {}  # n-gram -> its latest start (keys of each n differ in length)
+        # [n - min_n][start]: the previous start of the n-gram at start, -1 if none (kept when max_matches > 1)
+        self.earlier: list[list[int]] = [[] for _ in range(min_n, max_n + 1)]
         self.indexed_end = 0  # windows ending (exclusive) at or before this are indexed
 
-    def matches(self, tokens: list[int], limit: int) -> tuple[int, list[int]]:
-        """(n, up to `limit` latest earlier starts, latest first) of the longest suffix that occurred before."""
+    def matches(self, tokens: list[int]) -> tuple[int, list[int]]:
+        """(n, up to max_matches latest earlier starts, latest first) of the longest suffix that occurred before."""
         total = len(tokens)
+        chained = self.max_matches > 1
         for end in range(self.indexed_end + 1, total):  # windows that end before the last token
             for n in range(self.min_n, min(self.max_n, end) + 1):
-                self.starts.setdefault(tuple(tokens[end - n : end]), []).append(end - n)
+                key = tuple(tokens[end - n : end])
+                if chained:  # windows of one n arrive in start order: this appends entry end - n
+                    self.earlier[n - self.min_n].append(self.latest.get(key, -1))
+                self.latest[key] = end - n
         self.indexed_end = max(self.indexed_end, total - 1)
         for n in range(min(self.max_n, total - 1), self.min_n - 1, -1):
-            starts = self.starts.get(tuple(tokens[total - n :]))
-            if starts:
-                return n, starts[: -limit - 1 : -1]
+            start = self.latest.get(tuple(tokens[total - n :]))
+            if start is None:
+                continue
+            starts, earlier = [start], self.earlier[n - self.min_n]
+            while len(starts) < self.max_matches and (start := earlier[start]) >= 0:
+                starts.append(start)
+            return n, starts
         return 0, []
 
     def lookup(self, tokens: list[int], k: int) -> list[int]:
         """Up to k tokens that followed the latest earlier occurrence of the longest matching suffix."""
-        n, starts = self.matches(tokens, 1)
+        n, starts = self.matches(tokens)
         return tokens[starts[0] + n : starts[0] + n + k] if starts else []
 
 
@@ -94,9 +106,12 @@ class NgramDrafter:
         for req, k in zip(requests, max_tokens, strict=True):
             index = self._index.get(req)
             if index is None:
-                index = self._index[req] = NgramIndex(self.min_n, self.max_n)
-            n, starts = index.matches(req.token_ids, self.num_matches) if k > 0 else (0, [])
-            out.append(continuation_tree(req.token_ids, n, starts, k) if starts else None)
+                index = self._index[req] = NgramIndex(self.min_n, self.max_n, self.num_matches)
+            n, starts = index.matches(req.token_ids) if k > 0 else (0, [])
+            if len(starts) == 1:  # the plain prompt-lookup chain: no trie to build
+                out.append(DraftProposal.chain(req.token_ids[starts[0] + n : starts[0] + n + k]))
+            else:
+                out.append(continuation_tree(req.token_ids, n, starts, k) if starts else None)
         return out
 
     def observe(self, requests, results, out) -> None:

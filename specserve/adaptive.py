@@ -3,14 +3,12 @@
 A sequence drafting k tokens yields E(k) = 1 + a_0 + a_0 a_1 + ... + a_0 ... a_{k-1} tokens in expectation,
 where a_d estimates P(draft d accepted | drafts 0..d-1 accepted): an EMA per request and position, started
 from its arm's running average. A step of B sequences and T query tokens takes overhead + cost(B, T)
-seconds, plus the drafter's host time for every sequence that drafts (n-gram lookups, say) and a host cost
-per draft token (its verify row, commit and detokenization). cost is measured at start-up on CUDA (timed
-forwards of every graph bucket) and a fixed linear model elsewhere, so CPU tests are deterministic. On CUDA
-the host costs are measured as the engine runs: per-sequence propose time per arm (an EMA), and the step
-time minus the predicted forward and propose time, regressed on the step's draft tokens over recent steps
-(overhead + per_draft_s * drafts).
+seconds, plus the drafter's host time for every sequence that drafts (n-gram lookups, say). cost is
+measured at start-up on CUDA (timed forwards of every graph bucket) and a fixed linear model elsewhere, so
+CPU tests are deterministic. On CUDA the host costs are measured as the engine runs: per-sequence propose
+time per arm (an EMA), and the overhead, an EMA of step time minus the predicted forward and propose time.
 
-The plan maximises expected tokens per second, sum_i E_i(k_i) / (overhead + cost(B, T) + propose + host). The
+The plan maximises expected tokens per second, sum_i E_i(k_i) / (overhead + cost(B, T) + propose). The
 next draft token of sequence i adds g = a_0 ... a_{k_i} expected tokens, and g only shrinks as k_i grows,
 so taking tokens in decreasing order of gain and keeping the best prefix is optimal for every total T (up
 to the propose term, paid with a sequence's first token). Plain decoding (no drafts) is always a
@@ -25,7 +23,7 @@ from __future__ import annotations
 import bisect
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -35,7 +33,6 @@ from specserve.request import Request
 from specserve.verify import VerifyResult
 
 PROBE_EVERY = 64  # a probe costs a propose and a verify node: rare enough to stay under ~2%
-HOST_EMA = 0.05  # weight of a step in the host-cost moments (~20 steps of memory)
 
 
 class LinearCost:
@@ -81,7 +78,7 @@ class AdaptiveSpeculation:
 
     def __init__(
         self, arms: Mapping[str, int], cost, *, prior: float = 0.5, ema: float = 0.25, arm_ema: float = 0.05,
-        overhead_s: float = 0.0, measure: bool = False, clock: Callable[[], float] = time.perf_counter,
+        overhead_s: float = 0.0, measure: bool = False,
     ):
         self.cost = cost
         self.ema, self.arm_ema = ema, arm_ema
@@ -90,11 +87,7 @@ class AdaptiveSpeculation:
         self.estimates: weakref.WeakKeyDictionary[Request, _Estimate] = weakref.WeakKeyDictionary()
         self.overhead_s = overhead_s
         self.measure = measure  # host costs measured as the engine runs (CUDA); fixed otherwise (tests)
-        self.clock = clock
-        self.per_draft_s = 0.0  # host seconds per draft token (verify rows, commits, detokenization)
-        self._moments = np.array([0.0, overhead_s, 0.0, 0.0])  # EMAs of drafts, host s, drafts^2, drafts * host s
-        # (when the last plan was made, its predicted device + propose seconds, its draft tokens)
-        self._last: tuple[float, float, int] | None = None
+        self._last: tuple[float, float] | None = None  # (when the last plan was made, its predicted device+propose s)
 
     def _estimate(self, req: Request) -> _Estimate:
         est = self.estimates.get(req)
@@ -123,8 +116,7 @@ class AdaptiveSpeculation:
         order = np.argsort(-flat, kind="stable")  # stable: a sequence's tokens stay in position order
         expected = num_seqs + np.concatenate([[0.0], np.cumsum(flat[order])])  # [M + 1] tokens out of m drafts
         propose = np.concatenate([[0.0], np.cumsum(first[order])])  # [M + 1] host seconds of drafting
-        drafts = np.arange(len(expected))
-        secs = self.overhead_s + self.cost.seconds(num_seqs, fixed + drafts) + propose + self.per_draft_s * drafts
+        secs = self.overhead_s + self.cost.seconds(num_seqs, fixed + np.arange(len(expected))) + propose
         best = int(np.argmax(expected / secs))  # first maximum: the fewest drafts among equals
         counts = np.bincount(owner[order[:best]], minlength=len(adaptive))
         out = dict(caps)
@@ -133,25 +125,17 @@ class AdaptiveSpeculation:
             if e.idle_steps >= PROBE_EVERY:
                 k, e.idle_steps = 1, 0
             out[r] = k
-        self._last = (self.clock(), float(secs[best] - self.overhead_s - self.per_draft_s * best), best)
+        self._last = (time.perf_counter(), float(secs[best]) - self.overhead_s)
         return out
 
     def _time_step(self) -> None:
-        """Host-cost sample from the step since the last plan: its time minus the forward and drafting time
-        predicted; regressed on the step's draft tokens, it splits into a per-step and a per-draft-token part."""
+        """Overhead sample: time since the last plan (a whole step) minus the forward time it predicted."""
         if not self.measure or self._last is None:
             return
-        since, predicted, drafts = self._last
-        step = self.clock() - since
-        if step >= 1.0:  # the engine sat idle between steps
-            return
-        host = max(step - predicted, 0.0)
-        m = self._moments
-        m += HOST_EMA * (np.array([drafts, host, drafts * drafts, drafts * host]) - m)
-        var = m[2] - m[0] ** 2
-        if var > 1.0:  # drafts vary enough across recent steps to tell the two parts apart
-            self.per_draft_s = max((m[3] - m[0] * m[1]) / var, 0.0)
-        self.overhead_s = max(m[1] - self.per_draft_s * m[0], 0.0)
+        since, predicted = self._last
+        step = time.perf_counter() - since
+        if step < 1.0:  # longer: the engine sat idle between steps
+            self.overhead_s += 0.1 * (max(step - predicted, 0.0) - self.overhead_s)
 
     def observe_propose(self, arm: str, seconds: float, num_seqs: int) -> None:
         """Host time of one propose call of an arm over num_seqs sequences."""

@@ -99,16 +99,16 @@ def brute_force_matches(tokens: list[int], min_n: int, max_n: int, limit: int) -
 def test_incremental_matches_equal_brute_force():
     rng = np.random.default_rng(1)
     tokens = rng.integers(0, 5, size=4).tolist()
-    index = NgramIndex(1, 3)
+    index = NgramIndex(1, 3, max_matches=3)
     while len(tokens) < 200:
-        assert index.matches(tokens, 3) == brute_force_matches(tokens, 1, 3, 3), len(tokens)
+        assert index.matches(tokens) == brute_force_matches(tokens, 1, 3, 3), len(tokens)
         tokens += rng.integers(0, 5, size=int(rng.integers(1, 4))).tolist()
 
 
 def test_continuation_tree_keeps_the_nodes_most_continuations_share():
     # after suffix [9] (n = 1): starts 8, 4, 0 (latest first) continue with [1 2 5], [1 2 4], [1 3 7]
     tokens = [9, 1, 3, 7, 9, 1, 2, 4, 9, 1, 2, 5, 9]
-    n, starts = NgramIndex(1, 1).matches(tokens, 3)
+    n, starts = NgramIndex(1, 1, max_matches=3).matches(tokens)
     assert (n, starts) == (1, [8, 4, 0])
     tree = continuation_tree(tokens, n, starts, 4)
     # counts: 1 x3, 2 x2, then depth 2 before depth 3: 3 (from start 0), then 5 (the latest start's) over 4
