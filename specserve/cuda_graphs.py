@@ -74,7 +74,6 @@ class StepBuffers:
         self._copied = torch.cuda.Event() if self.cuda else None
         self._pending = False
         # views at a shape are fixed slices of fixed buffers: build each shape's once (slicing costs host time)
-        width = self.width
         self._host_views = functools.lru_cache(maxsize=1024)(
             functools.partial(_views, self.host64.numpy(), self.host32.numpy(), width=width)
         )

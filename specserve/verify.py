@@ -131,12 +131,15 @@ def _walk_chains(items: Sequence[VerifyItem], probs: torch.Tensor) -> list[Verif
             parent_rows.append(start + c)
             toks.append(tok)
             q_rows.append(prop.draft_probs[c] if prop.draft_probs is not None else None)
-    p_tok = probs[parent_rows, toks].tolist() if toks else []  # sync 1
-    q_tok = [1.0 if q is None else q for q in q_rows]
     needs_q = [i for i, q in enumerate(q_rows) if q is not None]
-    if needs_q:
-        picked = torch.stack([q_rows[i][toks[i]] for i in needs_q]).tolist()
-        for i, v in zip(needs_q, picked, strict=True):
+    p_tok, q_tok = [], [1.0] * len(toks)
+    if toks:
+        picked = probs[parent_rows, toks]  # [D]
+        if needs_q:
+            picked = torch.cat((picked, torch.stack([q_rows[i][toks[i]] for i in needs_q]).to(picked)))
+        picked = picked.tolist()  # sync 1
+        p_tok = picked[: len(toks)]
+        for i, v in zip(needs_q, picked[len(toks) :], strict=True):
             q_tok[i] = v
     final_rows, removed, residual_q, uniforms, accepted = [], [], [], [], []
     flat = 0
