@@ -74,23 +74,23 @@ def target_probs(logits: torch.Tensor, rows: list[RowContext]) -> torch.Tensor:
         kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = logits.softmax(dim=-1)
-    top_p = torch.tensor([r.params.top_p for r in rows], device=device)
-    if (top_p < 1.0).any():
+    # which filters apply is decided from the params on the host: testing tensors would sync with the GPU
+    if any(r.params.top_p < 1.0 for r in rows):
+        top_p = torch.tensor([r.params.top_p for r in rows], device=device)
         sorted_p, idx = probs.sort(dim=-1, descending=True)
         # Keep the smallest set whose mass reaches top_p: a token is cut if the mass before it already does.
         cut = (sorted_p.cumsum(dim=-1) - sorted_p) >= top_p[:, None]
         probs = probs.scatter(1, idx, sorted_p.masked_fill(cut, 0.0))
-    min_p = torch.tensor([r.params.min_p for r in rows], device=device)
-    if (min_p > 0).any():
+    if any(r.params.min_p > 0 for r in rows):
+        min_p = torch.tensor([r.params.min_p for r in rows], device=device)
         probs = probs.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
     return probs / probs.sum(dim=-1, keepdim=True)
 
 
 def sample_from(probs: torch.Tensor, u: float) -> int:
-    """Inverse-CDF draw from one unnormalized distribution with a uniform u in [0, 1)."""
+    """Inverse-CDF draw from one unnormalized distribution with a uniform u in [0, 1); one host sync."""
     cdf = probs.cumsum(dim=-1)
-    x = torch.tensor([u * float(cdf[-1])], device=probs.device, dtype=cdf.dtype)
-    return min(int(torch.searchsorted(cdf, x, right=True)), probs.shape[-1] - 1)
+    return min(int(torch.searchsorted(cdf, cdf[-1:] * u, right=True)), probs.shape[-1] - 1)
 
 
 def top_logprobs(
