@@ -103,4 +103,3 @@ def test_a_drafter_that_costs_more_host_time_than_it_saves_is_not_asked():
     for _ in range(50):
         pol.observe_propose("a", 0.02, 1)  # 20 ms of host time per drafting sequence
     assert pol.plan({r: 4}) == {r: 0}
-
