@@ -107,10 +107,13 @@ class NgramDrafter:
             index = self._index.get(req)
             if index is None:
                 index = self._index[req] = NgramIndex(self.min_n, self.max_n, self.num_matches)
-            n, starts = index.matches(req.token_ids) if k > 0 else (0, [])
-            if len(starts) == 1:  # the plain prompt-lookup chain: no trie to build
-                out.append(DraftProposal.chain(req.token_ids[starts[0] + n : starts[0] + n + k]))
+            if k == 0:
+                out.append(None)
+            elif self.num_matches == 1:  # the plain prompt-lookup chain: no trie to build
+                draft = index.lookup(req.token_ids, k)
+                out.append(DraftProposal.chain(draft) if draft else None)
             else:
+                n, starts = index.matches(req.token_ids)
                 out.append(continuation_tree(req.token_ids, n, starts, k) if starts else None)
         return out
 

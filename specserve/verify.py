@@ -201,10 +201,11 @@ def verify(items: Sequence[VerifyItem], logits: torch.Tensor) -> list[VerifyResu
         idx = [it.row_start + n for it in sampled for n in range(it.num_nodes)]
         probs = target_probs(logits[idx], [rows[i] for i in idx])
         chains, chain_rows, start = [], [], 0
+        is_chain = [it.proposal is None or it.proposal.is_chain for it in sampled]
         # one request alone walks node by node: fewer kernels than the batch path (0.35 ms less on an H200)
-        batch = sum(it.proposal is None or it.proposal.is_chain for it in sampled) > 1
-        for it in sampled:
-            if batch and (it.proposal is None or it.proposal.is_chain):
+        batch = sum(is_chain) > 1
+        for it, chain in zip(sampled, is_chain, strict=True):
+            if batch and chain:
                 chains.append(it)
                 chain_rows.extend(range(start, start + it.num_nodes))
             else:
