@@ -139,15 +139,17 @@ def main(model: str, mt_bench: str, *batches: str) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True)
     kernel_table(eng, prompts[0])
     sampled = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=128, ignore_eos=True, seed=0)
-    runs = [(arm, params, "") for arm in (ARMS if arms else ARMS[:1])]
+    # plain twice: with async scheduling (the CUDA default) and without (sync)
+    runs = [("none", params, "sync")] + [(arm, params, "") for arm in (ARMS if arms else ARMS[:1])]
     runs += [(arm, sampled, mode) for arm in ("none", "ngram") if arm == "none" or arms for mode in ("batched", "walk")]
     for b in [int(x) for x in batches] or [1, 16, 64, 128]:
         for n, (arm, params, mode) in enumerate(runs):
             # sampled runs: chains verified in one batch (batched), or node by node as before (walk)
             verify_mod._walk_chains = walk_each if mode == "walk" else BATCHED_CHAINS
+            eng.async_scheduling = CUDA and mode != "sync"
             for i in range(b):
                 eng.add_request(f"{arm}-{b}-{n}-{i}", prompts[i % len(prompts)], params, spec_arm=arm)
-            arm = f"{arm} sampled {mode}" if mode else arm
+            arm = f"{arm} {mode}" if mode == "sync" else f"{arm} sampled {mode}" if mode else arm
             clock.clear()
             steps, tokens = [], 0
             while eng.has_unfinished_requests():

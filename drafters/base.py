@@ -46,6 +46,8 @@ class Drafter(Protocol):
     max_num_tokens: int
     #: extra KV layers it needs in the shared block pool (draft model / EAGLE layers), 0 for n-gram
     num_kv_layers: int
+    #: observe must see every step's target outputs (learned drafters): async scheduling never overlaps them
+    needs_target_outputs: bool
 
     def propose(self, requests: Sequence[Request], max_tokens: Sequence[int]) -> list[DraftProposal | None]:
         """At most max_tokens[i] nodes for requests[i] (0: propose nothing)."""

@@ -34,6 +34,8 @@ CATCHUP_TOKENS = 2048  # entries per catch-up forward
 class DraftModelDrafter:
     """Chain drafter backed by a small causal LM whose KV shares the target's blocks."""
 
+    needs_target_outputs = True  # its KV follows the committed tokens step by step
+
     def __init__(self, spec: SpeculativeConfig, target):
         # A checkpoint trained by `train-drafter` stores no embedding / LM head: it uses the target's tensors.
         shared = {"model.embed_tokens.weight": target.model.model.embed_tokens.weight,

@@ -112,6 +112,8 @@ def _own_embedding(tensors: dict, target, what: str) -> nn.Embedding | None:
 class EagleDrafter:
     """EAGLE-2 dynamic-tree drafter; subclasses swap the head (EAGLE-3)."""
 
+    needs_target_outputs = True
+
     def __init__(self, spec: SpeculativeConfig, target):
         self.head, embed = self.load_head(spec.model, target)
         self.embed = embed or target.model.model.embed_tokens

@@ -75,6 +75,7 @@ class MedusaDrafter:
     """Static-tree drafter over Medusa heads; no KV of its own."""
 
     num_kv_layers = 0
+    needs_target_outputs = True
 
     def __init__(self, spec: SpeculativeConfig, target):
         self.heads, share = load_medusa(spec.model, target)

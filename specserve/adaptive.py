@@ -12,7 +12,8 @@ The plan maximises expected tokens per second, sum_i E_i(k_i) / (overhead + cost
 next draft token of sequence i adds g = a_0 ... a_{k_i} expected tokens, and g only shrinks as k_i grows,
 so taking tokens in decreasing order of gain and keeping the best prefix is optimal for every total T (up
 to the propose term, paid with a sequence's first token). Plain decoding (no drafts) is always a
-candidate, so by the model a step never loses to it.
+candidate, so by the model a step never loses to it; with async scheduling a step where no sequence drafts
+overlaps the next one, so that candidate pays no overhead.
 Example: batch 1 is memory-bound (cost flat in T): with a = 0.8 the gains 0.8, 0.64, 0.51, 0.41 all pay
 and k = 4. In a compute-bound batch (cost ~ T) a token pays only if its gain beats tokens/T of the plan.
 A request planned at 0 for PROBE_EVERY steps drafts one token, so its estimate can recover.
@@ -78,7 +79,7 @@ class AdaptiveSpeculation:
 
     def __init__(
         self, arms: Mapping[str, int], cost, *, prior: float = 0.5, ema: float = 0.25, arm_ema: float = 0.05,
-        overhead_s: float = 0.0, measure: bool = False,
+        overhead_s: float = 0.0, measure: bool = False, overlap_arms: frozenset[str] = frozenset(),
     ):
         self.cost = cost
         self.ema, self.arm_ema = ema, arm_ema
@@ -87,6 +88,7 @@ class AdaptiveSpeculation:
         self.estimates: weakref.WeakKeyDictionary[Request, _Estimate] = weakref.WeakKeyDictionary()
         self.overhead_s = overhead_s
         self.measure = measure  # host costs measured as the engine runs (CUDA); fixed otherwise (tests)
+        self.overlap_arms = overlap_arms  # arms whose draft-free steps overlap the next (async scheduling)
         self._last: tuple[float, float] | None = None  # (when the last plan was made, its predicted device+propose s)
 
     def _estimate(self, req: Request) -> _Estimate:
@@ -117,6 +119,8 @@ class AdaptiveSpeculation:
         expected = num_seqs + np.concatenate([[0.0], np.cumsum(flat[order])])  # [M + 1] tokens out of m drafts
         propose = np.concatenate([[0.0], np.cumsum(first[order])])  # [M + 1] host seconds of drafting
         secs = self.overhead_s + self.cost.seconds(num_seqs, fixed + np.arange(len(expected))) + propose
+        if fixed == num_seqs and all(r.spec_arm in self.overlap_arms for r in caps):
+            secs[0] -= self.overhead_s  # drafting nothing, the step overlaps the next one: its host time is hidden
         best = int(np.argmax(expected / secs))  # first maximum: the fewest drafts among equals
         counts = np.bincount(owner[order[:best]], minlength=len(adaptive))
         out = dict(caps)
@@ -133,6 +137,7 @@ class AdaptiveSpeculation:
         if not self.measure or self._last is None:
             return
         since, predicted = self._last
+        self._last = None  # one sample per planned step: steps planned without drafts in between set no clock
         step = time.perf_counter() - since
         if step < 1.0:  # longer: the engine sat idle between steps
             self.overhead_s += 0.1 * (max(step - predicted, 0.0) - self.overhead_s)
@@ -155,14 +160,17 @@ class AdaptiveSpeculation:
         arm[:n] += self.arm_ema * (hit - arm[:n])
 
 
-def build_policy(arms: Mapping[str, SpeculativeConfig], runner) -> AdaptiveSpeculation | None:
+def build_policy(
+    arms: Mapping[str, SpeculativeConfig], runner, overlap_arms: frozenset[str] = frozenset()
+) -> AdaptiveSpeculation | None:
     """The policy for the engine's adaptive arms (None if none is), its cost model measured on CUDA."""
     adaptive = {name: spec.num_speculative_tokens for name, spec in arms.items() if spec.adaptive}
     if not adaptive:
         return None
     if runner.device.type != "cuda":
-        return AdaptiveSpeculation(adaptive, LinearCost())
+        return AdaptiveSpeculation(adaptive, LinearCost(), overlap_arms=overlap_arms)
     buckets = runner.graphs.buckets if runner.graphs else Buckets(
         runner.max_num_seqs, [1] + [1 + k for k in adaptive.values()], runner.max_tokens
     )
-    return AdaptiveSpeculation(adaptive, MeasuredCost(runner.profile(buckets.keys)), measure=True)
+    return AdaptiveSpeculation(adaptive, MeasuredCost(runner.profile(buckets.keys)), measure=True,
+                               overlap_arms=overlap_arms)

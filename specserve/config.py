@@ -88,6 +88,8 @@ class EngineConfig:
     load_format: str = "auto"  # "auto" | "dummy" (random weights of the config's shape)
     seed: int = 0
     enforce_eager: bool | None = None  # None: CUDA graphs on CUDA, eager elsewhere
+    # schedule the next step while this one runs on the device (plain decoding only); None: on for CUDA
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)

@@ -19,16 +19,29 @@ from specserve.drafters import build_drafter
 from specserve.drafters.base import DraftProposal
 from specserve.kernels import get_backend
 from specserve.kv_cache import KVCacheManager
-from specserve.model_runner import ForwardOutput, ModelRunner
+from specserve.model_runner import ForwardOutput, HostCopy, ModelRunner, StepBatch
 from specserve.models.loader import LoadedModel, load_model
 from specserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from specserve.request import Request, RequestStatus
 from specserve.sampler import top_logprobs
 from specserve.sampling_params import SamplingParams
 from specserve.scheduler import ScheduledRequest, Scheduler
-from specserve.verify import VerifyItem, VerifyResult, verify
+from specserve.verify import VerifyItem, VerifyResult, sample_roots, verify
 
 NO_SPEC = "none"
+PENDING = -1  # async scheduling: a sampled token still on the device, in token_ids until it arrives
+REPLAN_EVERY = 8  # async scheduling: overlapped steps in a row before adaptive requests plan drafts again
+
+
+@dataclass
+class InflightStep:
+    """A step whose forward is queued on the device. advanced: its requests already count its tokens."""
+
+    scheduled: list[ScheduledRequest]
+    proposals: list[DraftProposal | None]
+    items: list[VerifyItem]  # the requests that produce tokens, with their logits rows
+    out: ForwardOutput
+    advanced: bool = False
 
 
 @dataclass
@@ -80,6 +93,14 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or mcfg.max_model_len, mcfg.max_model_len)
         self.eos_token_ids = frozenset(mcfg.eos_token_ids)
         num_blocks = config.num_kv_blocks or self._blocks_for_budget(mcfg)
+        capacity = num_blocks * config.block_size
+        if self.max_model_len > capacity:  # a longer sequence could never be scheduled, even alone
+            if config.max_model_len:
+                raise ValueError(
+                    f"max_model_len {config.max_model_len} is more than the KV cache holds ({capacity} tokens): "
+                    "raise kv_cache_memory_gb or num_kv_blocks, or lower max_model_len"
+                )
+            self.max_model_len = capacity
         backend = get_backend(config.attention_backend, self.device)
         self.runner = ModelRunner(
             self.model, num_blocks, config.block_size, backend, self.device, self.dtype,
@@ -100,7 +121,15 @@ class LLMEngine:
         eager = config.enforce_eager if config.enforce_eager is not None else self.device.type != "cuda"
         if not eager:
             self.runner.capture_graphs([1] + [1 + d.max_num_tokens for d in self.drafters.values()])
-        self.spec_policy = build_policy(arms, self.runner)  # None unless an arm is adaptive
+        auto_async = self.device.type == "cuda"
+        self.async_scheduling = config.async_scheduling if config.async_scheduling is not None else auto_async
+        # arms whose requests may ride overlapped steps: plain, and adaptive arms while they draft nothing
+        self._overlap_arms = frozenset({NO_SPEC} | {
+            name for name, spec in arms.items() if spec.adaptive and not self.drafters[name].needs_target_outputs
+        } if self.async_scheduling else ())
+        self._overlap_run = 0  # overlapped steps in a row
+        self._inflight: InflightStep | None = None
+        self.spec_policy = build_policy(arms, self.runner, self._overlap_arms)  # None unless an arm is adaptive
         self.scheduler = Scheduler(
             self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, self.spec_policy
         )
@@ -200,22 +229,86 @@ class LLMEngine:
     # ---- the step ---------------------------------------------------------------------------------
 
     def step(self, finished_only: bool = False) -> list[RequestOutput]:
-        """One step; returns an output per request it advanced (finished_only: only the finished ones)."""
-        sched = self.scheduler.schedule({name: d.max_num_tokens for name, d in self.drafters.items()})
-        if not sched.scheduled:
+        """One step; returns an output per request it advanced (finished_only: only the finished ones).
+
+        With async scheduling, a plain step (no drafts) queues the next step on the device before its own
+        tokens reach the host: the host work of one step overlaps the forward of the next.
+        """
+        cur, self._inflight = self._inflight or self._launch(), None
+        if cur is None:
             return []
+        overlap = self.async_scheduling and self._can_overlap(cur)
+        self._overlap_run = self._overlap_run + 1 if overlap else 0
+        if overlap:
+            tokens = sample_roots(cur.items, cur.out.logits)  # on the device: the next step's roots
+            fetched = HostCopy(tokens)  # queued before the next step, so it does not wait for it
+            self._advance(cur)
+            self._inflight = self._launch(after=(cur, tokens))
+            results = [it.result([0], [t]) for it, t in zip(cur.items, fetched.tolist(), strict=True)]
+        else:
+            results = verify(cur.items, cur.out.logits)
+        results_by_req = dict(zip((id(it.request) for it in cur.items), results, strict=True))
+        touched = self._commit(cur, results_by_req)
+        self._observe(cur.scheduled, results_by_req, cur.out)
+        return self._outputs(touched, finished_only)
+
+    def _launch(self, after: tuple[InflightStep, torch.Tensor] | None = None) -> InflightStep | None:
+        """Schedule, draft, and queue the target forward; `after`: the step in flight and its sampled tokens
+        (nobody drafts then: drafters read tokens on the host)."""
+        limits = {} if after is not None else {name: d.max_num_tokens for name, d in self.drafters.items()}
+        sched = self.scheduler.schedule(limits)
+        if not sched.scheduled:
+            return None
+        now = time.time()
+        for s in sched.scheduled:
+            m = s.request.metrics
+            if m.first_scheduled_time is None:
+                m.first_scheduled_time, m.num_cached_tokens = now, s.request.num_computed_tokens
         proposals = self._propose(sched.scheduled)
         batch = self.runner.prepare(sched.scheduled, proposals)
+        if after is not None:
+            self._feed_pending(sched.scheduled, batch, *after)
         out = self.runner.forward(batch)
         items = [
             VerifyItem(s.request, p, row, s.request.generator)
             for s, p, row in zip(sched.scheduled, proposals, batch.row_starts, strict=True)
             if row >= 0
         ]
-        results = dict(zip((id(it.request) for it in items), verify(items, out.logits), strict=True))
-        touched = self._commit(sched.scheduled, results, out)
-        self._observe(sched.scheduled, results, out)
-        return self._outputs(touched, finished_only)
+        return InflightStep(sched.scheduled, proposals, items, out)
+
+    def _can_overlap(self, step: InflightStep) -> bool:
+        """Whether the next step can be scheduled before this one's tokens are known: every live request gains
+        exactly one token and none drafts next (a request that this token ends costs the next step a wasted
+        row). Adaptive requests return to a planned step every REPLAN_EVERY steps, where drafting may resume."""
+        live = [(s.request, p) for s, p in zip(step.scheduled, step.proposals, strict=True) if not s.request.finished]
+        if any(p is not None or r.spec_arm not in self._overlap_arms for r, p in live):
+            return False
+        return self._overlap_run < REPLAN_EVERY or all(r.spec_arm == NO_SPEC for r, _ in live)
+
+    def _advance(self, step: InflightStep) -> None:
+        """Count a step's work as done before its tokens arrive: each new token is a PENDING placeholder."""
+        for s in step.scheduled:
+            req = s.request
+            if req.finished:
+                continue
+            produces = s.produces_token
+            req.num_computed_tokens += s.num_new_tokens
+            if produces:
+                req.token_ids.append(PENDING)
+            self.kv.commit(req)
+        step.advanced = True
+
+    def _feed_pending(
+        self, scheduled: list[ScheduledRequest], batch: StepBatch, prev: InflightStep, tokens: torch.Tensor
+    ) -> None:
+        """Roots that are still PENDING take their token from the previous step's output on the device."""
+        src_of = {id(it.request): i for i, it in enumerate(prev.items)}
+        dst, src = [], []
+        for b, s in enumerate(scheduled):
+            if s.request.token_ids[-1] == PENDING:  # then the request decodes: its root is that token
+                dst.append(batch.query_start_loc[b + 1] - 1)
+                src.append(src_of[id(s.request)])
+        self.runner.feed_tokens(batch, dst, tokens, src)
 
     def _propose(self, scheduled: list[ScheduledRequest]) -> list[DraftProposal | None]:
         proposals: list[DraftProposal | None] = [None] * len(scheduled)
@@ -234,31 +327,34 @@ class LLMEngine:
                 proposals[i] = prop if prop is not None and prop.tokens else None
         return proposals
 
-    def _commit(
-        self, scheduled: list[ScheduledRequest], results: dict[int, VerifyResult], out: ForwardOutput
-    ) -> set[str]:
-        """Advance each request's KV, append accepted tokens (cut at stops), free finished requests."""
+    def _commit(self, step: InflightStep, results: dict[int, VerifyResult]) -> set[str]:
+        """Advance each request's KV, append accepted tokens (cut at stops), free finished requests.
+
+        Requests that finished or were aborted while the step was in flight are skipped; for an advanced step
+        the KV progress is already counted and each PENDING placeholder gives way to the real token."""
         now = time.time()
         moves = []
         emitted: list[tuple[Request, VerifyResult, int]] = []
-        for s in scheduled:
+        live = [s for s in step.scheduled if not s.request.finished]
+        for s in live:
             req = s.request
-            if req.metrics.first_scheduled_time is None:
-                req.metrics.first_scheduled_time = now
-                req.metrics.num_cached_tokens = req.num_computed_tokens
             res = results.get(id(req))
             if res is None:  # a prefill chunk that does not reach the last token yet
-                req.num_computed_tokens += s.num_new_tokens
+                if not step.advanced:
+                    req.num_computed_tokens += s.num_new_tokens
                 continue
-            root = req.num_computed_tokens + s.num_new_tokens - 1
-            moves += [(req.block_ids, root + a, root + d) for d, a in enumerate(res.accepted_nodes) if a != d]
-            req.num_computed_tokens = root + len(res.accepted_nodes)
+            if step.advanced:
+                req.token_ids.pop()
+            else:
+                root = req.num_computed_tokens + s.num_new_tokens - 1
+                moves += [(req.block_ids, root + a, root + d) for d, a in enumerate(res.accepted_nodes) if a != d]
+                req.num_computed_tokens = root + len(res.accepted_nodes)
             emitted.append((req, res, self._append(req, res.token_ids)))
             self._record_spec(req, res, now)
         self.runner.compact(moves)
-        self._add_logprobs(emitted, out)
+        self._add_logprobs(emitted, step.out)
         touched = set()
-        for s in scheduled:
+        for s in live:
             req = s.request
             touched.add(req.group_id)
             if req.finished:

@@ -17,6 +17,7 @@ import torch
 from specserve.attention import MAX_TREE_NODES, AttentionMetadata, ancestor_masks, tree_depths
 from specserve.cuda_graphs import Buckets, CudaGraphs, StepBuffers, StepViews
 from specserve.drafters.base import DraftProposal
+from specserve.sampler import to_device
 from specserve.scheduler import ScheduledRequest
 
 # entry j + 1: the mask of chain node j; entry 0 (mask 0) for the causal tokens before a root
@@ -42,6 +43,25 @@ class ForwardOutput:
     prenorm_hidden_states: torch.Tensor  # [num_tokens, hidden] last layer output before the final norm
     aux_hidden_states: list[torch.Tensor]  # each [num_tokens, hidden]: layers in model.aux_layers
     batch: StepBatch
+
+
+class HostCopy:
+    """A device tensor's copy into pinned host memory, started now (behind the work queued so far) and waited
+    for later: async scheduling reads a step's tokens after it has queued the next step."""
+
+    def __init__(self, t: torch.Tensor):
+        self.event = None
+        self.host = t
+        if t.is_cuda:
+            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self.host.copy_(t, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def tolist(self) -> list:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
 
 
 class ModelRunner:
@@ -172,6 +192,17 @@ class ModelRunner:
         )
         return StepBatch(d.input_ids[:num_tokens], d.positions[:num_tokens], meta, d.logits_indices, row_starts,
                          qsl, key)
+
+    def feed_tokens(self, batch: StepBatch, dst: list[int], tokens: torch.Tensor, src: list[int]) -> None:
+        """Async scheduling: input positions dst take tokens[src], sampled by a step still on the device."""
+        if not dst:
+            return
+        n = len(dst)
+        if dst == list(range(dst[0], dst[0] + n)) and src == list(range(src[0], src[0] + n)):
+            batch.input_ids[dst[0] : dst[0] + n].copy_(tokens[src[0] : src[0] + n])  # no index to upload
+        else:
+            idx = to_device([dst, src], torch.int64, self.device)  # [2, n]
+            batch.input_ids[idx[0]] = tokens[idx[1]]
 
     # ---- forward ----------------------------------------------------------------------------------
 

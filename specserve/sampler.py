@@ -63,26 +63,33 @@ def process_logits(logits: torch.Tensor, rows: list[RowContext]) -> torch.Tensor
     return logits.float()
 
 
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list on the device through pinned memory: a copy from pageable memory may wait for the stream,
+    and async scheduling queues sampling behind a running forward."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
 def target_probs(logits: torch.Tensor, rows: list[RowContext]) -> torch.Tensor:
     """Softmax after temperature, top-k, top-p and min-p ([N, vocab] float32); rows must not be greedy."""
     device = logits.device
-    temp = torch.tensor([r.params.temperature for r in rows], device=device)
+    temp = to_device([r.params.temperature for r in rows], logits.dtype, device)
     logits = logits / temp[:, None]
     top_k = [r.params.top_k for r in rows]
     if any(top_k):
-        k = torch.tensor([kk if kk else logits.shape[1] for kk in top_k], device=device).clamp(max=logits.shape[1])
+        k = to_device([min(kk or logits.shape[1], logits.shape[1]) for kk in top_k], torch.int64, device)
         kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = logits.softmax(dim=-1)
     # which filters apply is decided from the params on the host: testing tensors would sync with the GPU
     if any(r.params.top_p < 1.0 for r in rows):
-        top_p = torch.tensor([r.params.top_p for r in rows], device=device)
+        top_p = to_device([r.params.top_p for r in rows], probs.dtype, device)
         sorted_p, idx = probs.sort(dim=-1, descending=True)
         # Keep the smallest set whose mass reaches top_p: a token is cut if the mass before it already does.
         cut = (sorted_p.cumsum(dim=-1) - sorted_p) >= top_p[:, None]
         probs = probs.scatter(1, idx, sorted_p.masked_fill(cut, 0.0))
     if any(r.params.min_p > 0 for r in rows):
-        min_p = torch.tensor([r.params.min_p for r in rows], device=device)
+        min_p = to_device([r.params.min_p for r in rows], probs.dtype, device)
         probs = probs.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
     return probs / probs.sum(dim=-1, keepdim=True)
 

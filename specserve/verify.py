@@ -23,7 +23,7 @@ import torch
 from specserve.attention import tree_depths
 from specserve.drafters.base import DraftProposal
 from specserve.request import Request
-from specserve.sampler import RowContext, process_logits, sample_from, target_probs
+from specserve.sampler import RowContext, process_logits, sample_from, target_probs, to_device
 
 
 @dataclass
@@ -183,12 +183,39 @@ def _walk_chains(items: Sequence[VerifyItem], probs: torch.Tensor) -> list[Verif
     return results
 
 
+def _banned(req: Request) -> frozenset[int]:
+    """Tokens masked until min_tokens; eos_token_ids is already empty for ignore_eos requests."""
+    return frozenset(req.params.stop_token_ids) | req.eos_token_ids
+
+
+def sample_roots(items: Sequence[VerifyItem], logits: torch.Tensor) -> torch.Tensor:
+    """The next token of requests that drafted nothing, left on the device ([len(items)] int64).
+
+    No host sync (penalties aside), so the next step can be queued behind it; the tokens equal what `verify`
+    picks for the same items, drawing the same uniforms.
+    """
+    idx = [it.row_start for it in items]
+    rows = [ctx for it in items for ctx in it.row_contexts(_banned(it.request))]
+    picked = logits[: len(idx)] if idx == list(range(len(idx))) else logits[idx]  # a slice uploads no index
+    picked = process_logits(picked, rows)
+    tokens = picked.argmax(dim=-1)  # [n]
+    sampled = [i for i, it in enumerate(items) if not it.request.params.greedy]
+    if sampled:
+        every = len(sampled) == len(items)
+        probs = target_probs(picked if every else picked[sampled], [rows[i] for i in sampled])
+        uniforms = [float(torch.rand((), generator=items[i].generator)) for i in sampled]
+        cdf = probs.cumsum(dim=-1)  # [s, vocab]
+        u = to_device(uniforms, cdf.dtype, cdf.device)
+        draws = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).clamp(max=cdf.shape[-1] - 1)[:, 0]
+        if every:
+            return draws
+        tokens[to_device(sampled, torch.int64, tokens.device)] = draws
+    return tokens
+
+
 def verify(items: Sequence[VerifyItem], logits: torch.Tensor) -> list[VerifyResult]:
     """Verify every request's tree against its logits rows ([num_rows, vocab]); one host sync for greedy."""
-    rows: list[RowContext] = []
-    for it in items:
-        # eos_token_ids is already empty for ignore_eos requests
-        rows.extend(it.row_contexts(frozenset(it.request.params.stop_token_ids) | it.request.eos_token_ids))
+    rows = [ctx for it in items for ctx in it.row_contexts(_banned(it.request))]
     logits = process_logits(logits, rows)
     greedy = [it for it in items if it.request.params.greedy]
     results: dict[int, VerifyResult] = {}

@@ -103,3 +103,18 @@ def test_a_drafter_that_costs_more_host_time_than_it_saves_is_not_asked():
     for _ in range(50):
         pol.observe_propose("a", 0.02, 1)  # 20 ms of host time per drafting sequence
     assert pol.plan({r: 4}) == {r: 0}
+
+
+def test_with_async_scheduling_plain_steps_pay_no_host_overhead():
+    # batch 1 at a = 0.3, a 2 ms step plus 1 ms of host time: one draft gives 1.3 tokens per 3 ms; plain 1 per
+    # 3 ms synchronous (drafting wins) but 1 per 2 ms when the draft-free step overlaps the next (plain wins)
+    (r,) = [Req()]
+
+    def plan(overlap_arms):
+        pol = AdaptiveSpeculation({"a": 1}, LinearCost(0.002, 0.0), prior=0.3, overhead_s=0.001,
+                                  overlap_arms=overlap_arms)
+        return pol.plan({r: 1})[r]
+
+    assert plan(frozenset()) == 1
+    assert plan(frozenset({"none", "a"})) == 0
+    assert plan(frozenset({"none"})) == 1  # an arm that cannot overlap pays the overhead either way

@@ -129,6 +129,13 @@ def test_bad_requests_raise_clear_errors(smol):
     assert not engine.has_unfinished_requests() and all_free(smol)
 
 
+def test_max_model_len_is_what_the_kv_cache_holds(tiny_model_dir):
+    common = dict(model=tiny_model_dir("llama"), device="cpu", dtype="float32", num_kv_blocks=4, block_size=16)
+    assert LLM(**common).engine.max_model_len == 64  # the model allows 256: a longer request could never run
+    with pytest.raises(ValueError, match="more than the KV cache holds"):
+        LLM(max_model_len=128, **common)
+
+
 @pytest.mark.parametrize(
     "field,value",
     [("temperature", -1.0), ("top_p", 0.0), ("top_k", -5), ("min_p", 2.0), ("presence_penalty", 3.0),

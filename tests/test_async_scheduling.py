@@ -1,0 +1,156 @@
+"""Async scheduling: the next plain step is queued before this one's tokens reach the host.
+
+It must change nothing a user sees: the same tokens, stops, logprobs and metrics as the synchronous engine,
+with aborts, preemptions and mixed drafting arms, and every KV block back in the pool at the end.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specserve import LLM, SamplingParams
+from specserve.engine import PENDING, REPLAN_EVERY
+from specserve.models.loader import load_model
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+PROMPTS = ["a b c a b c a b", "The quick brown fox", "Speculative decoding drafts tokens", "x y z " * 4, "Hello"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_model(tiny_model_dir("llama"), torch.float32, "cpu")
+
+
+def engine_pair(tiny, **kwargs):
+    common = dict(loaded_model=tiny, device="cpu", dtype="float32", max_num_seqs=8, **kwargs)
+    return LLM(async_scheduling=False, **common).engine, LLM(async_scheduling=True, **common).engine
+
+
+def run(engine, requests, abort_at: dict[int, str] | None = None) -> tuple[dict, list[bool]]:
+    """Drive the engine step by step; returns {request id: final output} and which steps overlapped."""
+    for rid, prompt, params, arm in requests:
+        engine.add_request(rid, prompt, params, spec_arm=arm)
+    done, step, overlapped = {}, 0, []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+        step += 1
+        overlapped.append(engine._inflight is not None)
+        for rid in (abort_at or {}).get(step, []):
+            engine.abort_request(rid)
+    stats = engine.stats()
+    assert stats.num_free_blocks == stats.num_total_blocks
+    assert all(PENDING not in o.outputs[0].token_ids for o in done.values())
+    return done, overlapped
+
+
+def summary(outs: dict) -> dict:
+    return {
+        rid: [(o.token_ids, o.finish_reason, o.stop_reason, o.text, o.logprobs) for o in out.outputs]
+        for rid, out in outs.items()
+    }
+
+
+def test_plain_outputs_equal_the_synchronous_engine(tiny):
+    sync, overlap = engine_pair(tiny)
+    first = sync.tokenizer.encode(PROMPTS[1])
+    probe = LLM(loaded_model=tiny, device="cpu", dtype="float32", async_scheduling=False).generate(
+        [first], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    )[0].outputs[0].token_ids
+    stop_tok = probe[6]  # greedy reaches it mid-generation: the step after it was already queued
+    reqs = [
+        ("greedy", PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=17, ignore_eos=True), None),
+        ("stop-token", first, SamplingParams(temperature=0.0, max_tokens=30, stop_token_ids=[stop_tok]), None),
+        ("sampled", PROMPTS[2], SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=3, max_tokens=20,
+                                               presence_penalty=0.5, repetition_penalty=1.2, min_tokens=4), None),
+        ("n2", PROMPTS[3], SamplingParams(n=2, temperature=1.0, seed=11, max_tokens=9, logprobs=2), None),
+        ("one", PROMPTS[4], SamplingParams(temperature=0.0, max_tokens=1), None),
+        ("to-max-model-len", PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True), None),
+        ("min-p", PROMPTS[1], SamplingParams(temperature=0.7, min_p=0.1, seed=5, max_tokens=13,
+                                             logit_bias={7: 3.0}), None),
+    ]
+    a, _ = run(sync, reqs)
+    b, overlapped = run(overlap, reqs)
+    assert summary(a) == summary(b)
+    assert b["stop-token"].outputs[0].finish_reason == "stop"
+    assert b["stop-token"].outputs[0].stop_reason == stop_tok
+    assert sum(overlapped) > 10  # the overlap path really ran
+    assert len(b["to-max-model-len"].prompt_token_ids) + len(b["to-max-model-len"].outputs[0].token_ids) == 256
+    for rid in a:
+        ma, mb = a[rid].metrics, b[rid].metrics
+        assert (ma.num_steps, ma.num_generated_tokens) == (mb.num_steps, mb.num_generated_tokens)
+
+
+def test_aborts_preemptions_and_drafting_arms_in_flight(tiny):
+    # 16 blocks of 8 slots cannot hold all six requests: the newest are preempted and recomputed
+    sync, overlap = engine_pair(tiny, num_kv_blocks=16, block_size=8, speculative_arms={"ngram": NGRAM})
+    greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    reqs = [(f"r{i}", p, greedy, "ngram" if i == 3 else None) for i, p in enumerate(PROMPTS)]
+    reqs.append(("seeded", PROMPTS[2], SamplingParams(temperature=1.0, seed=1, max_tokens=24, ignore_eos=True), None))
+    aborts = {2: ["r1"], 5: ["seeded", "missing"]}
+    a, _ = run(sync, reqs, aborts)
+    b, overlapped = run(overlap, reqs, aborts)
+    assert overlap.scheduler.num_preemptions > 0
+    assert any(overlapped)
+    assert summary(a) == summary(b)
+    assert "r1" not in b and "seeded" not in b and "r3" in b
+
+
+def test_adaptive_requests_overlap_while_they_draft_nothing(tiny):
+    sync, overlap = engine_pair(tiny, speculative_arms={"adaptive": {**NGRAM, "adaptive": True}})
+    greedy = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    reqs = [(f"r{i}", p, greedy, "adaptive") for i, p in enumerate(PROMPTS)]
+    a, _ = run(sync, reqs)
+    b, overlapped = run(overlap, reqs)
+    assert summary(a) == summary(b)
+    assert sum(o.metrics.num_draft_tokens for o in b.values()) > 0
+    runs = "".join("x" if o else "." for o in overlapped).split(".")
+    assert 0 < max(map(len, runs)) <= REPLAN_EVERY  # then a planned step, where drafting may resume
+
+
+def test_a_stale_step_in_flight_does_not_leak_into_the_next_batch(tiny):
+    sync, overlap = engine_pair(tiny)
+    # a third of the vocabulary stops a request: they end on stop tokens, with the next step already queued
+    params = SamplingParams(temperature=0.0, max_tokens=50, stop_token_ids=list(range(0, 320, 3)))
+
+    def batches(engine) -> list:
+        outs = []
+        for batch in range(3):
+            done, _ = run(engine, [(f"{batch}-{i}", p, params, None) for i, p in enumerate(PROMPTS)])
+            outs.append(sorted((rid, o.outputs[0].token_ids, o.outputs[0].finish_reason) for rid, o in done.items()))
+            assert (engine._inflight is not None) == engine.async_scheduling  # left over, all its requests done
+        return outs
+
+    assert batches(sync) == batches(overlap)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_one_sync_per_step_and_the_same_tokens(tiny_model_dir):
+    import warnings
+
+    common = dict(model=tiny_model_dir("llama"), device="cuda", dtype="float32", max_num_seqs=8)
+    sync, overlap = LLM(async_scheduling=False, **common), LLM(**common)
+    assert overlap.engine.async_scheduling  # the default on CUDA
+    params = [SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True),
+              SamplingParams(temperature=0.8, top_p=0.9, seed=1, max_tokens=20, ignore_eos=True)]
+    reqs = [(f"{i}-{j}", prompt, p, None) for i, prompt in enumerate(PROMPTS) for j, p in enumerate(params)]
+    assert summary(run(sync.engine, reqs)[0]) == summary(run(overlap.engine, reqs)[0])
+    engine = overlap.engine
+    for rid, prompt, p, _ in reqs:
+        engine.add_request("again-" + rid, prompt, p)
+    engine.step()  # the prefills
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        for _ in range(5):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                engine.step()
+            assert len([w for w in caught if "synchroniz" in str(w.message)]) <= 1
+            assert engine._inflight is not None
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    while engine.has_unfinished_requests():
+        engine.step()
