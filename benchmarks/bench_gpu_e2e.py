@@ -263,7 +263,8 @@ def build_smol(args) -> tuple[LLM, object, list[list[int]]]:
 def part_smol(args, llm, loaded, prompts) -> dict:
     params = SamplingParams(temperature=0.0, max_tokens=args.tokens)
     ps = prompts[: args.smol_prompts]
-    run(llm, ps[:2], SamplingParams(temperature=0.0, max_tokens=16), "none")  # warm-up
+    for p in ps:  # warm-up: every prompt's prefill shape, as the runs below see it
+        run(llm, [p], SamplingParams(temperature=0.0, max_tokens=16), "none")
     rows, plain = [], None
     for arm in ["none", *llm.engine.drafters]:
         per = [run(llm, [p], params, arm) for p in ps]

@@ -118,9 +118,10 @@ class AdaptiveSpeculation:
         order = np.argsort(-flat, kind="stable")  # stable: a sequence's tokens stay in position order
         expected = num_seqs + np.concatenate([[0.0], np.cumsum(flat[order])])  # [M + 1] tokens out of m drafts
         propose = np.concatenate([[0.0], np.cumsum(first[order])])  # [M + 1] host seconds of drafting
-        secs = self.overhead_s + self.cost.seconds(num_seqs, fixed + np.arange(len(expected))) + propose
+        device = self.cost.seconds(num_seqs, fixed + np.arange(len(expected))) + propose  # forward + drafting
+        secs = self.overhead_s + device
         if fixed == num_seqs and all(r.spec_arm in self.overlap_arms for r in caps):
-            secs[0] -= self.overhead_s  # drafting nothing, the step overlaps the next one: its host time is hidden
+            secs[0] = device[0]  # drafting nothing, the step overlaps the next one: its host time is hidden
         best = int(np.argmax(expected / secs))  # first maximum: the fewest drafts among equals
         counts = np.bincount(owner[order[:best]], minlength=len(adaptive))
         out = dict(caps)
@@ -129,7 +130,7 @@ class AdaptiveSpeculation:
             if e.idle_steps >= PROBE_EVERY:
                 k, e.idle_steps = 1, 0
             out[r] = k
-        self._last = (time.perf_counter(), float(secs[best]) - self.overhead_s)
+        self._last = (time.perf_counter(), float(device[best]))
         return out
 
     def _time_step(self) -> None:
