@@ -14,6 +14,7 @@ Parts (each prints a markdown table and writes DIR/<part>.json):
   sweep8b    batch 1..128, 8B shape, 128-token prompts, 128 tokens: plain vs replay drafts (acceptance 0.6 and
              0.8, k = 4) vs adaptive replay. Replay numbers time real verify steps at a set acceptance.
   sweepsmol  batch 1..128, SmolLM2, MT-bench prompts, 128 tokens: plain vs n-gram vs adaptive n-gram.
+The sweeps serve 3 x B requests with B in flight (continuous batching: a finished request lets the next in).
 Both sweeps are plotted to DIR/sweep.png (with --prior DIR, sweeps of an earlier run are plotted too).
 Throughput is output tokens over the whole generate call (prefill included), as vLLM reports it.
 """
@@ -43,6 +44,7 @@ from specserve.models.loader import load_model  # noqa: E402
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
 ACCEPTANCES = (0.6, 0.8)
 VERIFY_QUERY = (4, 8, 16)
+REQUESTS_PER_SLOT = 3  # the sweeps serve 3 x B requests at batch size B
 HF_PROMPTS = 4
 SMOL_PROMPTS = 20
 LEARNED = {  # drafters/weights/smollm2-135m-instruct/<method>/ -> arm settings (as tests/test_drafters_smollm2.py)
@@ -86,6 +88,30 @@ def run(llm: LLM, prompts: list[list[int]], params: SamplingParams, arm: str) ->
 
 
 _ids = itertools.count()
+
+
+def run_concurrent(llm: LLM, prompts: list[list[int]], params: SamplingParams, arm: str, concurrency: int) -> dict:
+    """Serve every prompt with `concurrency` requests in flight (a finished one lets the next in): throughput
+    at that batch size under continuous batching, where a sequence that speculation speeds up frees its slot."""
+    eng = llm.engine
+    queue, reqs, inflight = list(prompts), [], 0
+    em.sync(eng.device)
+    start = time.perf_counter()
+    while queue or inflight:
+        while queue and inflight < concurrency:
+            rid = f"c{next(_ids)}"
+            eng.add_request(rid, queue.pop(0), params, spec_arm=arm)
+            reqs += eng.groups[rid]
+            inflight += 1
+        inflight -= sum(out.finished for out in eng.step(finished_only=True))
+    wall = time.perf_counter() - start
+    tokens = sum(r.num_output_tokens for r in reqs)
+    drafted = sum(r.metrics.num_draft_tokens for r in reqs)
+    accepted = sum(r.metrics.num_accepted_tokens for r in reqs)
+    return dict(arm=arm, batch=concurrency, requests=len(reqs), tokens=tokens, wall_s=wall, tok_s=tokens / wall,
+                drafted=drafted, accepted=accepted, acceptance=accepted / drafted if drafted else 0.0,
+                tokens_per_step=tokens / sum(r.metrics.num_steps for r in reqs),
+                outputs=[r.output_token_ids for r in reqs])
 
 
 def slim(row: dict) -> dict:
@@ -205,23 +231,24 @@ def part_verify(args, llm, loaded, state) -> dict:
 
 def sweep(llm: LLM, prompts: list[list[int]], params: SamplingParams, arms: list[str], replay: bool,
           batches) -> list[dict]:
+    """Per batch size B: REQUESTS_PER_SLOT x B requests served B at a time, plain first, then each arm."""
     rows = []
     warm = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     for b in batches:
-        ps = [prompts[i % len(prompts)] for i in range(b)]
-        run(llm, ps, warm, "none")  # warm-up at this batch size: allocator, prefill shapes
-        plain = run(llm, ps, params, "none")
+        ps = [prompts[i % len(prompts)] for i in range(REQUESTS_PER_SLOT * b)]
+        run(llm, ps[:b], warm, "none")  # warm-up at this batch size: allocator, prefill shapes
+        plain = run_concurrent(llm, ps, params, "none", b)
         if replay:
             set_replay(llm, as_outputs(ps, plain))
         rows.append(slim(plain))
         for arm in arms:
-            res = run(llm, ps, params, arm)
+            res = run_concurrent(llm, ps, params, arm, b)
             rows.append({**slim(res), "same_as_plain": sum(a == p for a, p in zip(res["outputs"], plain["outputs"],
                                                                                  strict=True)),
                          "vs_plain": res["tok_s"] / plain["tok_s"]})
         print(em.markdown([r for r in rows if r["batch"] == b],
-                       ["batch", "arm", "tok_s", "vs_plain", "decode_step_ms", "decode_tok_s", "acceptance",
-                        "tokens_per_step", "same_as_plain"]),
+                       ["batch", "arm", "requests", "tok_s", "vs_plain", "acceptance", "tokens_per_step",
+                        "same_as_plain"]),
               flush=True)
     return rows
 
