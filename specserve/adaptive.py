@@ -89,6 +89,7 @@ class AdaptiveSpeculation:
         self.overhead_s = overhead_s
         self.measure = measure  # host costs measured as the engine runs (CUDA); fixed otherwise (tests)
         self.overlap_arms = overlap_arms  # arms whose draft-free steps overlap the next (async scheduling)
+        self._quiet_plans = 0  # plans in a row that drafted nothing where the step could overlap
         self._last: tuple[float, float] | None = None  # (when the last plan was made, its predicted device+propose s)
 
     def _estimate(self, req: Request) -> _Estimate:
@@ -120,14 +121,23 @@ class AdaptiveSpeculation:
         propose = np.concatenate([[0.0], np.cumsum(first[order])])  # [M + 1] host seconds of drafting
         device = self.cost.seconds(num_seqs, fixed + np.arange(len(expected))) + propose  # forward + drafting
         secs = self.overhead_s + device
-        if fixed == num_seqs and all(r.spec_arm in self.overlap_arms for r in caps):
+        can_overlap = fixed == num_seqs and all(r.spec_arm in self.overlap_arms for r in caps)
+        if can_overlap:
             secs[0] = device[0]  # drafting nothing, the step overlaps the next one: its host time is hidden
         best = int(np.argmax(expected / secs))  # first maximum: the fewest drafts among equals
         counts = np.bincount(owner[order[:best]], minlength=len(adaptive))
+        # A probe in a plan that drafts nothing costs the step its overlap: such plans hold their probes back
+        # and release them together every PROBE_EVERY plans (one probe per request per 128 sequences would
+        # otherwise break nearly every step).
+        quiet = can_overlap and best == 0
+        self._quiet_plans = self._quiet_plans + 1 if quiet else 0
+        probe = not quiet or self._quiet_plans >= PROBE_EVERY
+        if quiet and probe:
+            self._quiet_plans = 0
         out = dict(caps)
         for r, e, k in zip(adaptive, ests, counts.tolist(), strict=True):
             e.idle_steps = 0 if k else e.idle_steps + 1
-            if e.idle_steps >= PROBE_EVERY:
+            if probe and e.idle_steps >= PROBE_EVERY:
                 k, e.idle_steps = 1, 0
             out[r] = k
         self._last = (time.perf_counter(), float(device[best]))

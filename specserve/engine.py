@@ -30,7 +30,7 @@ from specserve.verify import VerifyItem, VerifyResult, sample_roots, verify
 
 NO_SPEC = "none"
 PENDING = -1  # async scheduling: a sampled token still on the device, in token_ids until it arrives
-REPLAN_EVERY = 8  # async scheduling: overlapped steps in a row before adaptive requests plan drafts again
+REPLAN_EVERY = 16  # async scheduling: overlapped steps in a row before adaptive requests plan drafts again
 
 
 @dataclass

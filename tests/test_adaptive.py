@@ -118,3 +118,14 @@ def test_with_async_scheduling_plain_steps_pay_no_host_overhead():
     assert plan(frozenset()) == 1
     assert plan(frozenset({"none", "a"})) == 0
     assert plan(frozenset({"none"})) == 1  # an arm that cannot overlap pays the overhead either way
+
+
+def test_probes_do_not_break_overlapped_steps_one_request_at_a_time():
+    # 128 requests planned at zero, staggered: each would probe on its own plan, breaking almost every step
+    pol = AdaptiveSpeculation({"a": 4}, LinearCost(0.001, 0.001), prior=0.05, overlap_arms=frozenset({"a"}))
+    reqs = [Req() for _ in range(128)]
+    for i, r in enumerate(reqs):
+        pol._estimate(r).idle_steps = i % PROBE_EVERY
+    probing = [sum(pol.plan({r: 4 for r in reqs}).values()) for _ in range(3 * PROBE_EVERY)]
+    assert sum(1 for n in probing if n) <= 3  # plans that probe at all: about one per PROBE_EVERY
+    assert sum(probing) >= 2 * len(reqs)  # yet every request still probes about once per PROBE_EVERY plans
