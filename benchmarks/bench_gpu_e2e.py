@@ -236,7 +236,7 @@ def sweep(llm: LLM, prompts: list[list[int]], params: SamplingParams, arms: list
     warm = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     for b in batches:
         ps = [prompts[i % len(prompts)] for i in range(REQUESTS_PER_SLOT * b)]
-        run(llm, ps[:b], warm, "none")  # warm-up at this batch size: allocator, prefill shapes
+        run_concurrent(llm, ps, warm, "none", b)  # warm-up: every prompt's prefill at this batch size (JIT)
         plain = run_concurrent(llm, ps, params, "none", b)
         if replay:
             set_replay(llm, as_outputs(ps, plain))
