@@ -140,7 +140,8 @@ class AdaptiveSpeculation:
             if probe and e.idle_steps >= PROBE_EVERY:
                 k, e.idle_steps = 1, 0
             out[r] = k
-        self._last = (time.perf_counter(), float(device[best]))
+        # a quiet plan's step overlaps the next one: the time to the next plan is not a step's, so no sample
+        self._last = None if quiet else (time.perf_counter(), float(device[best]))
         return out
 
     def _time_step(self) -> None:
