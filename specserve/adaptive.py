@@ -6,7 +6,8 @@ from its arm's running average. A step of B sequences and T query tokens takes o
 seconds, plus the drafter's host time for every sequence that drafts (n-gram lookups, say). cost is
 measured at start-up on CUDA (timed forwards of every graph bucket) and a fixed linear model elsewhere, so
 CPU tests are deterministic. On CUDA the host costs are measured as the engine runs: per-sequence propose
-time per arm (an EMA), and the overhead, an EMA of step time minus the predicted forward and propose time.
+time per arm (an EMA), and the overhead, an EMA of the host time the device sits idle after a synchronous
+step (from its tokens reaching the host to the next forward queued).
 
 The plan maximises expected tokens per second, sum_i E_i(k_i) / (overhead + cost(B, T) + propose). The
 next draft token of sequence i adds g = a_0 ... a_{k_i} expected tokens, and g only shrinks as k_i grows,
@@ -22,7 +23,6 @@ A request planned at 0 for PROBE_EVERY steps drafts one token, so its estimate c
 from __future__ import annotations
 
 import bisect
-import time
 import weakref
 from collections.abc import Mapping
 
@@ -90,7 +90,6 @@ class AdaptiveSpeculation:
         self.measure = measure  # host costs measured as the engine runs (CUDA); fixed otherwise (tests)
         self.overlap_arms = overlap_arms  # arms whose draft-free steps overlap the next (async scheduling)
         self._quiet_plans = 0  # plans in a row that drafted nothing where the step could overlap
-        self._last: tuple[float, float] | None = None  # (when the last plan was made, its predicted device+propose s)
 
     def _estimate(self, req: Request) -> _Estimate:
         est = self.estimates.get(req)
@@ -100,7 +99,6 @@ class AdaptiveSpeculation:
 
     def plan(self, caps: dict[Request, int]) -> dict[Request, int]:
         """Draft tokens per decoding request; requests of other arms keep their cap."""
-        self._time_step()
         num_seqs = len(caps)
         adaptive = [r for r, c in caps.items() if c > 0 and r.spec_arm in self.arm_accept]
         if not adaptive:
@@ -140,19 +138,13 @@ class AdaptiveSpeculation:
             if probe and e.idle_steps >= PROBE_EVERY:
                 k, e.idle_steps = 1, 0
             out[r] = k
-        # a quiet plan's step overlaps the next one: the time to the next plan is not a step's, so no sample
-        self._last = None if quiet else (time.perf_counter(), float(device[best]))
         return out
 
-    def _time_step(self) -> None:
-        """Overhead sample: time since the last plan (a whole step) minus the forward time it predicted."""
-        if not self.measure or self._last is None:
-            return
-        since, predicted = self._last
-        self._last = None  # one sample per planned step: steps planned without drafts in between set no clock
-        step = time.perf_counter() - since
-        if step < 1.0:  # longer: the engine sat idle between steps
-            self.overhead_s += 0.1 * (max(step - predicted, 0.0) - self.overhead_s)
+    def observe_overhead(self, seconds: float) -> None:
+        """Host seconds the device sat idle after a synchronous step: from its tokens reaching the host to the
+        next forward queued, drafting aside (it has its own term). Overlapped steps have no such gap."""
+        if self.measure and seconds < 1.0:  # longer: the engine sat idle between steps
+            self.overhead_s += 0.1 * (max(seconds, 0.0) - self.overhead_s)
 
     def observe_propose(self, arm: str, seconds: float, num_seqs: int) -> None:
         """Host time of one propose call of an arm over num_seqs sequences."""

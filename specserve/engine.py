@@ -128,6 +128,7 @@ class LLMEngine:
             name for name, spec in arms.items() if spec.adaptive and not self.drafters[name].needs_target_outputs
         } if self.async_scheduling else ())
         self._overlap_run = 0  # overlapped steps in a row
+        self._synced_at: float | None = None  # when the last synchronous step's tokens reached the host
         self._inflight: InflightStep | None = None
         self.spec_policy = build_policy(arms, self.runner, self._overlap_arms)  # None unless an arm is adaptive
         self.scheduler = Scheduler(
@@ -247,6 +248,7 @@ class LLMEngine:
             results = [it.result([0], [t]) for it, t in zip(cur.items, fetched.tolist(), strict=True)]
         else:
             results = verify(cur.items, cur.out.logits)
+            self._synced_at = time.perf_counter()  # the device idles from here until the next forward
         results_by_req = dict(zip((id(it.request) for it in cur.items), results, strict=True))
         touched = self._commit(cur, results_by_req)
         self._observe(cur.scheduled, results_by_req, cur.out)
@@ -264,11 +266,16 @@ class LLMEngine:
             m = s.request.metrics
             if m.first_scheduled_time is None:
                 m.first_scheduled_time, m.num_cached_tokens = now, s.request.num_computed_tokens
+        start = time.perf_counter()
         proposals = self._propose(sched.scheduled)
+        drafting = time.perf_counter() - start
         batch = self.runner.prepare(sched.scheduled, proposals)
         if after is not None:
             self._feed_pending(sched.scheduled, batch, *after)
         out = self.runner.forward(batch)
+        if self._synced_at is not None and self.spec_policy is not None:
+            self.spec_policy.observe_overhead(time.perf_counter() - self._synced_at - drafting)
+        self._synced_at = None
         items = [
             VerifyItem(s.request, p, row, s.request.generator)
             for s, p, row in zip(sched.scheduled, proposals, batch.row_starts, strict=True)

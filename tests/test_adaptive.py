@@ -129,3 +129,14 @@ def test_probes_do_not_break_overlapped_steps_one_request_at_a_time():
     probing = [sum(pol.plan({r: 4 for r in reqs}).values()) for _ in range(3 * PROBE_EVERY)]
     assert sum(1 for n in probing if n) <= 3  # plans that probe at all: about one per PROBE_EVERY
     assert sum(probing) >= 2 * len(reqs)  # yet every request still probes about once per PROBE_EVERY plans
+
+
+def test_the_overhead_is_the_idle_gap_after_synchronous_steps():
+    pol = AdaptiveSpeculation({"a": 1}, LinearCost(0.002, 0.0), prior=0.3, measure=True, overlap_arms=frozenset({"a"}))
+    (r,) = [Req()]
+    assert pol.plan({r: 1}) == {r: 1}  # no overhead yet: 1.3 tokens for 2 ms beats 1
+    for _ in range(60):
+        pol.observe_overhead(0.001)
+        pol.observe_overhead(2.0)  # the engine sat idle between requests: not a step's gap
+    assert pol.overhead_s == pytest.approx(0.001, rel=0.01)
+    assert pol.plan({r: 1}) == {r: 0}  # 1.3 tokens for 3 ms loses to an overlapped plain step's 1 for 2 ms
