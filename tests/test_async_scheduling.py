@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import host_syncs
 
 from specserve import LLM, SamplingParams
 from specserve.engine import PENDING, REPLAN_EVERY
@@ -128,8 +129,6 @@ def test_a_stale_step_in_flight_does_not_leak_into_the_next_batch(tiny):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_cuda_one_sync_per_step_and_the_same_tokens(tiny_model_dir):
-    import warnings
-
     common = dict(model=tiny_model_dir("llama"), device="cuda", dtype="float32", max_num_seqs=8)
     sync, overlap = LLM(async_scheduling=False, **common), LLM(**common)
     assert overlap.engine.async_scheduling  # the default on CUDA
@@ -141,16 +140,8 @@ def test_on_cuda_one_sync_per_step_and_the_same_tokens(tiny_model_dir):
     for rid, prompt, p, _ in reqs:
         engine.add_request("again-" + rid, prompt, p)
     engine.step()  # the prefills
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        for _ in range(5):
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                engine.step()
-            assert len([w for w in caught if "synchroniz" in str(w.message)]) <= 1
-            assert engine._inflight is not None
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    for _ in range(5):
+        assert host_syncs(engine.step) <= 1
+        assert engine._inflight is not None
     while engine.has_unfinished_requests():
         engine.step()

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 import torch
+from helpers import host_syncs
 
 from specserve import LLM, SamplingParams
 from specserve.attention import ancestor_masks, tree_depths
@@ -144,16 +143,8 @@ def test_one_host_sync_per_decode_step(tiny_model_dir):
     for i, prompt in enumerate(PROMPTS):
         engine.add_request(f"r{i}", prompt, GREEDY, spec_arm="ngram")
     engine.step()  # the prefill of every prompt
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        for _ in range(5):
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                engine.step()
-            assert len([w for w in caught if "synchroniz" in str(w.message)]) <= 1
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    for _ in range(5):
+        assert host_syncs(engine.step) <= 1
 
 
 @cuda
