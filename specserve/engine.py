@@ -1,7 +1,9 @@
 """The engine: every step is schedule -> propose -> verify -> accept -> commit -> emit.
 
 Plain decoding is the same step with no drafts, and a prefill chunk is a run of query tokens with a causal
-mask. The step emits at most one RequestOutput per request group (the n samples of one request).
+mask. The step emits at most one RequestOutput per request group (the n samples of one request). With async
+scheduling a step that drafts nothing launches the next one (schedule -> forward) before it commits its own
+tokens, so the host's commit and scheduling overlap the device's next forward.
 """
 
 from __future__ import annotations
