@@ -28,7 +28,7 @@ def engine_pair(tiny, **kwargs):
     return LLM(async_scheduling=False, **common).engine, LLM(async_scheduling=True, **common).engine
 
 
-def run(engine, requests, abort_at: dict[int, str] | None = None) -> tuple[dict, list[bool]]:
+def run(engine, requests, abort_at: dict[int, list[str]] | None = None) -> tuple[dict, list[bool]]:
     """Drive the engine step by step; returns {request id: final output} and which steps overlapped."""
     for rid, prompt, params, arm in requests:
         engine.add_request(rid, prompt, params, spec_arm=arm)
