@@ -347,7 +347,8 @@ def fake() -> Iterator[LiveServer]:
 
 @pytest.fixture(scope="session")
 def real_engine(smollm2):
-    """SmolLM2-135M-Instruct on CPU (weights shared with conftest's `smollm2`), n-gram k=4 default, k=2 arm."""
+    """SmolLM2-135M-Instruct on CPU (weights shared with conftest's `smollm2`), n-gram k=4 default, k=2 arm;
+    async scheduling on (the CUDA default), so plain requests meet steps in flight, aborts and disconnects."""
     from specserve.engine import LLMEngine
 
     config = EngineConfig(
@@ -355,6 +356,7 @@ def real_engine(smollm2):
         dtype="float32",
         max_model_len=512,
         max_num_seqs=64,
+        async_scheduling=True,
         speculative_config=SPEC,
         speculative_arms={"ngram2": {"method": "ngram", "num_speculative_tokens": 2}},
     )

@@ -173,7 +173,8 @@ def test_none_arm_counts_no_drafts(live):
     assert spec_counter(live, "spec_decode_num_drafts", "none") == before == 0
 
 
-def test_64_streams_with_a_quarter_dropped(live):
+@pytest.mark.parametrize("arm", ["ngram:4", "none"])  # "none": plain steps, overlapped by async scheduling
+def test_64_streams_with_a_quarter_dropped(live, arm):
     async def one(session, i: int) -> str:
         body = {
             "model": MODEL,
@@ -182,6 +183,7 @@ def test_64_streams_with_a_quarter_dropped(live):
             "temperature": 0.7,
             "seed": i,
             "stream": True,
+            "speculative": arm,
         }
         async with session.post(live.url + CHAT, json=body) as resp:
             assert resp.status == 200
