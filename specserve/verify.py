@@ -202,14 +202,15 @@ def sample_roots(items: Sequence[VerifyItem], logits: torch.Tensor) -> torch.Ten
     sampled = [i for i, it in enumerate(items) if not it.request.params.greedy]
     if sampled:
         every = len(sampled) == len(items)
-        probs = target_probs(picked if every else picked[sampled], [rows[i] for i in sampled])
+        sel = None if every else to_device(sampled, torch.int64, picked.device)  # [s]
+        probs = target_probs(picked if every else picked[sel], [rows[i] for i in sampled])
         uniforms = [float(torch.rand((), generator=items[i].generator)) for i in sampled]
         cdf = probs.cumsum(dim=-1)  # [s, vocab]
         u = to_device(uniforms, cdf.dtype, cdf.device)
         draws = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).clamp(max=cdf.shape[-1] - 1)[:, 0]
         if every:
             return draws
-        tokens[to_device(sampled, torch.int64, tokens.device)] = draws
+        tokens[sel] = draws
     return tokens
 
 
