@@ -23,7 +23,7 @@ import torch
 from specserve.attention import tree_depths
 from specserve.drafters.base import DraftProposal
 from specserve.request import Request
-from specserve.sampler import RowContext, process_logits, sample_from, target_probs, to_device
+from specserve.sampler import RowContext, process_logits, sample_from, sample_rows, target_probs, to_device
 
 
 @dataclass
@@ -62,8 +62,9 @@ class VerifyItem:
             kids[p].append(j + 1)
         return kids
 
-    def row_contexts(self, banned: frozenset[int]) -> list[RowContext]:
+    def row_contexts(self) -> list[RowContext]:
         req = self.request
+        banned = frozenset(req.params.stop_token_ids) | req.eos_token_ids  # eos ids: empty under ignore_eos
         paths: list[tuple[int, ...]] = [()]
         for j, p in enumerate(self.proposal.parents if self.proposal else []):
             paths.append((*paths[p], self.proposal.tokens[j]))
@@ -173,19 +174,12 @@ def _walk_chains(items: Sequence[VerifyItem], probs: torch.Tensor) -> list[Verif
         mass = residual.sum(dim=-1, keepdim=True)
         # an empty residual is only reachable through rounding: sample from p then, as _walk_sampling does
         dist[rej] = torch.where(mass > 0, residual / mass, probs[[final_rows[i] for i in rej]])
-    cdf = dist.cumsum(dim=-1)  # [n, vocab]
-    x = torch.tensor(uniforms, device=cdf.device, dtype=cdf.dtype)[:, None] * cdf[:, -1:]
-    last = torch.searchsorted(cdf, x, right=True).clamp(max=cdf.shape[-1] - 1)[:, 0].tolist()  # sync 2
+    last = sample_rows(dist, uniforms).tolist()  # sync 2
     results = []
     for it, a, tok in zip(items, accepted, last, strict=True):
         nodes = list(range(a + 1))
         results.append(it.result(nodes, (it.proposal.tokens[:a] if it.proposal else []) + [tok]))
     return results
-
-
-def _banned(req: Request) -> frozenset[int]:
-    """Tokens masked until min_tokens; eos_token_ids is already empty for ignore_eos requests."""
-    return frozenset(req.params.stop_token_ids) | req.eos_token_ids
 
 
 def sample_roots(items: Sequence[VerifyItem], logits: torch.Tensor) -> torch.Tensor:
@@ -195,7 +189,7 @@ def sample_roots(items: Sequence[VerifyItem], logits: torch.Tensor) -> torch.Ten
     picks for the same items, drawing the same uniforms.
     """
     idx = [it.row_start for it in items]
-    rows = [ctx for it in items for ctx in it.row_contexts(_banned(it.request))]
+    rows = [ctx for it in items for ctx in it.row_contexts()]
     picked = logits[: len(idx)] if idx == list(range(len(idx))) else logits[idx]  # a slice uploads no index
     picked = process_logits(picked, rows)
     tokens = picked.argmax(dim=-1)  # [n]
@@ -204,10 +198,7 @@ def sample_roots(items: Sequence[VerifyItem], logits: torch.Tensor) -> torch.Ten
         every = len(sampled) == len(items)
         sel = None if every else to_device(sampled, torch.int64, picked.device)  # [s]
         probs = target_probs(picked if every else picked[sel], [rows[i] for i in sampled])
-        uniforms = [float(torch.rand((), generator=items[i].generator)) for i in sampled]
-        cdf = probs.cumsum(dim=-1)  # [s, vocab]
-        u = to_device(uniforms, cdf.dtype, cdf.device)
-        draws = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).clamp(max=cdf.shape[-1] - 1)[:, 0]
+        draws = sample_rows(probs, [float(torch.rand((), generator=items[i].generator)) for i in sampled])
         if every:
             return draws
         tokens[sel] = draws
@@ -216,7 +207,7 @@ def sample_roots(items: Sequence[VerifyItem], logits: torch.Tensor) -> torch.Ten
 
 def verify(items: Sequence[VerifyItem], logits: torch.Tensor) -> list[VerifyResult]:
     """Verify every request's tree against its logits rows ([num_rows, vocab]); one host sync for greedy."""
-    rows = [ctx for it in items for ctx in it.row_contexts(_banned(it.request))]
+    rows = [ctx for it in items for ctx in it.row_contexts()]
     logits = process_logits(logits, rows)
     greedy = [it for it in items if it.request.params.greedy]
     results: dict[int, VerifyResult] = {}
