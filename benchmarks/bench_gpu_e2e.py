@@ -74,20 +74,25 @@ def run(llm: LLM, prompts: list[list[int]], params: SamplingParams, arm: str) ->
         eng.step(finished_only=True)
         steps.append((time.perf_counter() - t, sum(r.metrics.num_draft_tokens for r in reqs) - drafted,
                       sum(r.num_output_tokens for r in reqs) - emitted, prefill))
-    wall = time.perf_counter() - start
     decode = [s for s in steps if not s[3]]
-    tokens = sum(r.num_output_tokens for r in reqs)
-    drafted = sum(r.metrics.num_draft_tokens for r in reqs)
-    accepted = sum(r.metrics.num_accepted_tokens for r in reqs)
-    return dict(arm=arm, batch=len(prompts), tokens=tokens, wall_s=wall, tok_s=tokens / wall, steps=len(steps),
-                drafted=drafted, accepted=accepted, acceptance=accepted / drafted if drafted else 0.0,
-                tokens_per_step=tokens / sum(r.metrics.num_steps for r in reqs),  # per sequence and step
+    return dict(arm=arm, batch=len(prompts), steps=len(steps), **totals(reqs, time.perf_counter() - start),
                 decode_step_ms=statistics.median(s[0] for s in decode) * 1e3 if decode else None,
                 decode_tok_s=sum(s[2] for s in decode) / sum(s[0] for s in decode) if decode else None,
-                step_log=steps, outputs=[r.output_token_ids for r in reqs])
+                step_log=steps)
 
 
 _ids = itertools.count()
+
+
+def totals(reqs, wall: float) -> dict:
+    """Output tokens, throughput, drafts and acceptance of finished requests, and their outputs."""
+    tokens = sum(r.num_output_tokens for r in reqs)
+    drafted = sum(r.metrics.num_draft_tokens for r in reqs)
+    accepted = sum(r.metrics.num_accepted_tokens for r in reqs)
+    return dict(tokens=tokens, wall_s=wall, tok_s=tokens / wall, drafted=drafted, accepted=accepted,
+                acceptance=accepted / drafted if drafted else 0.0,
+                tokens_per_step=tokens / sum(r.metrics.num_steps for r in reqs),  # per sequence and step
+                outputs=[r.output_token_ids for r in reqs])
 
 
 def run_concurrent(llm: LLM, prompts: list[list[int]], params: SamplingParams, arm: str, concurrency: int) -> dict:
@@ -104,14 +109,7 @@ def run_concurrent(llm: LLM, prompts: list[list[int]], params: SamplingParams, a
             reqs += eng.groups[rid]
             inflight += 1
         inflight -= sum(out.finished for out in eng.step(finished_only=True))
-    wall = time.perf_counter() - start
-    tokens = sum(r.num_output_tokens for r in reqs)
-    drafted = sum(r.metrics.num_draft_tokens for r in reqs)
-    accepted = sum(r.metrics.num_accepted_tokens for r in reqs)
-    return dict(arm=arm, batch=concurrency, requests=len(reqs), tokens=tokens, wall_s=wall, tok_s=tokens / wall,
-                drafted=drafted, accepted=accepted, acceptance=accepted / drafted if drafted else 0.0,
-                tokens_per_step=tokens / sum(r.metrics.num_steps for r in reqs),
-                outputs=[r.output_token_ids for r in reqs])
+    return dict(arm=arm, batch=concurrency, requests=len(reqs), **totals(reqs, time.perf_counter() - start))
 
 
 def slim(row: dict) -> dict:
