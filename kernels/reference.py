@@ -12,6 +12,11 @@ import torch.nn.functional as F
 from specserve.attention import AttentionMetadata
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """[..., K] @ weight[N, K].T + bias -> [..., N]."""
+    return F.linear(x, weight, bias)
+
+
 def rms_norm(
     x: torch.Tensor,  # [T, hidden]
     weight: torch.Tensor,  # [hidden]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernel modules below define their kernels
@@ -16,9 +17,10 @@ from specserve.attention import AttentionMetadata  # noqa: E402
 
 from .fused_ops import rms_norm, rope_write_kv, silu_and_mul  # noqa: E402
 from .kv_ops import copy_slots, write_kv  # noqa: E402
+from .skinny_linear import MAX_ROWS, skinny_linear  # noqa: E402
 from .tree_attention import tree_attention  # noqa: E402
 
-__all__ = ["copy_slots", "paged_attention", "rms_norm", "rope_write_kv", "silu_and_mul", "write_kv"]
+__all__ = ["copy_slots", "linear", "paged_attention", "rms_norm", "rope_write_kv", "silu_and_mul", "write_kv"]
 
 
 def paged_attention(
@@ -30,3 +32,11 @@ def paged_attention(
 ) -> torch.Tensor:
     """Attention of every query token over its sequence's cached keys and tree ancestors (K/V written)."""
     return tree_attention(q, k_cache, v_cache, meta, scale)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """[..., K] @ weight[N, K].T + bias: the few-row Triton matmul for decode/verify shapes, cuBLAS otherwise."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and 0 < rows <= MAX_ROWS and x.is_contiguous():
+        return skinny_linear(x.reshape(rows, -1), weight, bias).unflatten(0, x.shape[:-1])
+    return F.linear(x, weight, bias)

@@ -214,14 +214,15 @@ class ModelRunner:
         if batch.graph_key is None:
             out = self._model_forward(batch.input_ids, batch.positions, batch.meta)
             hidden, prenorm, aux = out.hidden_states, out.prenorm_hidden_states, out.aux_hidden_states
-            logits = self.model.compute_logits(hidden[batch.logits_indices])
+            logits = self.model.compute_logits(hidden[batch.logits_indices], self.backend)
         else:
             out = self.graphs.replay(batch.graph_key)  # padded to the bucket: keep the real tokens' rows
             t = batch.input_ids.shape[0]
             hidden, prenorm, aux = out.hidden_states[:t], out.prenorm_hidden_states[:t], [
                 a[:t] for a in out.aux_hidden_states
             ]
-            logits = self.model.compute_logits(hidden)  # graphs run decode/verify steps: every token is a row
+            # graphs run decode/verify steps: every token is a row
+            logits = self.model.compute_logits(hidden, self.backend)
         return ForwardOutput(logits, hidden, prenorm, aux, batch)
 
     @torch.inference_mode()

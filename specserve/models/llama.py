@@ -27,9 +27,16 @@ from specserve.models.config import ModelConfig
 KVCache = tuple[torch.Tensor, torch.Tensor]  # [num_blocks, block_size, num_kv_heads, head_dim] each
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose matmul comes from the kernel backend (few-row Triton matmul on CUDA)."""
+
+    def forward(self, x: torch.Tensor, backend: ModuleType = reference) -> torch.Tensor:
+        return backend.linear(x, self.weight, self.bias)
+
+
 def make_linear(in_features: int, out_features: int, bias: bool) -> nn.Module:
     """Every projection is built here: the seam for quantized and tensor-parallel linear layers."""
-    return nn.Linear(in_features, out_features, bias=bias)
+    return Linear(in_features, out_features, bias=bias)
 
 
 # merged projection -> the checkpoint's projections it holds, in output order
@@ -171,11 +178,11 @@ class LlamaAttention(nn.Module):
         k_cache, v_cache = kv_cache
         q = backend.rope_write_kv(q, k, v, positions, *rotary.tables(q.device), k_cache, v_cache, meta.slot_mapping)
         out = backend.paged_attention(q, k_cache, v_cache, meta, self.scale)  # [T, num_heads, head_dim]
-        return self.o_proj(out.flatten(1))
+        return self.o_proj(out.flatten(1), backend)
 
     def project_qkv(self, x: torch.Tensor, backend: ModuleType = reference) -> tuple[torch.Tensor, ...]:
         """q [..., num_heads, head_dim], k and v [..., num_kv_heads, head_dim] (views of one matmul), before rope."""
-        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        q, k, v = self.qkv_proj(x, backend).split(self.qkv_sizes, dim=-1)
         q = q.unflatten(-1, (self.num_heads, self.head_dim))
         k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
         v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
@@ -193,7 +200,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = make_linear(inter, hidden, bias)
 
     def forward(self, x: torch.Tensor, backend: ModuleType = reference) -> torch.Tensor:
-        return self.down_proj(backend.silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(backend.silu_and_mul(self.gate_up_proj(x, backend)), backend)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -266,9 +273,9 @@ class LlamaForCausalLM(nn.Module):
         aux = [taps[i] for i in self.aux_layers]
         return ModelOutput(hidden_states=hidden, prenorm_hidden_states=x, aux_hidden_states=aux)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, backend: ModuleType = reference) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] float32."""
-        return self.lm_head(hidden).float()
+        return self.lm_head(hidden, backend).float()
 
 
 @torch.no_grad()

@@ -1,0 +1,190 @@
+"""Few-row matmuls of the Llama-3.1-8B shape: cuBLAS vs our Triton skinny matmul, and what it does to a step.
+
+    python3 -P benchmarks/bench_linear.py shapes step kernels --out DIR
+
+Parts (each prints a markdown table and writes DIR/<part>.json):
+  shapes   every linear layer of the 8B shape at M = 1..16 rows: cuBLAS (F.linear) vs the skinny kernel under
+           a grid of configs, each timed as CUDA-graph replays over rotating weight copies (> L2, as in a
+           step); achieved GB/s over the weight bytes and the ratio to the device's copy bandwidth.
+  step     8B shape, random weights, batch 1, context 512: plain decode ms/step and graph-replayed forwards of
+           1..16 query tokens, with the skinny kernel and with cuBLAS (two engines, one process).
+  kernels  device time per kernel family of one eager 8B decode step (torch.profiler), skinny vs cuBLAS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import random
+import statistics
+import sys
+import traceback
+
+import torch
+import torch.nn.functional as F
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_gpu_e2e as e2e  # noqa: E402
+import e2e_models as em  # noqa: E402
+
+from specserve import SamplingParams  # noqa: E402
+from specserve.kernels import skinny_linear as sk  # noqa: E402
+from specserve.kernels import triton_backend  # noqa: E402
+
+H, INTER, V, QKV = 4096, 14336, 128256, 6144
+SHAPES = {"qkv": (QKV, H), "o": (H, H), "gate_up": (2 * INTER, H), "down": (H, INTER), "lm_head": (V, H)}
+ROWS = (1, 2, 4, 8, 16)
+CONFIGS = [sk.SkinnyConfig(bn, bk, w, s) for bn in (16, 32) for bk in (256, 512) for w in (4, 8) for s in (3, 4, 6)]
+ROTATE_BYTES = 512 << 20  # weight copies per shape: past the 50 MB L2, as every layer's weights are in a step
+
+
+def graph_time(fn, calls: int) -> float:
+    """Seconds per call of fn(i) for i in range(calls), captured once in a CUDA graph (median of 20 replays)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(calls):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(calls):
+            fn(i)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(20):
+        start.record()
+        g.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e-3 / calls)
+    return statistics.median(times)
+
+
+def part_shapes(args) -> dict:
+    dev, bw = torch.device("cuda"), em.copy_bandwidth(torch.device("cuda"))
+    rows, gen = [], torch.Generator(device=dev).manual_seed(0)
+    for name, (n, k) in SHAPES.items():
+        copies = max(2, ROTATE_BYTES // (n * k * 2))
+        ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16, generator=gen) * 0.02 for _ in range(copies)]
+        wbytes = n * k * 2
+        for m in ROWS:
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16, generator=gen)
+            ref = F.linear(x, ws[0])
+            cublas = graph_time(lambda i, x=x, ws=ws: F.linear(x, ws[i % len(ws)]), 2 * copies)
+            timed = []
+            for cfg in CONFIGS:
+                try:
+                    err = (sk.skinny_linear(x, ws[0], None, cfg).float() - ref.float()).abs().max().item()
+                    t = graph_time(lambda i, x=x, ws=ws, cfg=cfg: sk.skinny_linear(x, ws[i % len(ws)], None, cfg),
+                                   2 * copies)
+                except Exception as e:  # a config that does not compile (shared memory) is skipped, reported
+                    print(f"{name} m={m} {cfg}: {type(e).__name__}", flush=True)
+                    continue
+                timed.append((t, cfg, err))
+            t, cfg, err = min(timed, key=lambda r: r[0])
+            default = next((r for r in timed if r[1] == sk.DEFAULT_CONFIG), (float("nan"), None, 0.0))
+            rows.append(dict(shape=name, n=n, k=k, m=m, cublas_us=cublas * 1e6, cublas_bw=wbytes / cublas / bw,
+                             best_us=t * 1e6, best_bw=wbytes / t / bw, best_config=str(cfg),
+                             default_us=default[0] * 1e6,
+                             default_bw=wbytes / default[0] / bw, cublas_over_default=cublas / default[0],
+                             max_err=err, all=[(str(c), tt * 1e6) for tt, c, _ in timed]))
+            print(em.markdown([rows[-1]], ["shape", "m", "cublas_us", "cublas_bw", "best_us", "best_bw",
+                                           "best_config", "default_us", "default_bw", "max_err"]), flush=True)
+        ws = None
+        torch.cuda.empty_cache()
+    return dict(copy_TBps=bw / 1e12, rows=rows)
+
+
+def build(args, skinny: bool):
+    """The 8B-shape engine with the skinny kernel on or off (decided at capture time, so one engine each)."""
+    triton_backend.MAX_ROWS = sk.MAX_ROWS if skinny else 0
+    if "loaded" not in args.cache:
+        path = em.write_config(os.path.join(args.work, "llama31_8b"), False)
+        args.cache["loaded"] = em.dummy_model(path, torch.device("cuda"), torch.bfloat16, repeat=True)
+    ns = argparse.Namespace(device=torch.device("cuda"), kv_gb=4.0, eager=args.eager_kernels)
+    return e2e.engine(ns, args.cache["loaded"], {}, max_model_len=1024, max_num_batched_tokens=2048)
+
+
+def part_step(args) -> dict:
+    rng = random.Random(0)
+    prompt = [rng.randrange(V) for _ in range(512)]
+    params = SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True)
+    rows, outputs = [], {}
+    for skinny in (True, False, True):
+        args.eager_kernels = False
+        llm = build(args, skinny)
+        e2e.run(llm, [prompt], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), "none")
+        res = e2e.run(llm, [prompt], params, "none")
+        fwd = llm.engine.runner.profile([(1, q) for q in (1, 2, 4, 8, 16)])
+        outputs[skinny] = res["outputs"]
+        rows.append(dict(linear="skinny" if skinny else "cublas", step_ms=e2e.median_ms(res["step_log"]),
+                         **{f"fwd{q}_ms": fwd[(1, q)] * 1e3 for q in (1, 2, 4, 8, 16)}))
+        print(em.markdown([rows[-1]], list(rows[-1])), flush=True)
+        del llm
+        torch.cuda.empty_cache()
+    bw = em.copy_bandwidth(torch.device("cuda"))
+    read = em.weight_bytes(args.cache["loaded"].model) - V * H * 2  # the embedding table is not streamed
+    return dict(copy_TBps=bw / 1e12, streamed_GB=read / 1e9, floor_ms=read / bw * 1e3, rows=rows,
+                same_tokens=outputs[True] == outputs[False])
+
+
+def family(name: str) -> str:
+    n = name.lower()
+    for key in ("skinny", "tree_attn", "fold_splits", "rms", "rope", "silu", "gemv", "gemm", "sm90", "cutlass",
+                "nvjet", "copy", "index", "embedding", "elementwise", "reduce"):
+        if key in n:
+            return key
+    return n[:60]
+
+
+def part_kernels(args) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    rng = random.Random(1)
+    prompt = [rng.randrange(V) for _ in range(512)]
+    out = {}
+    for skinny in (True, False):
+        args.eager_kernels = True
+        llm = build(args, skinny)
+        steps = 16
+        e2e.run(llm, [prompt], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), "none")
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=steps + 1, ignore_eos=True))
+        fam = collections.Counter()
+        for ev in prof.key_averages():
+            if ev.device_type.name == "CUDA" or getattr(ev, "self_device_time_total", 0):
+                fam[family(ev.key)] += ev.self_device_time_total / steps
+        out["skinny" if skinny else "cublas"] = dict(sorted(fam.items(), key=lambda kv: -kv[1]))
+        print("skinny" if skinny else "cublas", json.dumps({k: round(v, 1) for k, v in fam.most_common(14)}),
+              flush=True)
+        del llm
+        torch.cuda.empty_cache()
+    return dict(note="us per step, prefill included once (divided by the steps)", families=out)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("parts", nargs="+", choices=["shapes", "step", "kernels"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--work", default="/tmp/bench_linear")
+    args = p.parse_args()
+    args.cache = {}
+    os.makedirs(args.out, exist_ok=True)
+    print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}", flush=True)
+    for part in args.parts:
+        try:
+            res = globals()[f"part_{part}"](args)
+        except Exception:  # the other parts still run
+            traceback.print_exc()
+            continue
+        with open(os.path.join(args.out, f"{part}.json"), "w") as f:
+            json.dump(res, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Triton matmul for few rows (decode and verify steps): y = x @ w.T + b with x [M <= 16, K], w [N, K].
+
+At batch 1 a decoder step is a stream over its weights; cuBLAS's kernels for such shapes leave part of the
+bandwidth unused. Each program owns BLOCK_N output features and streams their [BLOCK_N, K] weight rows once,
+in BLOCK_K steps, against all M rows padded to one 16-row MMA tile. The K order of the fp32 sums is fixed by
+the config, not by M, so a row's result does not depend on how many rows share the launch (batch invariance).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_ROWS = 16  # one MMA tile of rows; more rows go to cuBLAS, where the weight read is shared by enough rows
+
+
+@dataclass(frozen=True)
+class SkinnyConfig:
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+DEFAULT_CONFIG = SkinnyConfig(block_n=16, block_k=512, num_warps=4, num_stages=4)
+
+
+@triton.jit
+def _skinny_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """One BLOCK_N slice of output features for all (<= 16) rows."""
+    BLOCK_M: tl.constexpr = 16
+    n0 = tl.program_id(0) * BLOCK_N
+    rm = tl.arange(0, BLOCK_M)
+    rn = n0 + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    n_ok = rn < N
+    x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
+    w_rows = w_ptr + rn[:, None].to(tl.int64) * stride_wn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + rk) < K
+        x = tl.load(x_rows + (k0 + rk)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [16, BLOCK_K]
+        w = tl.load(w_rows + (k0 + rk)[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PREC)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+def skinny_linear(
+    x: torch.Tensor,  # [M, K], M <= MAX_ROWS
+    weight: torch.Tensor,  # [N, K]
+    bias: torch.Tensor | None = None,  # [N]
+    config: SkinnyConfig = DEFAULT_CONFIG,
+) -> torch.Tensor:
+    """x @ weight.T + bias for at most MAX_ROWS rows, in x's dtype; no host syncs."""
+    m, k = x.shape
+    n = weight.shape[0]
+    assert m <= MAX_ROWS and weight.shape[1] == k and x.stride(1) == 1 and weight.stride(1) == 1
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype)  # [M, N]
+    if m == 0:
+        return y
+    _skinny_kernel[(triton.cdiv(n, config.block_n),)](
+        x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return y

@@ -1,0 +1,54 @@
+"""The few-row Triton matmul against F.linear (CPU interpreter in CI, every dtype on CUDA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from specserve.kernels import skinny_linear as sk
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+# the CPU interpreter mis-multiplies bf16 dots (see tree_attention.py), so bf16 runs on CUDA only
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+SMALL = sk.SkinnyConfig(block_n=16, block_k=64, num_warps=4, num_stages=2)  # CI-sized: a few K steps
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k,bias", [(1, 48, 200, False), (5, 33, 64, True), (16, 70, 130, True),
+                                        (3, 16, 16, False)])
+def test_matches_f_linear(dtype, m, n, k, bias):
+    gen = torch.Generator().manual_seed(m * 1000 + n + k)
+    x = torch.randn(m, k, generator=gen).to(DEV, dtype)
+    w = torch.randn(n, k, generator=gen).to(DEV, dtype)
+    b = torch.randn(n, generator=gen).to(DEV, dtype) if bias else None
+    y = sk.skinny_linear(x, w, b, SMALL)
+    ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+    assert y.shape == (m, n) and y.dtype == dtype and not y.isnan().any()
+    assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < TOL[dtype]
+
+
+def test_rows_do_not_depend_on_the_batch():
+    """A row's result is the same bits alone or among 16 rows (fixed K order): batch invariance."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(16, 256, generator=gen).to(DEV, DTYPES[-1])
+    w = torch.randn(40, 256, generator=gen).to(DEV, DTYPES[-1])
+    full = sk.skinny_linear(x, w, None, SMALL)
+    for i in (0, 5, 15):
+        assert torch.equal(sk.skinny_linear(x[i : i + 1], w, None, SMALL), full[i : i + 1])
+    assert torch.equal(sk.skinny_linear(x[:7], w, None, SMALL), full[:7])
+
+
+@pytest.mark.skipif(not CUDA, reason="the backend routes to the kernel on CUDA only")
+def test_backend_routes_few_rows_to_the_kernel(monkeypatch):
+    from specserve.kernels import triton_backend
+
+    calls = []
+    monkeypatch.setattr(triton_backend, "skinny_linear", lambda *a: calls.append(a[0].shape) or F.linear(*a))
+    w = torch.randn(32, 64, device="cuda", dtype=torch.bfloat16)
+    triton_backend.linear(torch.randn(2, 3, 64, device="cuda", dtype=torch.bfloat16), w)
+    triton_backend.linear(torch.randn(17, 64, device="cuda", dtype=torch.bfloat16), w)
+    triton_backend.linear(torch.randn(4, 64, device="cuda"), w.float())
+    assert calls == [(6, 64)]
