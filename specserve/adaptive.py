@@ -3,11 +3,15 @@
 A sequence drafting k tokens yields E(k) = 1 + a_0 + a_0 a_1 + ... + a_0 ... a_{k-1} tokens in expectation,
 where a_d estimates P(draft d accepted | drafts 0..d-1 accepted): an EMA per request and position, started
 from its arm's running average. A step of B sequences and T query tokens takes overhead + cost(B, T)
-seconds, plus the drafter's host time for every sequence that drafts (n-gram lookups, say). cost is
-measured at start-up on CUDA (timed forwards of every graph bucket) and a fixed linear model elsewhere, so
-CPU tests are deterministic. On CUDA the host costs are measured as the engine runs: per-sequence propose
-time per arm (an EMA), and the overhead, an EMA of the host time the device sits idle after a synchronous
-step (from its tokens reaching the host to the next forward queued).
+seconds, plus host time for every sequence that drafts (its drafter's propose, and the extra verify and
+commit work its drafts cost). cost is measured at start-up on CUDA (timed forwards of every graph bucket) and
+a fixed linear model elsewhere, so CPU tests are deterministic. On CUDA the host costs are measured as the
+engine runs: per-sequence propose time per arm (an EMA), and the device's idle time between a synchronous
+step's forward and the next forward (CUDA events, `IdleGaps`), split into the overhead of any synchronous step
+and a part per drafting sequence.
+A request that was asked to draft and got no proposal (an n-gram with no match) counts as rejected at its
+first position: the estimates are of what planning a draft yields, so requests whose drafter keeps finding
+nothing stop costing synchronous steps.
 
 The plan maximises expected tokens per second, sum_i E_i(k_i) / (overhead + cost(B, T) + propose). The
 next draft token of sequence i adds g = a_0 ... a_{k_i} expected tokens, and g only shrinks as k_i grows,
@@ -27,6 +31,7 @@ import weakref
 from collections.abc import Mapping
 
 import numpy as np
+import torch
 
 from specserve.config import SpeculativeConfig
 from specserve.cuda_graphs import Buckets
@@ -72,6 +77,7 @@ class _Estimate:
     def __init__(self, accept: np.ndarray):
         self.accept = accept  # [k] EMA of P(position d accepted | positions before it accepted)
         self.idle_steps = 0
+        self.planned = 0  # draft tokens the last plan gave it, until its step's result is observed
 
 
 class AdaptiveSpeculation:
@@ -85,6 +91,7 @@ class AdaptiveSpeculation:
         self.ema, self.arm_ema = ema, arm_ema
         self.arm_accept = {arm: np.full(k, prior) for arm, k in arms.items()}  # running average per arm
         self.propose_s = dict.fromkeys(arms, 0.0)  # host seconds per drafting sequence, per arm
+        self.verify_s = 0.0  # device idle seconds per drafting sequence beyond overhead_s (verify, commit)
         self.estimates: weakref.WeakKeyDictionary[Request, _Estimate] = weakref.WeakKeyDictionary()
         self.overhead_s = overhead_s
         self.measure = measure  # host costs measured as the engine runs (CUDA); fixed otherwise (tests)
@@ -112,7 +119,7 @@ class AdaptiveSpeculation:
         drafted = np.arange(width) < cap[:, None]  # [n, width] positions each sequence may draft
         flat = np.cumprod(accept, axis=1)[drafted]  # [M] gain of each draft token, sequence by sequence
         owner, position = np.nonzero(drafted)  # [M] each
-        propose_s = np.array([self.propose_s[r.spec_arm] for r in adaptive])  # [n]
+        propose_s = np.array([self.propose_s[r.spec_arm] + self.verify_s for r in adaptive])  # [n]
         first = np.where(position == 0, propose_s[owner], 0.0)  # a sequence's drafting cost rides its first token
         order = np.argsort(-flat, kind="stable")  # stable: a sequence's tokens stay in position order
         expected = num_seqs + np.concatenate([[0.0], np.cumsum(flat[order])])  # [M + 1] tokens out of m drafts
@@ -137,13 +144,18 @@ class AdaptiveSpeculation:
             e.idle_steps = 0 if k else e.idle_steps + 1
             if probe and e.idle_steps >= PROBE_EVERY:
                 k, e.idle_steps = 1, 0
-            out[r] = k
+            out[r] = e.planned = k
         return out
 
-    def observe_overhead(self, seconds: float) -> None:
-        """Host seconds the device sat idle after a synchronous step: from its tokens reaching the host to the
-        next forward queued, drafting aside (it has its own term). Overlapped steps have no such gap."""
-        if self.measure and seconds < 1.0:  # longer: the engine sat idle between steps
+    def observe_overhead(self, seconds: float, num_drafting: int = 0) -> None:
+        """Seconds the device sat idle between a synchronous step's forward and the next forward, drafting
+        aside (it has its own term), after a step where num_drafting sequences drafted."""
+        if not self.measure or seconds >= 1.0:  # longer: the engine sat idle between steps
+            return
+        if num_drafting:
+            per_seq = max(seconds - self.overhead_s, 0.0) / num_drafting
+            self.verify_s += 0.1 * (per_seq - self.verify_s)
+        else:
             self.overhead_s += 0.1 * (max(seconds, 0.0) - self.overhead_s)
 
     def observe_propose(self, arm: str, seconds: float, num_seqs: int) -> None:
@@ -154,14 +166,53 @@ class AdaptiveSpeculation:
     def observe(self, req: Request, res: VerifyResult) -> None:
         """Update the request's and its arm's estimates with the positions this step's drafts reached."""
         est = self.estimates.get(req)
-        if est is None or not res.draft_depth:
+        if est is None:
             return
+        planned, est.planned = est.planned, 0
         accepted = len(res.accepted_nodes) - 1
-        n = min(accepted + 1, res.draft_depth, len(est.accept))  # accepted positions, then the rejected one
+        if res.draft_depth:
+            n = min(accepted + 1, res.draft_depth, len(est.accept))  # accepted positions, then the rejected one
+        elif planned:
+            n = 1  # asked to draft, its drafter found nothing: what planning it yielded is a first-position miss
+        else:
+            return
         hit = (np.arange(n) < accepted).astype(float)
         est.accept[:n] += self.ema * (hit - est.accept[:n])
         arm = self.arm_accept[req.spec_arm]
         arm[:n] += self.arm_ema * (hit - arm[:n])
+
+
+class IdleGaps:
+    """Device idle time from a synchronous step's forward to the next forward, from CUDA events; a gap is read
+    once the next step has synced too, so reading it never waits."""
+
+    def __init__(self, policy: AdaptiveSpeculation):
+        self.policy = policy
+        self._last_end: torch.cuda.Event | None = None  # after the newest forward
+        self._open: tuple[torch.cuda.Event, int] | None = None  # a synced step's end, its drafting sequences
+        self._queued: list[tuple[torch.cuda.Event, torch.cuda.Event, float, int]] = []
+
+    def before_forward(self, drafting_s: float) -> None:
+        if self._open is not None:
+            (end, num_drafting), self._open = self._open, None
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            self._queued.append((end, start, drafting_s, num_drafting))
+
+    def after_forward(self) -> None:
+        self._last_end = torch.cuda.Event(enable_timing=True)
+        self._last_end.record()
+
+    def synced(self, num_drafting: int) -> None:
+        """The newest forward's tokens are on the host: the gap to the next forward counts."""
+        self._open = (self._last_end, num_drafting) if self._last_end is not None else None
+        waiting = []
+        for end, start, drafting_s, n in self._queued:
+            if start.query():
+                self.policy.observe_overhead(end.elapsed_time(start) * 1e-3 - drafting_s, n)
+            else:
+                waiting.append((end, start, drafting_s, n))
+        self._queued = waiting
 
 
 def build_policy(

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specserve.adaptive import build_policy
+from specserve.adaptive import IdleGaps, build_policy
 from specserve.config import EngineConfig, SpeculativeConfig
 from specserve.detokenizer import IncrementalDetokenizer
 from specserve.drafters import build_drafter
@@ -32,7 +32,8 @@ from specserve.verify import VerifyItem, VerifyResult, sample_roots, verify
 
 NO_SPEC = "none"
 PENDING = -1  # async scheduling: a sampled token still on the device, in token_ids until it arrives
-REPLAN_EVERY = 16  # async scheduling: overlapped steps in a row before adaptive requests plan drafts again
+REPLAN_EVERY = 16  # async scheduling: overlapped steps in a row before adaptive requests plan drafts again,
+REPLAN_MAX = 64  # doubling up to this while plans keep drafting nothing (each plan costs a synchronous step)
 
 
 @dataclass
@@ -43,6 +44,7 @@ class InflightStep:
     proposals: list[DraftProposal | None]
     items: list[VerifyItem]  # the requests that produce tokens, with their logits rows
     out: ForwardOutput
+    planned: bool = False  # scheduled with drafting allowed (the adaptive policy planned it)
     advanced: bool = False
 
 
@@ -130,9 +132,11 @@ class LLMEngine:
             name for name, spec in arms.items() if spec.adaptive and not self.drafters[name].needs_target_outputs
         } if self.async_scheduling else ())
         self._overlap_run = 0  # overlapped steps in a row
-        self._synced_at: float | None = None  # when the last synchronous step's tokens reached the host
+        self._quiet_plans = 0  # planned steps in a row in which nobody drafted
         self._inflight: InflightStep | None = None
         self.spec_policy = build_policy(arms, self.runner, self._overlap_arms)  # None unless an arm is adaptive
+        measure = self.spec_policy is not None and self.spec_policy.measure
+        self._gaps = IdleGaps(self.spec_policy) if measure else None
         self.scheduler = Scheduler(
             self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, self.spec_policy
         )
@@ -240,6 +244,8 @@ class LLMEngine:
         cur, self._inflight = self._inflight or self._launch(), None
         if cur is None:
             return []
+        if cur.planned:
+            self._quiet_plans = 0 if any(p is not None for p in cur.proposals) else self._quiet_plans + 1
         overlap = self.async_scheduling and self._can_overlap(cur)
         self._overlap_run = self._overlap_run + 1 if overlap else 0
         if overlap:
@@ -250,7 +256,8 @@ class LLMEngine:
             results = [it.result([0], [t]) for it, t in zip(cur.items, fetched.tolist(), strict=True)]
         else:
             results = verify(cur.items, cur.out.logits)
-            self._synced_at = time.perf_counter()  # the device idles from here until the next forward
+            if self._gaps:  # the device idles from here until the next forward
+                self._gaps.synced(sum(p is not None for p in cur.proposals))
         results_by_req = dict(zip((id(it.request) for it in cur.items), results, strict=True))
         touched = self._commit(cur, results_by_req)
         self._observe(cur.scheduled, results_by_req, cur.out)
@@ -274,25 +281,28 @@ class LLMEngine:
         batch = self.runner.prepare(sched.scheduled, proposals)
         if after is not None:
             self._feed_pending(sched.scheduled, batch, *after)
+        if self._gaps:
+            self._gaps.before_forward(drafting)
         out = self.runner.forward(batch)
-        if self._synced_at is not None and self.spec_policy is not None:
-            self.spec_policy.observe_overhead(time.perf_counter() - self._synced_at - drafting)
-        self._synced_at = None
+        if self._gaps:
+            self._gaps.after_forward()
         items = [
             VerifyItem(s.request, p, row, s.request.generator)
             for s, p, row in zip(sched.scheduled, proposals, batch.row_starts, strict=True)
             if row >= 0
         ]
-        return InflightStep(sched.scheduled, proposals, items, out)
+        return InflightStep(sched.scheduled, proposals, items, out, planned=after is None and bool(self.spec_policy))
 
     def _can_overlap(self, step: InflightStep) -> bool:
         """Whether the next step can be scheduled before this one's tokens are known: every live request gains
         exactly one token and none drafts next (a request that this token ends costs the next step a wasted
-        row). Adaptive requests return to a planned step every REPLAN_EVERY steps, where drafting may resume."""
+        row). Adaptive requests return to a planned step every REPLAN_EVERY steps, where drafting may resume,
+        or up to REPLAN_MAX steps while plans keep drafting nothing."""
         live = [(s.request, p) for s, p in zip(step.scheduled, step.proposals, strict=True) if not s.request.finished]
         if any(p is not None or r.spec_arm not in self._overlap_arms for r, p in live):
             return False
-        return self._overlap_run < REPLAN_EVERY or all(r.spec_arm == NO_SPEC for r, _ in live)
+        replan = min(REPLAN_EVERY << max(self._quiet_plans - 1, 0), REPLAN_MAX)
+        return self._overlap_run < replan or all(r.spec_arm == NO_SPEC for r, _ in live)
 
     def _advance(self, step: InflightStep) -> None:
         """Count a step's work as done before its tokens arrive: each new token is a PENDING placeholder."""

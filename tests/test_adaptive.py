@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
+import torch
 
 from specserve import LLM, SamplingParams
-from specserve.adaptive import PROBE_EVERY, AdaptiveSpeculation, LinearCost, MeasuredCost
+from specserve.adaptive import PROBE_EVERY, AdaptiveSpeculation, IdleGaps, LinearCost, MeasuredCost
 from specserve.verify import VerifyResult
 
 
@@ -140,3 +143,46 @@ def test_the_overhead_is_the_idle_gap_after_synchronous_steps():
         pol.observe_overhead(2.0)  # the engine sat idle between requests: not a step's gap
     assert pol.overhead_s == pytest.approx(0.001, rel=0.01)
     assert pol.plan({r: 1}) == {r: 0}  # 1.3 tokens for 3 ms loses to an overlapped plain step's 1 for 2 ms
+
+
+def test_a_drafter_that_finds_nothing_stops_being_asked():
+    # an n-gram with no match proposes nothing: for planning, that is a miss at the first position
+    pol = policy(prior=0.8, fixed_s=0.01, per_token_s=0.001)
+    r = Req()
+    misses = 0
+    while pol.plan({r: 4})[r] and misses < 50:
+        pol.observe(r, result(0, 0))  # planned, nothing proposed
+        misses += 1
+    assert 3 <= misses < 20  # a few misses price a 10%-a-token draft out
+    assert pol._estimate(r).accept[0] == pytest.approx(0.8 * 0.75**misses)
+    pol.observe(r, result(0, 0))  # not planned this time (an overlapped plain step): it teaches nothing
+    assert pol._estimate(r).accept[0] == pytest.approx(0.8 * 0.75**misses)
+
+
+def test_verify_work_per_drafting_sequence_is_priced():
+    # idle gaps of 1 ms after plain synchronous steps and 1 + 8 x 3 ms after steps where 8 sequences drafted:
+    # 3 ms of host time per drafting sequence, more than a draft at a = 0.6 saves in a 10 ms step
+    pol = AdaptiveSpeculation({"a": 4}, LinearCost(0.01, 1e-5), prior=0.6, measure=True)
+    reqs = [Req() for _ in range(8)]
+    assert set(pol.plan({r: 4 for r in reqs}).values()) == {4}
+    for _ in range(60):
+        pol.observe_overhead(0.001, 0)
+        pol.observe_overhead(0.025, 8)
+    assert pol.overhead_s == pytest.approx(0.001, rel=0.01)
+    assert pol.verify_s == pytest.approx(0.003, rel=0.01)
+    assert set(pol.plan({r: 4 for r in reqs}).values()) == {0}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA events")
+def test_idle_gaps_time_the_device_between_a_synced_forward_and_the_next():
+    pol = AdaptiveSpeculation({"a": 1}, LinearCost(), measure=True)
+    gaps = IdleGaps(pol)
+    gaps.after_forward()
+    torch.cuda.synchronize()
+    gaps.synced(0)
+    time.sleep(0.005)  # host work: the device has nothing queued
+    gaps.before_forward(0.002)  # of which 2 ms drafting, priced on its own
+    gaps.after_forward()
+    torch.cuda.synchronize()
+    gaps.synced(0)
+    assert pol.overhead_s == pytest.approx(0.1 * 0.003, abs=0.1 * 0.001)

@@ -11,7 +11,7 @@ import torch
 from helpers import host_syncs
 
 from specserve import LLM, SamplingParams
-from specserve.engine import PENDING, REPLAN_EVERY
+from specserve.engine import PENDING, REPLAN_EVERY, REPLAN_MAX
 from specserve.models.loader import load_model
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
@@ -108,7 +108,16 @@ def test_adaptive_requests_overlap_while_they_draft_nothing(tiny):
     assert summary(a) == summary(b)
     assert sum(o.metrics.num_draft_tokens for o in b.values()) > 0
     runs = "".join("x" if o else "." for o in overlapped).split(".")
-    assert 0 < max(map(len, runs)) <= REPLAN_EVERY  # then a planned step, where drafting may resume
+    assert 0 < max(map(len, runs)) <= REPLAN_MAX  # then a planned step, where drafting may resume
+
+
+def test_plans_that_keep_drafting_nothing_come_ever_less_often(tiny):
+    _, overlap = engine_pair(tiny, speculative_arms={"adaptive": {**NGRAM, "adaptive": True}})
+    overlap.spec_policy.arm_accept["adaptive"][:] = 0.0  # no draft pays: every plan is quiet (probes aside)
+    greedy = SamplingParams(temperature=0.0, max_tokens=230, ignore_eos=True)
+    _, overlapped = run(overlap, [("r", PROMPTS[1], greedy, "adaptive")])
+    runs = [len(r) for r in "".join("x" if o else "." for o in overlapped).split(".") if r]
+    assert runs[:4] == [REPLAN_EVERY, 2 * REPLAN_EVERY, REPLAN_MAX, REPLAN_MAX]
 
 
 def test_a_stale_step_in_flight_does_not_leak_into_the_next_batch(tiny):
