@@ -7,9 +7,8 @@ Parts (each prints a markdown table and writes DIR/<part>.json):
            a grid of configs, each timed as CUDA-graph replays over rotating weight copies (> L2, as in a
            step); achieved GB/s over the weight bytes and the ratio to the device's copy bandwidth.
   step     8B shape, random weights, batch 1, context 512: plain decode ms/step and graph-replayed forwards of
-           1..16 query tokens, with the skinny kernels (SiLU-and-multiply and RMSNorm fused into their matmuls'
-           inputs) and with cuBLAS and the separate small-op kernels (engines built in turn, one process).
-  kernels  device time per kernel family of one eager 8B decode step (torch.profiler), both ways.
+           1..16 query tokens, with the skinny kernel and with cuBLAS (two engines, one process).
+  kernels  device time per kernel family of one eager 8B decode step (torch.profiler), skinny vs cuBLAS.
 """
 
 from __future__ import annotations

@@ -17,26 +17,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """silu_and_mul(gate_up) @ weight.T + bias."""
-    return F.linear(silu_and_mul(gate_up), weight, bias)
-
-
-def rms_norm_linear(
-    x: torch.Tensor,  # [T, K]
-    residual: torch.Tensor | None,  # [T, K]
-    norm_weight: torch.Tensor,  # [K]
-    eps: float,
-    weight: torch.Tensor,  # [N, K]
-    bias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(stream, rms_norm(stream) @ weight.T + bias), stream = x + residual (x without a residual)."""
-    if residual is None:
-        return x, F.linear(rms_norm(x, norm_weight, eps), weight, bias)
-    stream, normed = rms_norm(x, norm_weight, eps, residual)
-    return stream, F.linear(normed, weight, bias)
-
-
 def rms_norm(
     x: torch.Tensor,  # [T, hidden]
     weight: torch.Tensor,  # [hidden]

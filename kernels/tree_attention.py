@@ -202,14 +202,7 @@ def _tree_attn_kernel(
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)  # the current split's online softmax
     l_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
-    kpos_next = lo + tl.arange(0, BLOCK_N)
-    blk_next = tl.load(table_row + kpos_next // BLOCK_SIZE, mask=kpos_next < hi, other=0).to(tl.int64)
     for start in range(lo, hi, BLOCK_N):
-        # the block ids of the next key block load one iteration ahead: the K/V copies of a block then wait
-        # for one load, not for the block-table load and then their own
-        blk = blk_next
-        kpos_next = start + BLOCK_N + tl.arange(0, BLOCK_N)
-        blk_next = tl.load(table_row + kpos_next // BLOCK_SIZE, mask=kpos_next < hi, other=0).to(tl.int64)
         if MODE != "whole":
             # a split ends: close it inside the one loop, so the K/V pipeline never drains
             if (start % SPLIT == 0) & (start > lo):
@@ -224,6 +217,7 @@ def _tree_attn_kernel(
                 acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
         kpos = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] sequence positions
         k_ok = kpos < hi  # keys past hi are never read: they may be unwritten (NaN) slots
+        blk = tl.load(table_row + kpos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
         slot = kpos % BLOCK_SIZE
         k = tl.load(
             k_base + blk[None, :] * stride_kb + slot[None, :] * stride_ks + d[:, None],

@@ -27,34 +27,11 @@ from specserve.models.config import ModelConfig
 KVCache = tuple[torch.Tensor, torch.Tensor]  # [num_blocks, block_size, num_kv_heads, head_dim] each
 
 
-class RMSNorm(nn.Module):
-    """HF's RMSNorm: normalize in fp32, cast back, then scale. Given a residual, adds it first and returns
-    (x + residual, norm(x + residual)): one kernel for the layer's add and the next norm."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, backend: ModuleType = reference):
-        return backend.rms_norm(x, self.weight, self.eps, residual)
-
-
 class Linear(nn.Linear):
-    """nn.Linear whose matmul comes from the kernel backend (few-row Triton matmul on CUDA), optionally with
-    the op before it fused into its input (SiLU-and-multiply, residual add + RMSNorm)."""
+    """nn.Linear whose matmul comes from the kernel backend (few-row Triton matmul on CUDA)."""
 
     def forward(self, x: torch.Tensor, backend: ModuleType = reference) -> torch.Tensor:
         return backend.linear(x, self.weight, self.bias)
-
-    def forward_silu_mul(self, gate_up: torch.Tensor, backend: ModuleType = reference) -> torch.Tensor:
-        """self(silu_and_mul(gate_up))."""
-        return backend.silu_mul_linear(gate_up, self.weight, self.bias)
-
-    def forward_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
-                         backend: ModuleType = reference) -> tuple[torch.Tensor, torch.Tensor]:
-        """(stream, self(norm(stream))) with stream = x + residual (x without one), as RMSNorm(x, residual)."""
-        return backend.rms_norm_linear(x, residual, norm.weight, norm.eps, self.weight, self.bias)
 
 
 def make_linear(in_features: int, out_features: int, bias: bool) -> nn.Module:
@@ -100,6 +77,19 @@ class ModelOutput:
     hidden_states: torch.Tensor  # [T, hidden] after the final norm: what compute_logits takes
     prenorm_hidden_states: torch.Tensor  # [T, hidden] last layer's output before the final norm (EAGLE-1)
     aux_hidden_states: list[torch.Tensor] = field(default_factory=list)  # [T, hidden] per aux layer (EAGLE-3)
+
+
+class RMSNorm(nn.Module):
+    """HF's RMSNorm: normalize in fp32, cast back, then scale. Given a residual, adds it first and returns
+    (x + residual, norm(x + residual)): one kernel for the layer's add and the next norm."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, backend: ModuleType = reference):
+        return backend.rms_norm(x, self.weight, self.eps, residual)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -184,11 +174,7 @@ class LlamaAttention(nn.Module):
         kv_cache: KVCache,
         backend: ModuleType,
     ) -> torch.Tensor:
-        return self.attend(self.qkv_proj(x, backend), positions, rotary, meta, kv_cache, backend)
-
-    def attend(self, qkv: torch.Tensor, positions, rotary, meta, kv_cache: KVCache, backend: ModuleType):
-        """The attention block after its q/k/v matmul (qkv [T, q + 2 kv]): rope, K/V store, attention, o."""
-        q, k, v = self.split_qkv(qkv, backend)
+        q, k, v = self.project_qkv(x, backend)
         k_cache, v_cache = kv_cache
         q = backend.rope_write_kv(q, k, v, positions, *rotary.tables(q.device), k_cache, v_cache, meta.slot_mapping)
         out = backend.paged_attention(q, k_cache, v_cache, meta, self.scale)  # [T, num_heads, head_dim]
@@ -196,10 +182,7 @@ class LlamaAttention(nn.Module):
 
     def project_qkv(self, x: torch.Tensor, backend: ModuleType = reference) -> tuple[torch.Tensor, ...]:
         """q [..., num_heads, head_dim], k and v [..., num_kv_heads, head_dim] (views of one matmul), before rope."""
-        return self.split_qkv(self.qkv_proj(x, backend), backend)
-
-    def split_qkv(self, qkv: torch.Tensor, backend: ModuleType = reference) -> tuple[torch.Tensor, ...]:
-        q, k, v = qkv.split(self.qkv_sizes, dim=-1)
+        q, k, v = self.qkv_proj(x, backend).split(self.qkv_sizes, dim=-1)
         q = q.unflatten(-1, (self.num_heads, self.head_dim))
         k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
         v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
@@ -217,7 +200,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = make_linear(inter, hidden, bias)
 
     def forward(self, x: torch.Tensor, backend: ModuleType = reference) -> torch.Tensor:
-        return self.down_proj.forward_silu_mul(self.gate_up_proj(x, backend), backend)
+        return self.down_proj(backend.silu_and_mul(self.gate_up_proj(x, backend)), backend)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -231,14 +214,15 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, h, residual, positions, rotary, meta, kv_cache, backend) -> tuple[torch.Tensor, torch.Tensor]:
         """(h, residual) -> (mlp output, residual stream before it): the stream entering the next layer is their
         sum, which the next norm adds in its own kernel (residual None: h is the stream itself)."""
-        attn, mlp = self.self_attn, self.mlp
-        if self.input_layernorm is None:  # EAGLE's first draft layer: no norm, and no residual yet
-            residual, qkv = h, attn.qkv_proj(h, backend)
+        if residual is None:
+            residual = h
+            if self.input_layernorm is not None:
+                h = self.input_layernorm(h, backend=backend)
         else:
-            residual, qkv = attn.qkv_proj.forward_rms_norm(h, residual, self.input_layernorm, backend)
-        h = attn.attend(qkv, positions, rotary, meta, kv_cache, backend)
-        residual, gate_up = mlp.gate_up_proj.forward_rms_norm(h, residual, self.post_attention_layernorm, backend)
-        return mlp.down_proj.forward_silu_mul(gate_up, backend), residual
+            residual, h = self.input_layernorm(h, residual, backend)
+        h = self.self_attn(h, positions, rotary, meta, kv_cache, backend)
+        residual, h = self.post_attention_layernorm(h, residual, backend)
+        return self.mlp(h, backend), residual
 
 
 class LlamaModel(nn.Module):
