@@ -335,6 +335,7 @@ def main() -> None:
     if args.baseline:
         spec = importlib.util.spec_from_file_location("baseline_tree_attention", args.baseline)
         baseline = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = baseline  # its dataclasses look their module up there
         spec.loader.exec_module(baseline)
     configs = {config_name(c): c for c in args.configs}
     shapes = [(b, ql, c) for c in CONTEXTS for b in BATCHES for ql in QUERY_LENS]
