@@ -21,7 +21,10 @@ candidate, so by the model a step never loses to it; with async scheduling a ste
 overlaps the next one, so that candidate pays no overhead.
 Example: batch 1 is memory-bound (cost flat in T): with a = 0.8 the gains 0.8, 0.64, 0.51, 0.41 all pay
 and k = 4. In a compute-bound batch (cost ~ T) a token pays only if its gain beats tokens/T of the plan.
-A request planned at 0 for PROBE_EVERY steps drafts one token, so its estimate can recover.
+A request that does not draft is not observed, so its estimates relax toward its arm's average with each step
+(RELAX; async scheduling plans only every REPLAN_EVERY steps or more while nobody drafts, and the pull covers
+the steps in between), and one planned at 0 for PROBE_EVERY plans drafts one token: a run of rejections does
+not end its drafting for good.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ from specserve.request import Request
 from specserve.verify import VerifyResult
 
 PROBE_EVERY = 64  # a probe costs a propose and a verify node: rare enough to stay under ~2%
+GAP_EMA = 0.05  # weight of each new idle gap in the host-cost fit
+RELAX = 0.05  # per step without drafts, a request's estimates move this far back toward its arm's average
 
 
 class LinearCost:
@@ -78,6 +83,7 @@ class _Estimate:
         self.accept = accept  # [k] EMA of P(position d accepted | positions before it accepted)
         self.idle_steps = 0
         self.planned = 0  # draft tokens the last plan gave it, until its step's result is observed
+        self.planned_at = 0  # the policy's step count at its last plan
 
 
 class AdaptiveSpeculation:
@@ -92,11 +98,13 @@ class AdaptiveSpeculation:
         self.arm_accept = {arm: np.full(k, prior) for arm, k in arms.items()}  # running average per arm
         self.propose_s = dict.fromkeys(arms, 0.0)  # host seconds per drafting sequence, per arm
         self.verify_s = 0.0  # device idle seconds per drafting sequence beyond overhead_s (verify, commit)
+        self._gaps = np.zeros(5)  # EMA of [1, n, gap, n^2, n gap] over idle gaps after n sequences drafted
         self.estimates: weakref.WeakKeyDictionary[Request, _Estimate] = weakref.WeakKeyDictionary()
         self.overhead_s = overhead_s
         self.measure = measure  # host costs measured as the engine runs (CUDA); fixed otherwise (tests)
         self.overlap_arms = overlap_arms  # arms whose draft-free steps overlap the next (async scheduling)
         self._quiet_plans = 0  # plans in a row that drafted nothing where the step could overlap
+        self._steps = 0  # plan calls, one per scheduled step
 
     def _estimate(self, req: Request) -> _Estimate:
         est = self.estimates.get(req)
@@ -106,12 +114,18 @@ class AdaptiveSpeculation:
 
     def plan(self, caps: dict[Request, int]) -> dict[Request, int]:
         """Draft tokens per decoding request; requests of other arms keep their cap."""
+        self._steps += 1  # the scheduler asks every step, also when nobody may draft (overlapped steps)
         num_seqs = len(caps)
         adaptive = [r for r, c in caps.items() if c > 0 and r.spec_arm in self.arm_accept]
         if not adaptive:
             return caps
         fixed = num_seqs + sum(c for r, c in caps.items() if r.spec_arm not in self.arm_accept)
         ests = [self._estimate(r) for r in adaptive]
+        for r, e in zip(adaptive, ests, strict=True):
+            if e.idle_steps:  # unobserved while it does not draft: regress to the mean, or one bad run of
+                pull = 1.0 - (1.0 - RELAX) ** (self._steps - e.planned_at)  # rejections ends its drafting
+                e.accept += pull * (self.arm_accept[r.spec_arm] - e.accept)
+            e.planned_at = self._steps
         width = max(len(e.accept) for e in ests)
         accept = np.stack([e.accept if len(e.accept) == width else np.pad(e.accept, (0, width - len(e.accept)))
                            for e in ests])  # [n, width]
@@ -152,11 +166,14 @@ class AdaptiveSpeculation:
         aside (it has its own term), after a step where num_drafting sequences drafted."""
         if not self.measure or seconds >= 1.0:  # longer: the engine sat idle between steps
             return
-        if num_drafting:
-            per_seq = max(seconds - self.overhead_s, 0.0) / num_drafting
-            self.verify_s += 0.1 * (per_seq - self.verify_s)
-        else:
-            self.overhead_s += 0.1 * (max(seconds, 0.0) - self.overhead_s)
+        # gap = overhead_s + verify_s n, fitted by least squares over an EMA of the gaps; while n barely varies
+        # (batch 1 drafting every step, say) all of it is overhead, which no batch size multiplies
+        n, gap = float(num_drafting), max(seconds, 0.0)
+        self._gaps += GAP_EMA * (np.array([1.0, n, gap, n * n, n * gap]) - self._gaps)
+        _, mn, mg, mnn, mng = self._gaps / self._gaps[0]
+        var = mnn - mn * mn
+        self.verify_s = max((mng - mn * mg) / var, 0.0) if var > 0.25 else 0.0
+        self.overhead_s = max(mg - self.verify_s * mn, 0.0)
 
     def observe_propose(self, arm: str, seconds: float, num_seqs: int) -> None:
         """Host time of one propose call of an arm over num_seqs sequences."""
