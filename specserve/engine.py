@@ -244,7 +244,7 @@ class LLMEngine:
         cur, self._inflight = self._inflight or self._launch(), None
         if cur is None:
             return []
-        if cur.planned:
+        if cur.planned and any(s.decoding and s.request.spec_arm != NO_SPEC for s in cur.scheduled):
             self._quiet_plans = 0 if any(p is not None for p in cur.proposals) else self._quiet_plans + 1
         overlap = self.async_scheduling and self._can_overlap(cur)
         self._overlap_run = self._overlap_run + 1 if overlap else 0
@@ -298,11 +298,13 @@ class LLMEngine:
         exactly one token and none drafts next (a request that this token ends costs the next step a wasted
         row). Adaptive requests return to a planned step every REPLAN_EVERY steps, where drafting may resume,
         or up to REPLAN_MAX steps while plans keep drafting nothing."""
-        live = [(s.request, p) for s, p in zip(step.scheduled, step.proposals, strict=True) if not s.request.finished]
-        if any(p is not None or r.spec_arm not in self._overlap_arms for r, p in live):
+        live = [(s, p) for s, p in zip(step.scheduled, step.proposals, strict=True) if not s.request.finished]
+        if any(p is not None or s.request.spec_arm not in self._overlap_arms for s, p in live):
             return False
+        if any(not s.decoding and s.request.spec_arm != NO_SPEC for s, _ in live):
+            return False  # a drafting arm's prefill: the step after it plans its first drafts
         replan = min(REPLAN_EVERY << max(self._quiet_plans - 1, 0), REPLAN_MAX)
-        return self._overlap_run < replan or all(r.spec_arm == NO_SPEC for r, _ in live)
+        return self._overlap_run < replan or all(s.request.spec_arm == NO_SPEC for s, _ in live)
 
     def _advance(self, step: InflightStep) -> None:
         """Count a step's work as done before its tokens arrive: each new token is a PENDING placeholder."""

@@ -27,6 +27,7 @@ class ScheduledRequest:
     request: Request
     num_new_tokens: int  # committed tokens to run through the model (the root included)
     max_draft_tokens: int  # draft nodes the drafter may add after the root
+    decoding: bool = False  # a decode step (drafts were planned for it), not a prefill chunk
 
     @property
     def produces_token(self) -> bool:
@@ -110,7 +111,7 @@ class Scheduler:
                 if victim is req:
                     break
             else:
-                out.scheduled.append(ScheduledRequest(req, num_new, drafts))
+                out.scheduled.append(ScheduledRequest(req, num_new, drafts, req.is_decoding))
                 budget -= num_new + drafts
                 i += 1
         preempted_now = bool(out.preempted)

@@ -11,6 +11,8 @@ import torch
 from helpers import host_syncs
 
 from specserve import LLM, SamplingParams
+from specserve.adaptive import LinearCost
+from specserve.drafters.replay import table_from_outputs
 from specserve.engine import PENDING, REPLAN_EVERY, REPLAN_MAX
 from specserve.models.loader import load_model
 
@@ -154,3 +156,22 @@ def test_on_cuda_one_sync_per_step_and_the_same_tokens(tiny_model_dir):
         assert engine._inflight is not None
     while engine.has_unfinished_requests():
         engine.step()
+
+
+def test_an_adaptive_request_plans_its_first_drafts_right_after_prefill(tiny):
+    # the prefill step drafts nothing, so it may not start an overlapped run: at a cost where every draft pays,
+    # adaptive replay takes exactly the steps of fixed replay
+    replay = {"method": "replay", "num_speculative_tokens": 4, "acceptance": 0.6}
+    llm = LLM(loaded_model=tiny, device="cpu", dtype="float32", async_scheduling=True,
+              speculative_arms={"fixed": replay, "adaptive": {**replay, "adaptive": True}})
+    llm.engine.spec_policy.cost = LinearCost(0.02, 1e-6)  # memory-bound: verifying 4 more tokens costs ~nothing
+    greedy = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
+    plain = llm.generate(PROMPTS[:3], greedy, spec_arm="none")
+    for drafter in llm.engine.drafters.values():
+        drafter.set_table(table_from_outputs(plain))
+    steps = {}
+    for arm in ("fixed", "adaptive"):
+        outs = [llm.generate([p], greedy, spec_arm=arm)[0] for p in PROMPTS[:3]]
+        assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in plain]
+        steps[arm] = sum(o.metrics.num_steps for o in outs)
+    assert steps["adaptive"] == steps["fixed"] < 3 * 48
