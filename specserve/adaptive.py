@@ -105,6 +105,7 @@ class AdaptiveSpeculation:
         self.overlap_arms = overlap_arms  # arms whose draft-free steps overlap the next (async scheduling)
         self._quiet_plans = 0  # plans in a row that drafted nothing where the step could overlap
         self._steps = 0  # plan calls, one per scheduled step
+        self.quiet_streak = 0  # plans in a row that gave drafts to none of the requests that could draft
 
     def _estimate(self, req: Request) -> _Estimate:
         est = self.estimates.get(req)
@@ -159,6 +160,7 @@ class AdaptiveSpeculation:
             if probe and e.idle_steps >= PROBE_EVERY:
                 k, e.idle_steps = 1, 0
             out[r] = e.planned = k
+        self.quiet_streak = 0 if any(out[r] for r in adaptive) else self.quiet_streak + 1
         return out
 
     def observe_overhead(self, seconds: float, num_drafting: int = 0) -> None:

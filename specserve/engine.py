@@ -44,7 +44,6 @@ class InflightStep:
     proposals: list[DraftProposal | None]
     items: list[VerifyItem]  # the requests that produce tokens, with their logits rows
     out: ForwardOutput
-    planned: bool = False  # scheduled with drafting allowed (the adaptive policy planned it)
     advanced: bool = False
 
 
@@ -132,7 +131,6 @@ class LLMEngine:
             name for name, spec in arms.items() if spec.adaptive and not self.drafters[name].needs_target_outputs
         } if self.async_scheduling else ())
         self._overlap_run = 0  # overlapped steps in a row
-        self._quiet_plans = 0  # planned steps in a row in which nobody drafted
         self._inflight: InflightStep | None = None
         self.spec_policy = build_policy(arms, self.runner, self._overlap_arms)  # None unless an arm is adaptive
         measure = self.spec_policy is not None and self.spec_policy.measure
@@ -244,8 +242,6 @@ class LLMEngine:
         cur, self._inflight = self._inflight or self._launch(), None
         if cur is None:
             return []
-        if cur.planned and any(s.decoding and s.request.spec_arm != NO_SPEC for s in cur.scheduled):
-            self._quiet_plans = 0 if any(p is not None for p in cur.proposals) else self._quiet_plans + 1
         overlap = self.async_scheduling and self._can_overlap(cur)
         self._overlap_run = self._overlap_run + 1 if overlap else 0
         if overlap:
@@ -291,19 +287,21 @@ class LLMEngine:
             for s, p, row in zip(sched.scheduled, proposals, batch.row_starts, strict=True)
             if row >= 0
         ]
-        return InflightStep(sched.scheduled, proposals, items, out, planned=after is None and bool(self.spec_policy))
+        return InflightStep(sched.scheduled, proposals, items, out)
 
     def _can_overlap(self, step: InflightStep) -> bool:
         """Whether the next step can be scheduled before this one's tokens are known: every live request gains
         exactly one token and none drafts next (a request that this token ends costs the next step a wasted
         row). Adaptive requests return to a planned step every REPLAN_EVERY steps, where drafting may resume,
-        or up to REPLAN_MAX steps while plans keep drafting nothing."""
+        or up to REPLAN_MAX steps while plans keep drafting nothing; while drafting pays, a step that prefills
+        an adaptive request is followed by a planned one, so its drafting starts at once."""
         live = [(s, p) for s, p in zip(step.scheduled, step.proposals, strict=True) if not s.request.finished]
         if any(p is not None or s.request.spec_arm not in self._overlap_arms for s, p in live):
             return False
-        if any(not s.decoding and s.request.spec_arm != NO_SPEC for s, _ in live):
-            return False  # a drafting arm's prefill: the step after it plans its first drafts
-        replan = min(REPLAN_EVERY << max(self._quiet_plans - 1, 0), REPLAN_MAX)
+        quiet = self.spec_policy.quiet_streak if self.spec_policy else 0
+        if quiet == 0 and any(not s.decoding and s.request.spec_arm != NO_SPEC for s, _ in live):
+            return False  # a drafting arm's prefill while drafting pays: the step after it plans its first drafts
+        replan = min(REPLAN_EVERY << max(quiet - 1, 0), REPLAN_MAX)
         return self._overlap_run < replan or all(s.request.spec_arm == NO_SPEC for s, _ in live)
 
     def _advance(self, step: InflightStep) -> None:
