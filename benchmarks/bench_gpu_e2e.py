@@ -103,6 +103,7 @@ def run_concurrent(llm: LLM, prompts: list[list[int]], params: SamplingParams, a
     eng = llm.engine
     queue, reqs, inflight = list(prompts), [], 0
     em.sync(eng.device)
+    variants = em.jit_variants()
     start = time.perf_counter()
     while queue or inflight:
         while queue and inflight < concurrency:
@@ -111,7 +112,9 @@ def run_concurrent(llm: LLM, prompts: list[list[int]], params: SamplingParams, a
             reqs += eng.groups[rid]
             inflight += 1
         inflight -= sum(out.finished for out in eng.step(finished_only=True))
-    return dict(arm=arm, batch=concurrency, requests=len(reqs), **totals(reqs, time.perf_counter() - start))
+    wall = time.perf_counter() - start
+    return dict(arm=arm, batch=concurrency, requests=len(reqs), jit_compiles=em.jit_variants() - variants,
+                **totals(reqs, wall))
 
 
 def slim(row: dict) -> dict:
@@ -248,14 +251,15 @@ def sweep(llm: LLM, prompts: list[list[int]], params: SamplingParams, arms: list
         best = {a: max(rs, key=lambda r: r["tok_s"]) for a, rs in runs.items()}
         reference = runs["none"][0]["outputs"]
         for arm in names:
-            row = {**slim(best[arm]), "tok_s_rounds": [round(r["tok_s"]) for r in runs[arm]]}
+            row = {**slim(best[arm]), "tok_s_rounds": [round(r["tok_s"]) for r in runs[arm]],
+                   "jit_compiles": [r["jit_compiles"] for r in runs[arm]]}
             if arm != "none":
                 row["same_as_plain"] = sum(a == p for a, p in zip(best[arm]["outputs"], reference, strict=True))
                 row["vs_plain"] = best[arm]["tok_s"] / best["none"]["tok_s"]
             rows.append(row)
         print(em.markdown([r for r in rows if r["batch"] == b],
-                       ["batch", "arm", "requests", "tok_s", "vs_plain", "tok_s_rounds", "acceptance",
-                        "tokens_per_step", "same_as_plain"]),
+                       ["batch", "arm", "requests", "tok_s", "vs_plain", "tok_s_rounds", "jit_compiles",
+                        "acceptance", "tokens_per_step", "same_as_plain"]),
               flush=True)
     return rows
 

@@ -107,6 +107,21 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * src.numel() / (ms * 1e-3)
 
 
+def jit_variants() -> int:
+    """Compiled variants of specserve's Triton kernels so far: a count that grows inside a timed run means a
+    JIT compile stalled it (0 where Triton's cache cannot be read)."""
+    from triton.runtime.jit import JITFunction
+
+    from specserve.kernels import fused_ops, kv_ops, skinny_linear, tree_attention
+
+    n = 0
+    for mod in (fused_ops, kv_ops, skinny_linear, tree_attention):
+        for obj in vars(mod).values():
+            if isinstance(obj, JITFunction):
+                n += sum(len(caches[0]) for caches in getattr(obj, "device_caches", {}).values())
+    return n
+
+
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of every parameter (a tied embedding counted once)."""
     return sum(p.numel() * p.element_size() for p in model.parameters())

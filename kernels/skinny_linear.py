@@ -31,7 +31,7 @@ class SkinnyConfig:
 DEFAULT_CONFIG = SkinnyConfig(block_n=32, block_k=512, num_warps=4, num_stages=4)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # one variant for 1..16 rows: no compile when a new row count comes
 def _skinny_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,

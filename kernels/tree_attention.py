@@ -141,7 +141,9 @@ def _store_split(
                  _finish(num, den).to(out_ptr.dtype.element_ty), mask=done)
 
 
-@triton.jit
+# the ints that follow the batch's shape are not specialized (== 1, multiple of 16): each new combination would
+# compile another variant in the middle of serving, seconds of stall
+@triton.jit(do_not_specialize=["q_min", "q_max", "ws_rows_per_seq", "ws_splits", "chunk_keys"])
 def _tree_attn_kernel(
     q_ptr, k_cache, v_cache, out_ptr, ws_o, ws_lse,
     query_start_loc, seq_lens, context_lens, block_tables, tree_offsets, tree_mask,
@@ -266,7 +268,7 @@ def _tree_attn_kernel(
                      stride_oh, HEAD_DIM, HEAD_DIM_P, SPLIT)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["q_max", "ws_rows_per_seq", "ws_splits"])
 def _fold_splits_kernel(
     out_ptr, ws_o, ws_lse, query_start_loc, context_lens, q_max, ws_rows_per_seq, ws_splits,
     stride_ot, stride_oh,
