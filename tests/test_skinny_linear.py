@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from specserve.kernels import triton_backend  # sets TRITON_INTERPRET on CPU before the kernels exist
 from specserve.kernels import skinny_linear as sk
+from specserve.kernels import triton_backend  # sets TRITON_INTERPRET on CPU before the kernels exist
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
