@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import specserve.kernels.triton_backend  # noqa: F401  sets TRITON_INTERPRET on CPU before the kernels exist
 from specserve.kernels import skinny_linear as sk
-from specserve.kernels import triton_backend  # sets TRITON_INTERPRET on CPU before the kernels exist
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -44,6 +44,8 @@ def test_rows_do_not_depend_on_the_batch():
 
 @pytest.mark.skipif(not CUDA, reason="the backend routes to the kernel on CUDA only")
 def test_backend_routes_few_rows_to_the_kernel(monkeypatch):
+    from specserve.kernels import triton_backend
+
     calls = []
     monkeypatch.setattr(triton_backend, "skinny_linear", lambda *a: calls.append(a[0].shape) or F.linear(*a))
     w = torch.randn(32, 64, device="cuda", dtype=torch.bfloat16)
