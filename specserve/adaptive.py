@@ -134,8 +134,8 @@ class AdaptiveSpeculation:
         drafted = np.arange(width) < cap[:, None]  # [n, width] positions each sequence may draft
         flat = np.cumprod(accept, axis=1)[drafted]  # [M] gain of each draft token, sequence by sequence
         owner, position = np.nonzero(drafted)  # [M] each
-        propose_s = np.array([self.propose_s[r.spec_arm] + self.verify_s for r in adaptive])  # [n]
-        first = np.where(position == 0, propose_s[owner], 0.0)  # a sequence's drafting cost rides its first token
+        host_s = np.array([self.propose_s[r.spec_arm] + self.verify_s for r in adaptive])  # [n] per drafting seq
+        first = np.where(position == 0, host_s[owner], 0.0)  # a sequence's drafting cost rides its first token
         order = np.argsort(-flat, kind="stable")  # stable: a sequence's tokens stay in position order
         expected = num_seqs + np.concatenate([[0.0], np.cumsum(flat[order])])  # [M + 1] tokens out of m drafts
         propose = np.concatenate([[0.0], np.cumsum(first[order])])  # [M + 1] host seconds of drafting
