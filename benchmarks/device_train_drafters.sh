@@ -5,9 +5,9 @@
 #   benchmarks/device_train_drafters.sh [GGUF] [OUT]      (default /root/m/smol.gguf and $OUT)
 #
 # From the repo root on the device, after `source benchmarks/device_setup.sh`, with .devdata/train_prompts.jsonl
-# and .devdata/mt_bench.jsonl carried. OUT receives 7 files: {eagle,eagle3,medusa,draft_model}.tar (config,
-# weights, training_curves.json), distill.safetensors (the answers: carry it back as --distill-cache to skip the
-# distillation on a later machine), tau.json and log.txt.
+# and .devdata/mt_bench.jsonl carried. OUT receives up to 7 files: {eagle,eagle3,medusa,draft_model}.tar
+# (config, weights, training_curves.json), distill.self_instruct.jsonl (the prompts the target wrote), tau.json
+# and log.txt. The answers stay in /root/td/distill.safetensors (too large to come back at ~4M tokens).
 #
 # Sizing, from RECIPE.md's H200 run (GGUF load ~28 s per process; teacher pass 2.5 s per 387k tokens; EAGLE
 # 95 ms, EAGLE-3 140 ms, Medusa 20 ms per step at batch 16 in randomly composed, padded batches):
@@ -23,8 +23,10 @@
 #              ends every run by TRAIN_END, its learning rate annealed by then whatever the step count.
 #   330-510 s  tau on MT-bench (80 first turns, greedy, 256 tokens): engine start with graphs ~45 s, 6 arms
 #              ~60 s; capped at 180 s.
-# Knobs (environment): TRAIN_END, EVAL_LIMIT (seconds), NUM_SAMPLES (answers per prompt and temperature),
-# EAGLE_EPOCHS, EAGLE3_EPOCHS, DRAFT_MODEL_EPOCHS, DRAFT_VOCAB (EAGLE-3's draft vocabulary).
+# Knobs (environment): TRAIN_END, EVAL_LIMIT (seconds; 0 skips the tau sweep, device_tau_sweep.sh, which a
+# later call can run on /root/td), SELF_INSTRUCT (prompts the target writes first, drafters/self_instruct.py),
+# TEMPERATURES, NUM_SAMPLES (answers per prompt and temperature above 0), EAGLE_EPOCHS, EAGLE3_EPOCHS,
+# DRAFT_MODEL_EPOCHS, DRAFT_VOCAB (EAGLE-3's draft vocabulary).
 set -uo pipefail
 gguf=${1:-/root/m/smol.gguf} out=${2:-$OUT}
 TRAIN_END=${TRAIN_END:-330} EVAL_LIMIT=${EVAL_LIMIT:-180}
@@ -36,11 +38,12 @@ nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -l 10 >
 smi=$!
 
 common=(--model "$gguf" --prompts .devdata/train_prompts.jsonl --distill-cache "$td/distill.safetensors"
-        --temperatures 0,0.7,1.0 --num-samples ${NUM_SAMPLES:-8} --max-tokens 256 --max-num-seqs 1024 --device cuda
+        --temperatures "${TEMPERATURES:-0,0.7,1.0}" --num-samples "${NUM_SAMPLES:-8}" --self-instruct "${SELF_INSTRUCT:-0}"
+        --max-tokens 256 --max-num-seqs 1024 --device cuda
         --batch-size 32 --group-by-length --keep-best --val-fraction 0.05)
 declare -A kind_args=(
   [eagle]="--epochs ${EAGLE_EPOCHS:-5} --feature-noise 0.2"
-  [eagle3]="--epochs ${EAGLE3_EPOCHS:-4} --draft-vocab-size ${DRAFT_VOCAB:-4096}"
+  [eagle3]="--epochs ${EAGLE3_EPOCHS:-4} --draft-vocab-size ${DRAFT_VOCAB:-3072}"
   [medusa]="--epochs 3"
   [draft_model]="--epochs ${DRAFT_MODEL_EPOCHS:-3}"
 )
@@ -67,19 +70,11 @@ for k in eagle3 medusa draft_model; do train "$k"; done
 wait "${pids[@]}"
 phase "training done"
 
-arms=(--arm 'ngram8={"method":"ngram","num_speculative_tokens":8}')
-declare -A arm_json=(
-  [eagle]='"method":"eagle","num_speculative_tokens":48,"top_k":8,"depth":7'
-  [eagle3]='"method":"eagle3","num_speculative_tokens":48,"top_k":8,"depth":7'
-  [medusa]='"method":"medusa","num_speculative_tokens":16'
-  [draft_model]='"method":"draft_model","num_speculative_tokens":5'
-)
 for k in eagle eagle3 medusa draft_model; do
   echo "--- $k"
   grep -h -e '^train-drafter' -e 'Error' -e 'error' "$td/$k.log" | grep -v -e '--kind' | tail -6
   if [ -f "$td/$k/config.json" ]; then
     (cd "$td" && tar -cf "$out/$k.tar" --exclude=train_state.pt "$k")
-    arms+=(--arm "$k={${arm_json[$k]},\"model\":\"$td/$k\"}")
     python3 - "$td/$k/training_curves.json" <<'EOF'
 import json, sys
 c = json.load(open(sys.argv[1]))
@@ -89,10 +84,11 @@ print(f"times {t}; steps {c['log']['step'][-1] if c['log']['step'] else 0}/{c['t
 EOF
   fi
 done
-cp "$td/distill.safetensors" "$out/" 2>/dev/null
-phase "tau on MT-bench"
-timeout "$EVAL_LIMIT" python3 -P benchmarks/eval_drafters_tau.py --model "$gguf" --mt-bench .devdata/mt_bench.jsonl \
-  --device cuda --dtype bfloat16 --out "$out/tau.json" "${arms[@]}" 2>&1 | grep -v -i 'warn\|convert'
+cp "$td"/distill.self_instruct.jsonl "$out/" 2>/dev/null
+if (( EVAL_LIMIT > 0 )); then
+  phase "tau on MT-bench"
+  timeout "$EVAL_LIMIT" bash benchmarks/device_tau_sweep.sh "$td" "$gguf" "$out/tau.json"
+fi
 phase "done"
 kill "$smi"
 for f in "$td"/{eagle,eagle3,medusa,draft_model}.log "$td/gpu.log"; do echo "=== $f"; cat "$f"; done > "$out/log.txt"

@@ -27,6 +27,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from specserve.drafters.self_instruct import write_prompts
 from specserve.drafters.train_data import (
     Distilled,
     DistillPlan,
@@ -70,6 +71,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="comma-separated sampling temperatures, e.g. 0,0.7,1.0 (0: one greedy answer per prompt)")
     d.add_argument("--num-samples", type=int, default=1, help="answers per prompt at each temperature above 0")
     d.add_argument("--max-num-seqs", type=int, default=256, help="sequences per generation batch")
+    d.add_argument("--self-instruct", type=int, default=0, metavar="N",
+                   help="the target first writes N more prompts, each begun with a training prompt's opening words "
+                        "(drafters/self_instruct.py); they are answered like the others and saved beside the cache")
     d.add_argument("--distill-cache", default=None, help="answers cache (default OUT/distill.safetensors)")
     d.add_argument("--teacher-batch-tokens", type=int, default=16384, help="tokens per teacher-forced pass")
     t = p.add_argument_group("training")
@@ -175,14 +179,22 @@ def _distilled(args, loaded, backend, device: torch.device) -> Distilled:
     path = args.distill_cache or os.path.join(args.out, "distill.safetensors")
     meta = {"model": loaded.path, "prompts": os.path.abspath(args.prompts), "max_prompts": args.max_prompts,
             "max_tokens": args.max_tokens, "temperatures": args.temperatures, "num_samples": args.num_samples,
-            "seed": args.seed}
+            "self_instruct": args.self_instruct, "seed": args.seed}
     if os.path.isfile(path):
         cached = Distilled.load(path)
         if cached.meta == meta:
             print(f"train-drafter: reusing {cached.num_sequences} answers from {path}", file=sys.stderr)
             return cached
         print(f"train-drafter: {path} was made with other settings; generating again", file=sys.stderr)
-    prompts = [encode_chat(loaded.tokenizer, p) for p in load_prompts(args.prompts, args.max_prompts)]
+    texts = load_prompts(args.prompts, args.max_prompts)
+    if args.self_instruct:
+        t = time.time()
+        written = write_prompts(loaded.model, backend, loaded.tokenizer, texts, args.self_instruct, device,
+                                seed=args.seed, batch_size=args.max_num_seqs)
+        _write_jsonl([{"prompt": p} for p in written], os.path.splitext(path)[0] + ".self_instruct.jsonl")
+        print(f"train-drafter: the target wrote {len(written)} prompts in {time.time() - t:.1f}s", file=sys.stderr)
+        texts += written
+    prompts = [encode_chat(loaded.tokenizer, p) for p in texts]
     plan = DistillPlan(prompts, args.temperatures, args.num_samples, args.max_tokens, args.max_num_seqs, args.seed)
     t = time.time()
     data = distill(loaded.model, backend, plan, loaded.config.eos_token_ids, device, meta)
@@ -192,6 +204,11 @@ def _distilled(args, loaded, backend, device: torch.device) -> Distilled:
           file=sys.stderr)
     data.save(path)
     return data
+
+
+def _write_jsonl(rows: list[dict], path: str) -> None:
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
 def _objective(args, loaded, data: Distilled, train_ids: torch.Tensor):

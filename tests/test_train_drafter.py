@@ -345,3 +345,39 @@ def test_temperature_flags(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args([*base, "--temperatures", "0.7,0.7"])
     assert "distinct temperatures" in capsys.readouterr().err
+
+
+def test_self_instruct_writes_new_closed_turns(setup, monkeypatch):
+    """The target continues user turns begun with seed openings, in order; kept turns are new and distinct."""
+    import random
+
+    from specserve.drafters import self_instruct
+
+    model, _, _ = setup
+    loaded = load_model(model, torch.float32, "cpu")
+    before, after = self_instruct.user_turn(loaded.tokenizer)
+    text = loaded.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert before + "hi" + after == text and after.startswith("<|im_end|>")
+    im_end = loaded.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert im_end in self_instruct.turn_end_ids(loaded.tokenizer, after, loaded.config.eos_token_ids)
+    monkeypatch.setattr(self_instruct, "turn_end_ids", lambda *_: set(range(3, V, 4)))  # random weights never close
+    seeds = [*PROMPTS, "Tell me about the fox, briefly"]
+    written = self_instruct.write_prompts(loaded.model, get_backend("torch", torch.device("cpu")), loaded.tokenizer,
+                                          seeds, 8, torch.device("cpu"), max_tokens=12, batch_size=5)
+    assert 0 < len(written) <= 8 and len(set(written)) == len(written) and not set(written) & set(seeds)
+    starts = iter(self_instruct.openings(seeds, 12, random.Random(0)))
+    assert all(any(w.startswith(s) for s in starts) for w in written)  # each begins with the next opening kept
+    assert all(len(w.split()) >= 3 for w in written)
+
+
+def test_self_instruct_prompts_are_answered(setup, tmp_path, monkeypatch):
+    from specserve.drafters import self_instruct
+
+    monkeypatch.setattr(self_instruct, "turn_end_ids", lambda *_: set(range(3, V, 4)))
+    cache = tmp_path / "distill.safetensors"
+    train(setup, "medusa", str(tmp_path / "m"), "--self-instruct", "4", "--distill-cache", str(cache))
+    with open(tmp_path / "distill.self_instruct.jsonl") as f:
+        written = [json.loads(line)["prompt"] for line in f]
+    data = Distilled.load(str(cache))
+    assert data.meta["self_instruct"] == 4 and 0 < len(written) <= 4
+    assert data.prompt_index.unique().tolist() == list(range(len(PROMPTS) + len(written)))
