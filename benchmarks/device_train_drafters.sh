@@ -58,15 +58,15 @@ train() {  # in the background; its log (progress bars dropped) in $td/KIND.log
   pids+=($!)
 }
 
-phase "start: eagle run (load, distill)"
-train eagle
-eagle_pid=${pids[0]}
+read -r -a kinds <<< "${KINDS:-eagle eagle3 medusa draft_model}"
+phase "start: ${kinds[0]} run (load, distill)"
+train "${kinds[0]}"
 until [ -f "$td/distill.safetensors" ]; do
-  if ! kill -0 "$eagle_pid" 2>/dev/null; then phase "eagle run ended before the answers were cached"; break; fi
+  if ! kill -0 "${pids[0]}" 2>/dev/null; then phase "${kinds[0]} run ended before the answers were cached"; break; fi
   sleep 2
 done
 phase "answers cached"
-for k in eagle3 medusa draft_model; do train "$k"; done
+for k in "${kinds[@]:1}"; do train "$k"; done
 wait "${pids[@]}"
 phase "training done"
 

@@ -5,6 +5,8 @@ time (CUDA events), the graph buckets replayed, and the adaptive policy's cost e
 
     python3 -P benchmarks/probe_step.py SMOL.gguf mt_bench.jsonl [BATCH ...]
     python3 -P benchmarks/probe_step.py 8b - 1         # the Llama-3.1-8B shape, random weights, plain
+    PROBE_LEARNED=eagle,medusa python3 -P benchmarks/probe_step.py SMOL.gguf mt_bench.jsonl 1
+        # the trained drafters of drafters/weights/ (bench_gpu_e2e.LEARNED settings) instead, the first profiled
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import e2e_models as em  # noqa: E402
+from bench_gpu_e2e import LEARNED  # noqa: E402
 
 import specserve.engine as engine_mod  # noqa: E402
 import specserve.verify as verify_mod  # noqa: E402
@@ -92,9 +95,9 @@ class StageClock:
         return f"   host ms (median): {stages}; forward GPU {gpu:.3f} ms; buckets {top}"
 
 
-def kernel_table(eng, prompt: list[int]) -> None:
-    """torch.profiler over 20 batch-1 plain decode steps: GPU kernels by total time, host ops by own time."""
-    eng.add_request("profile", prompt, SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True), spec_arm="none")
+def kernel_table(eng, prompt: list[int], arm: str = "none") -> None:
+    """torch.profiler over 20 batch-1 decode steps of arm: GPU kernels by total time, host ops by own time."""
+    eng.add_request("profile", prompt, SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True), spec_arm=arm)
     for _ in range(30):  # prefill and warm-up
         eng.step()
     activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * CUDA
@@ -121,6 +124,11 @@ def main(model: str, mt_bench: str, *batches: str) -> None:
     """model: a SmolLM2 GGUF, or "8b" for the Llama-3.1-8B shape with random weights (plain, 512-token prompt)."""
     device, dtype = ("cuda", "bfloat16") if CUDA else ("cpu", "float32")
     arms = {"ngram": NGRAM, "ngram-adaptive": {**NGRAM, "adaptive": True}}
+    learned = [m for m in os.environ.get("PROBE_LEARNED", "").split(",") if m]
+    if learned:
+        weights = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "drafters", "weights",
+                               "smollm2-135m-instruct")
+        arms = {m: {"method": m, "model": os.path.join(weights, m), **LEARNED[m]} for m in learned}
     if model == "8b":
         loaded = em.dummy_model(em.write_config("/tmp/probe_8b", quick=not CUDA), device, getattr(torch, dtype),
                                 repeat=True)
@@ -137,11 +145,13 @@ def main(model: str, mt_bench: str, *batches: str) -> None:
     eng = llm.engine
     clock = StageClock(eng)
     params = SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True)
-    kernel_table(eng, prompts[0])
+    kernel_table(eng, prompts[0], learned[0] if learned else "none")
     sampled = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=128, ignore_eos=True, seed=0)
     # plain twice: with async scheduling (the CUDA default) and without (sync)
     runs = [("none", params, "sync")] + [(arm, params, "") for arm in (ARMS if arms else ARMS[:1])]
     runs += [(arm, sampled, mode) for arm in ("none", "ngram") if arm == "none" or arms for mode in ("batched", "walk")]
+    if learned:
+        runs = [("none", params, "")] + [(arm, params, "") for arm in learned]
     for b in [int(x) for x in batches] or [1, 16, 64, 128]:
         for n, (arm, params, mode) in enumerate(runs):
             # sampled runs: chains verified in one batch (batched), or node by node as before (walk)
