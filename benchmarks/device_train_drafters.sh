@@ -26,7 +26,9 @@
 # Knobs (environment): TRAIN_END, EVAL_LIMIT (seconds; 0 skips the tau sweep, device_tau_sweep.sh, which a
 # later call can run on /root/td), SELF_INSTRUCT (prompts the target writes first, drafters/self_instruct.py),
 # TEMPERATURES, NUM_SAMPLES (answers per prompt and temperature above 0), EAGLE_EPOCHS, EAGLE3_EPOCHS,
-# DRAFT_MODEL_EPOCHS, DRAFT_VOCAB (EAGLE-3's draft vocabulary).
+# MEDUSA_EPOCHS, DRAFT_MODEL_EPOCHS, DRAFT_VOCAB (EAGLE-3's draft vocabulary), KINDS (which, the first one
+# distilling), RESUME=1 (continue each kind from /root/td/KIND/train_state.pt: a second call on the same machine
+# trains longer than one call's 10 minutes allow; its learning rate rises again and anneals by the new deadline).
 set -uo pipefail
 gguf=${1:-/root/m/smol.gguf} out=${2:-$OUT}
 TRAIN_END=${TRAIN_END:-330} EVAL_LIMIT=${EVAL_LIMIT:-180}
@@ -40,11 +42,11 @@ smi=$!
 common=(--model "$gguf" --prompts .devdata/train_prompts.jsonl --distill-cache "$td/distill.safetensors"
         --temperatures "${TEMPERATURES:-0,0.7,1.0}" --num-samples "${NUM_SAMPLES:-8}" --self-instruct "${SELF_INSTRUCT:-0}"
         --max-tokens 256 --max-num-seqs 1024 --device cuda
-        --batch-size 32 --group-by-length --keep-best --val-fraction 0.05)
+        --batch-size 32 --group-by-length --keep-best --val-fraction 0.05 ${RESUME:+--resume})
 declare -A kind_args=(
   [eagle]="--epochs ${EAGLE_EPOCHS:-5} --feature-noise 0.2"
   [eagle3]="--epochs ${EAGLE3_EPOCHS:-4} --draft-vocab-size ${DRAFT_VOCAB:-3072}"
-  [medusa]="--epochs 3"
+  [medusa]="--epochs ${MEDUSA_EPOCHS:-3}"
   [draft_model]="--epochs ${DRAFT_MODEL_EPOCHS:-3}"
 )
 pids=()
