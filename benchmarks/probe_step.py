@@ -97,7 +97,7 @@ class StageClock:
 
 def kernel_table(eng, prompt: list[int], arm: str = "none") -> None:
     """torch.profiler over 20 batch-1 decode steps of arm: GPU kernels by total time, host ops by own time."""
-    eng.add_request("profile", prompt, SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True), spec_arm=arm)
+    eng.add_request("profile", prompt, SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True), spec_arm=arm)
     for _ in range(30):  # prefill and warm-up
         eng.step()
     activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * CUDA

@@ -12,7 +12,8 @@ draft entries were computed for: set when a request's entries fill the block, dr
 forward writes into it. A new request trusts its leading blocks whose remembered hash equals its own.
 
 EAGLE trees need more slots than the scheduler reserves (top_k nodes per level), so a forward may extend a
-request's table with scratch blocks past `num_blocks`, owned by that forward only.
+request's table with scratch blocks past `num_blocks`, owned by that forward only; the drafter sizes them for
+its largest batch up front.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from specserve.attention import AttentionMetadata, ancestor_masks, tree_depths
+from specserve.attention import ancestor_masks, tree_depths
 from specserve.kv_cache import block_hash
 
 
@@ -48,13 +49,14 @@ class _Progress:
 class DraftKVCache:
     """Extra KV layers over the target's blocks, with per-request progress and per-block validity."""
 
-    def __init__(self, target, num_layers: int, num_kv_heads: int, head_dim: int):
+    def __init__(self, target, num_layers: int, num_kv_heads: int, head_dim: int, num_scratch: int = 0):
         self.block_size = target.block_size
         self.num_blocks = target.num_blocks
         self.device, self.dtype = target.device, target.dtype
         self._head_shape = (num_kv_heads, head_dim)
-        self.num_scratch = 0
-        self.layers = [self._zeros(self.num_blocks) for _ in range(num_layers)]
+        # fixed for the cache's life: CUDA graphs of draft forwards hold these tensors
+        self.num_scratch = num_scratch
+        self.layers = [self._zeros(self.num_blocks + num_scratch) for _ in range(num_layers)]
         self._progress: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Request -> _Progress
         self._block_hash: dict[int, int] = {}  # block id -> token-prefix hash its draft entries were made for
 
@@ -111,63 +113,46 @@ class DraftKVCache:
         bs = self.block_size
         extra = [max(0, -(-n // bs) - len(r.block_ids)) for r, n in zip(requests, num_slots, strict=True)]
         if sum(extra) > self.num_scratch:
-            self._grow_scratch(sum(extra))
+            raise RuntimeError(f"a draft forward needs {sum(extra)} scratch blocks; the cache has {self.num_scratch}")
         tables, next_block = [], self.num_blocks
         for r, e in zip(requests, extra, strict=True):
             tables.append(list(r.block_ids) + list(range(next_block, next_block + e)))
             next_block += e
         return tables
 
-    def _grow_scratch(self, num_scratch: int) -> None:
-        grown = []
-        for k, v in self.layers:
-            nk, nv = self._zeros(self.num_blocks + num_scratch)
-            nk[: k.shape[0]] = k
-            nv[: v.shape[0]] = v
-            grown.append((nk, nv))
-        self.layers, self.num_scratch = grown, num_scratch
-
-    def prepare(self, queries: Sequence[DraftQuery]) -> tuple[torch.Tensor, AttentionMetadata, list[int]]:
-        """(positions [T], metadata, query_start_loc) of a draft forward; drops validity of written blocks.
+    def metadata(self, queries: Sequence[DraftQuery]) -> DraftMetadata:
+        """Host metadata of a draft forward (DraftRunner uploads it); drops validity of the blocks it writes.
 
         Positions follow the target's: causal entries at context_len + i, tree nodes at root + depth.
         """
         bs = self.block_size
-        pos, slots, masks, qsl, seq_lens = [], [], [], [0], []
+        pos, slots, masks = [], [], []
         for q in queries:
             n = q.num_causal
             depth = np.asarray(tree_depths(list(q.parents))[1:], dtype=np.int64)
             pos.append(np.concatenate([np.arange(q.context_len, q.context_len + n), q.context_len + n - 1 + depth]))
-            q_len = n + len(q.parents)
-            logical = np.arange(q.context_len, q.context_len + q_len)
+            logical = np.arange(q.context_len, q.context_len + n + len(q.parents))
             slots.append(np.asarray(q.block_table, dtype=np.int64)[logical // bs] * bs + logical % bs)
             masks.append(np.asarray([0] * (n - 1) + ancestor_masks(list(q.parents)), dtype=np.int64))
-            qsl.append(qsl[-1] + q_len)
-            seq_lens.append(q.context_len + q_len)
         slot_mapping = np.concatenate(slots)
         for block in np.unique(slot_mapping // bs).tolist():
             self._block_hash.pop(block, None)
-        width = max(len(q.block_table) for q in queries)
-        tables = np.zeros((len(queries), width), dtype=np.int32)
-        for b, q in enumerate(queries):
-            tables[b, : len(q.block_table)] = q.block_table
+        ctx = np.fromiter((q.context_len for q in queries), np.int64, len(queries))
+        n_causal = np.fromiter((q.num_causal for q in queries), np.int64, len(queries))
+        q_len = n_causal + np.fromiter((len(q.parents) for q in queries), np.int64, len(queries))
+        return DraftMetadata(np.concatenate(pos), slot_mapping, np.concatenate(masks), ctx + q_len, ctx, n_causal - 1)
 
-        def dev(x, dtype=torch.int64):
-            return torch.from_numpy(np.asarray(x)).to(device=self.device, dtype=dtype, non_blocking=True)
 
-        meta = AttentionMetadata(
-            query_start_loc=dev(qsl, torch.int32),
-            seq_lens=dev(seq_lens, torch.int32),
-            context_lens=dev([q.context_len for q in queries], torch.int32),
-            block_tables=dev(tables, torch.int32),
-            slot_mapping=dev(slot_mapping),
-            tree_offsets=dev([q.num_causal - 1 for q in queries], torch.int32),
-            tree_mask=dev(np.concatenate(masks)),
-            max_query_len=int(max(np.diff(qsl))),
-            max_seq_len=max(seq_lens),
-            block_size=bs,
-        )
-        return dev(np.concatenate(pos)), meta, qsl
+@dataclass
+class DraftMetadata:
+    """A draft forward's metadata on the host, AttentionMetadata's fields of the same names."""
+
+    positions: np.ndarray  # [T] int64
+    slot_mapping: np.ndarray  # [T] int64
+    tree_mask: np.ndarray  # [T] int64
+    seq_lens: np.ndarray  # [B] int64
+    context_lens: np.ndarray  # [B] int64
+    tree_offsets: np.ndarray  # [B] int64
 
 
 def plan_chunks(spans: Sequence[tuple[int, int]], max_tokens: int) -> list[list[tuple[int, int, int]]]:

@@ -16,6 +16,7 @@ top-p / min-p and hand it to verification as draft_probs, which keeps rejection 
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from collections.abc import Sequence
 
@@ -25,6 +26,7 @@ from specserve.attention import MAX_TREE_NODES
 from specserve.config import SpeculativeConfig
 from specserve.drafters.base import DraftProposal
 from specserve.drafters.draft_kv import DraftKVCache, DraftQuery, plan_chunks
+from specserve.drafters.draft_runner import DraftRunner
 from specserve.models.loader import load_model
 from specserve.sampler import RowContext, target_probs
 
@@ -52,6 +54,7 @@ class DraftModelDrafter:
         self.max_num_tokens = spec.num_speculative_tokens
         self.num_kv_layers = cfg.num_layers
         self._drafted: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Request -> entries past the root
+        self.runner = DraftRunner(self.kv, self._model_forward, target, [1], CATCHUP_TOKENS)  # chain steps: 1 each
 
     @torch.inference_mode()
     def propose(self, requests: Sequence, max_tokens: Sequence[int]) -> list[DraftProposal | None]:
@@ -63,22 +66,29 @@ class DraftModelDrafter:
         logits = self._catch_up(reqs, spans, want_logits=True)  # [B, vocab] at each root
         for r in reqs:
             self.kv.set_valid(r, r.num_computed_tokens + 1)
-        tokens: list[list[int]] = [[] for _ in reqs]
         probs: list[list[torch.Tensor]] = [[] for _ in reqs]
         live = list(range(len(reqs)))  # requests still drafting, rows of logits
+        steps: list[tuple[list[int], torch.Tensor]] = []  # (live requests, their tokens [len(live)] on the device)
         for step in range(max(k for _, k in active)):
             picked, q = self._pick([reqs[i] for i in live], logits)
+            steps.append((live, picked))
             for j, i in enumerate(live):
-                tokens[i].append(picked[j])
                 if q[j] is not None:
                     probs[i].append(q[j])
-            live = [i for i in live if active[i][1] > step + 1]
-            if not live:
+            still = [j for j, i in enumerate(live) if active[i][1] > step + 1]
+            if not still:
                 break
-            # feed the token just drafted at position root + 1 + step to get the next one
+            live = [live[j] for j in still]
+            # feed the tokens just drafted at position root + 1 + step to get the next ones; they stay on the
+            # device, so the chain costs one host sync at its end
+            ids = picked if len(still) == len(picked) else picked[still]
             queries = [DraftQuery(reqs[i].block_ids, reqs[i].num_computed_tokens + 1 + step, 1) for i in live]
-            ids = [tokens[i][-1] for i in live]
             logits = self._forward(queries, ids, [[0] for _ in live])
+        tokens: list[list[int]] = [[] for _ in reqs]
+        drafted = torch.cat([p for _, p in steps]).tolist()
+        for (rows, _), start in zip(steps, itertools.accumulate((len(r) for r, _ in steps), initial=0), strict=False):
+            for j, i in enumerate(rows):
+                tokens[i].append(drafted[start + j])
         by_req = {}
         for i, r in enumerate(reqs):
             self._drafted[r] = len(tokens[i]) - 1  # entries written for d1 .. d(k-1)
@@ -116,16 +126,21 @@ class DraftModelDrafter:
             last.update(zip(ends, rows, strict=True))
         return torch.stack([last[i] for i in range(len(reqs))]) if want_logits else None
 
-    def _forward(self, queries: list[DraftQuery], ids: list[int], wanted: list[list[int]]) -> torch.Tensor:
+    def _forward(self, queries: list[DraftQuery], ids: list[int] | torch.Tensor, wanted: list[list[int]]
+                 ) -> torch.Tensor:
         """One draft forward; logits [R, vocab] of the query-relative rows wanted per sequence."""
-        positions, meta, qsl = self.kv.prepare(queries)
-        input_ids = torch.tensor(ids, dtype=torch.int64, device=positions.device)
-        hidden = self.model(input_ids, positions, meta, self.kv.layers, self.backend).hidden_states
+        hidden, qsl = self.runner.run(queries, ids, None)
         rows = [qsl[b] + j for b, js in enumerate(wanted) for j in js]
+        if rows and rows == list(range(rows[0], rows[0] + len(rows))):
+            return self.model.compute_logits(hidden[rows[0] : rows[0] + len(rows)])  # no index upload
         return self.model.compute_logits(hidden[rows])
 
-    def _pick(self, reqs: list, logits: torch.Tensor) -> tuple[list[int], list[torch.Tensor | None]]:
-        """Next draft token per request: argmax for greedy ones, else a draw from q (returned as [vocab])."""
+    def _model_forward(self, input_ids, positions, meta, hidden: None) -> torch.Tensor:
+        return self.model(input_ids, positions, meta, self.kv.layers, self.backend).hidden_states
+
+    def _pick(self, reqs: list, logits: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """Next draft token per request ([B] on the device): argmax for greedy ones, else a draw from q (returned
+        as [vocab])."""
         picked = logits.argmax(dim=-1)  # [B]
         sampled = [j for j, r in enumerate(reqs) if not r.params.greedy]
         q: list[torch.Tensor | None] = [None] * len(reqs)
@@ -140,7 +155,7 @@ class DraftModelDrafter:
             picked[sampled] = draws.clamp(max=logits.shape[-1] - 1)
             for j, row in zip(sampled, probs, strict=True):
                 q[j] = row
-        return picked.tolist(), q
+        return picked, q
 
 
 def check_same_vocab(loaded, target) -> None:

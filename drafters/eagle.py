@@ -35,6 +35,7 @@ from specserve.config import SpeculativeConfig
 from specserve.drafters.base import DraftProposal
 from specserve.drafters.checkpoint import check_dim, load_module, read_config, read_tensors
 from specserve.drafters.draft_kv import DraftKVCache, DraftQuery, committed_rows, plan_chunks
+from specserve.drafters.draft_runner import DraftRunner
 from specserve.drafters.tree import expand_level, rerank
 from specserve.models.config import ModelConfig
 from specserve.models.llama import LlamaDecoderLayer, RotaryEmbedding
@@ -124,7 +125,9 @@ class EagleDrafter:
                              f"{MAX_TREE_NODES}; got top_k {spec.top_k}, depth {spec.depth}")
         attn = self.head.layers[0].self_attn
         self.num_kv_layers = len(self.head.layers)
-        self.kv = DraftKVCache(target, self.num_kv_layers, attn.num_kv_heads, attn.head_dim)
+        # a tree reaches MAX_TREE_NODES past its root: at most this many blocks past a request's own
+        scratch = target.max_num_seqs * (MAX_TREE_NODES // target.block_size + 2)
+        self.kv = DraftKVCache(target, self.num_kv_layers, attn.num_kv_heads, attn.head_dim, scratch)
         self.backend = target.backend
         self.max_num_tokens = spec.num_speculative_tokens
         self.block_size = target.block_size
@@ -133,6 +136,10 @@ class EagleDrafter:
                                          device=target.device, dtype=target.dtype)
         # Request -> [m, H] inputs of entries [num_valid, num_computed_tokens] (the root's last)
         self._pending: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # level l's forward: the root and the l * top_k nodes expanded so far, per sequence
+        levels = [1 + spec.top_k * level for level in range(1, spec.depth)]
+        self.runner = DraftRunner(self.kv, self._head_forward, target, levels, CATCHUP_TOKENS,
+                                  hidden_size=target.model.config.hidden_size)
 
     def load_head(self, path: str, target) -> tuple[nn.Module, nn.Embedding | None]:
         return load_eagle1(path, target)
@@ -205,9 +212,10 @@ class EagleDrafter:
         return torch.stack([last[i] for i in range(len(reqs))]) if want_last else None
 
     def _forward(self, queries: list[DraftQuery], ids, hidden: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-        positions, meta, qsl = self.kv.prepare(queries)
-        ids = torch.as_tensor(ids, dtype=torch.int64, device=positions.device)
-        return self.head(self.embed(ids), hidden, positions, meta, self.kv.layers, self.backend), qsl
+        return self.runner.run(queries, ids, hidden)
+
+    def _head_forward(self, input_ids, positions, meta, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(input_ids), hidden, positions, meta, self.kv.layers, self.backend)
 
     # ---- drafting -----------------------------------------------------------------------------------
 
@@ -234,19 +242,22 @@ class EagleDrafter:
         return out
 
     def _grow(self, reqs, roots, root_in, g_root) -> list[tuple[list[float], list[int], list[int]]]:
-        """Per request, every scored candidate: (cumulative log-probs, parent candidate or -1, token ids)."""
-        b, k, dev = len(reqs), self.top_k, root_in.device
+        """Per request, every scored candidate: (cumulative log-probs, parent candidate or -1, token ids).
+
+        One host sync per level: the level's scores, tokens and next frontier come back in one copy.
+        """
+        b, k = len(reqs), self.top_k
         logp, tok = self.head.top_k(g_root, k)  # [B, k]: the first level, under the root
-        cands = [(lp, [-1] * k, t) for lp, t in zip(logp.tolist(), tok.tolist(), strict=True)]
-        front = torch.arange(k, device=dev).expand(b, k)  # [B, k] candidate ids of the frontier
+        first = torch.cat((logp.double(), tok.double()), dim=1).tolist()  # token ids are exact in float64
+        cands = [(row[:k], [-1] * k, [int(t) for t in row[k:]]) for row in first]
+        front_list = [list(range(k)) for _ in reqs]  # candidate ids of each request's frontier
         front_scores, front_tok = logp, tok
         inputs = root_in[:, None]  # [B, 1 + E, H] input hidden of each query node (root first)
-        ids = torch.tensor([[r.token_ids[n]] for r, n in zip(reqs, roots, strict=True)], device=dev)  # [B, 1 + E]
+        ids = torch.tensor([[r.token_ids[n]] for r, n in zip(reqs, roots, strict=True)], device=root_in.device)
         qparents: list[list[int]] = [[] for _ in reqs]  # query tree of expanded nodes
         node_of: list[dict[int, int]] = [{-1: 0} for _ in reqs]  # candidate id -> query node
         parent_out = g_root[:, None].expand(b, k, -1)  # [B, k, H] output of each frontier node's parent
         for _ in range(self.depth - 1):
-            front_list = front.tolist()
             for j in range(b):
                 for c in front_list[j]:
                     qparents[j].append(node_of[j][cands[j][1][c]])
@@ -261,12 +272,13 @@ class EagleDrafter:
             child_logp, child_tok = self.head.top_k(front_out.flatten(0, 1), k)  # [B * k, k]
             scores, nxt = expand_level(front_scores, child_logp.view(b, k, k), k)  # [B, k * k], [B, k]
             child_tok = child_tok.view(b, k * k)
-            base = [len(c[0]) for c in cands]
-            for j, (s, t) in enumerate(zip(scores.tolist(), child_tok.tolist(), strict=True)):
-                cands[j][0].extend(s)
+            base = len(cands[0][0])  # every request has the same number of candidates so far
+            level = torch.cat((scores.double(), child_tok.double(), nxt.double()), dim=1).tolist()
+            for j, row in enumerate(level):
+                cands[j][0].extend(row[: k * k])
                 cands[j][1].extend(front_list[j][f // k] for f in range(k * k))
-                cands[j][2].extend(t)
-            front = nxt + torch.tensor(base, device=dev)[:, None]
+                cands[j][2].extend(int(t) for t in row[k * k : 2 * k * k])
+                front_list[j] = [base + int(f) for f in row[2 * k * k :]]
             front_scores, front_tok = scores.gather(1, nxt), child_tok.gather(1, nxt)
             parent_out = front_out.gather(1, (nxt // k)[:, :, None].expand(-1, -1, front_out.shape[-1]))
         return cands

@@ -100,6 +100,31 @@ class StepBuffers:
         return self._device_views(num_seqs, num_tokens, num_rows)
 
 
+def pad_views(h: StepViews[np.ndarray], num_seqs: int, num_tokens: int) -> None:
+    """Padding of a bucket: tokens of no sequence (no K/V write), sequences with empty queries."""
+    h.input_ids[num_tokens:] = 0
+    h.positions[num_tokens:] = 0
+    h.slot_mapping[num_tokens:] = -1
+    h.tree_mask[num_tokens:] = 0
+    h.query_start_loc[num_seqs + 1 :] = num_tokens
+    h.seq_lens[num_seqs:] = 0
+    h.context_lens[num_seqs:] = 0
+    h.tree_offsets[num_seqs:] = 0
+
+
+def fill_dummy(h: StepViews[np.ndarray], num_seqs: int, num_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """A harmless step of this shape in h: causal chunks without K/V writes over block 0. Returns (qsl, q_len)."""
+    q_len = np.full(num_seqs, num_tokens // num_seqs, np.int64)
+    q_len[: num_tokens % num_seqs] += 1
+    qsl = np.concatenate([[0], np.cumsum(q_len)])
+    qidx = np.arange(num_tokens) - np.repeat(qsl[:-1], q_len)
+    h.input_ids[:], h.positions[:], h.slot_mapping[:] = 0, qidx, -1
+    h.tree_mask[:] = qidx == np.repeat(q_len - 1, q_len)  # the last token of each chunk is its root
+    h.query_start_loc[:], h.seq_lens[:], h.context_lens[:], h.tree_offsets[:] = qsl, q_len, 0, q_len - 1
+    h.block_tables[:] = 0
+    return qsl, q_len
+
+
 def batch_buckets(max_seqs: int) -> list[int]:
     """1, 2, 4, 8, then powers of two from 16 and their 1.5x (16, 24, 32, 48, ...), then max_seqs."""
     sizes, p = [1, 2, 4, 8], 16

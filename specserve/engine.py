@@ -58,6 +58,10 @@ class TargetContext:
     block_size: int
     num_blocks: int
     backend: object
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    cuda_graphs: bool  # decode-shaped forwards go through graph buckets (captured on CUDA with Triton kernels)
 
 
 @dataclass
@@ -111,8 +115,10 @@ class LLMEngine:
             max_model_len=self.max_model_len,
         )
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        eager = config.enforce_eager if config.enforce_eager is not None else self.device.type != "cuda"
         target = TargetContext(
-            self.model, self.tokenizer, self.device, self.dtype, config.block_size, num_blocks, backend
+            self.model, self.tokenizer, self.device, self.dtype, config.block_size, num_blocks, backend,
+            config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, not eager,
         )
         arms: dict[str, SpeculativeConfig] = dict(config.speculative_arms)
         self.default_arm = NO_SPEC
@@ -121,7 +127,6 @@ class LLMEngine:
             arms[self.default_arm] = config.speculative_config
         self.drafters = {name: build_drafter(spec, target) for name, spec in arms.items()}
         self.spec_configs = arms
-        eager = config.enforce_eager if config.enforce_eager is not None else self.device.type != "cuda"
         if not eager:
             self.runner.capture_graphs([1] + [1 + d.max_num_tokens for d in self.drafters.values()])
         auto_async = self.device.type == "cuda"

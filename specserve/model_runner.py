@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from specserve.attention import MAX_TREE_NODES, AttentionMetadata, ancestor_masks, tree_depths
-from specserve.cuda_graphs import Buckets, CudaGraphs, StepBuffers, StepViews
+from specserve.cuda_graphs import Buckets, CudaGraphs, StepBuffers, StepViews, fill_dummy, pad_views
 from specserve.drafters.base import DraftProposal
 from specserve.sampler import to_device
 from specserve.scheduler import ScheduledRequest
@@ -151,7 +151,7 @@ class ModelRunner:
         h.seq_lens[:num_seqs] = ctx + q_len
         h.context_lens[:num_seqs] = ctx
         h.tree_offsets[:num_seqs] = n_new - 1
-        _pad(h, num_seqs, num_tokens)
+        pad_views(h, num_seqs, num_tokens)
         row_counts = np.where(produces, n_draft + 1, 0)
         row_starts = np.where(produces, np.cumsum(row_counts) - row_counts, -1)
         return self._upload(b_cap, t_cap, num_rows, num_seqs, num_tokens, key, row_starts.tolist(), qsl.tolist(),
@@ -162,16 +162,9 @@ class ModelRunner:
 
         For graph capture and timing; the attention reads block 0, which holds finite values (zeros at start).
         """
-        q_len = np.full(num_seqs, num_tokens // num_seqs, np.int64)
-        q_len[: num_tokens % num_seqs] += 1
-        qsl = np.concatenate([[0], np.cumsum(q_len)])
         h = self.buffers.host(num_seqs, num_tokens, num_tokens)
-        qidx = np.arange(num_tokens) - np.repeat(qsl[:-1], q_len)
-        h.input_ids[:], h.positions[:], h.slot_mapping[:] = 0, qidx, -1
-        h.tree_mask[:] = qidx == np.repeat(q_len - 1, q_len)  # the last token of each chunk is its root
+        qsl, q_len = fill_dummy(h, num_seqs, num_tokens)
         h.logits_indices[:] = np.arange(num_tokens)
-        h.query_start_loc[:], h.seq_lens[:], h.context_lens[:], h.tree_offsets[:] = qsl, q_len, 0, q_len - 1
-        h.block_tables[:] = 0
         key = self.graphs.buckets.find(num_seqs, num_tokens) if self.graphs else None
         return self._upload(num_seqs, num_tokens, num_tokens, num_seqs, num_tokens,
                             key if key == (num_seqs, num_tokens) else None, qsl[:-1].tolist(), qsl.tolist(),
@@ -269,15 +262,3 @@ def _query(s: ScheduledRequest, p: DraftProposal | None) -> list[int]:
 
 def _is_chain(parents: list[int]) -> bool:
     return parents == list(range(len(parents)))
-
-
-def _pad(h: StepViews[np.ndarray], num_seqs: int, num_tokens: int) -> None:
-    """Padding of a bucket: tokens of no sequence (no K/V write), sequences with empty queries."""
-    h.input_ids[num_tokens:] = 0
-    h.positions[num_tokens:] = 0
-    h.slot_mapping[num_tokens:] = -1
-    h.tree_mask[num_tokens:] = 0
-    h.query_start_loc[num_seqs + 1 :] = num_tokens
-    h.seq_lens[num_seqs:] = 0
-    h.context_lens[num_seqs:] = 0
-    h.tree_offsets[num_seqs:] = 0

@@ -136,6 +136,66 @@ def test_graph_replay_matches_eager_on_cuda(tiny_model_dir):
         assert _generate(graphs, arm) == _generate(eager, arm)
 
 
+def _learned_arms(target: str, tmp_path) -> dict:
+    from test_drafters_checkpoints import write_eagle, write_eagle3
+
+    return {
+        "draft_model": {"method": "draft_model", "model": target, "num_speculative_tokens": 3},
+        "eagle": {"method": "eagle", "model": write_eagle(str(tmp_path / "e"), target), "num_speculative_tokens": 8,
+                  "top_k": 3, "depth": 4},
+        "eagle3": {"method": "eagle3", "model": write_eagle3(str(tmp_path / "e3"), target),
+                   "num_speculative_tokens": 6, "top_k": 2, "depth": 3},
+    }
+
+
+def _draft_replays(llm) -> dict[str, int]:
+    """Per drafter: forwards that went through a graph bucket, counted by wrapping CudaGraphs.replay."""
+    counts = {}
+    for name, drafter in llm.engine.drafters.items():
+        graphs = drafter.runner.graphs
+        counts[name] = 0
+
+        def replay(key, graphs=graphs, name=name, orig=graphs.replay):
+            counts[name] += 1
+            return orig(key)
+
+        graphs.replay = replay
+    return counts
+
+
+def test_padded_draft_forwards_equal_eager(tiny_model_dir, tmp_path):
+    """Draft-model chain steps and EAGLE levels through graph buckets (padded, replayed eagerly off CUDA) give
+    eager's drafts: the same greedy tokens and tokens per step, equal to plain greedy."""
+    target = tiny_model_dir()
+    common = dict(model=target, dtype="float32", speculative_arms=_learned_arms(target, tmp_path), max_num_seqs=8)
+    eager = LLM(device="cpu", enforce_eager=True, **common)
+    padded = LLM(device="cpu", enforce_eager=False, **common)
+    eagle = padded.engine.drafters["eagle"].runner.graphs
+    assert sorted({q for _, q in eagle.buckets.keys if _ == 1}) == [1, 2, 4, 7, 8, 10]  # levels 4, 7, 10 + powers
+    assert eager.engine.drafters["eagle"].runner.graphs is None
+    replays = _draft_replays(padded)
+    plain = _generate(eager, "none")
+    for arm in ("draft_model", "eagle", "eagle3"):
+        outs = padded.generate(PROMPTS, GREEDY, spec_arm=arm)
+        ref = eager.generate(PROMPTS, GREEDY, spec_arm=arm)
+        assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref] == plain
+        assert [o.metrics.num_steps for o in outs] == [o.metrics.num_steps for o in ref]
+    assert min(replays.values()) > 5, replays
+
+
+@cuda
+def test_draft_graphs_match_eager_on_cuda(tiny_model_dir, tmp_path):
+    target = tiny_model_dir()
+    common = dict(model=target, device="cuda", dtype="float32", speculative_arms=_learned_arms(target, tmp_path),
+                  max_num_seqs=8)
+    graphs, eager = LLM(enforce_eager=False, **common), LLM(enforce_eager=True, **common)
+    assert graphs.engine.drafters["eagle"].runner.graphs.entries[(1, 4)].graph is not None
+    replays = _draft_replays(graphs)
+    for arm in ("none", "draft_model", "eagle", "eagle3"):
+        assert _generate(graphs, arm) == _generate(eager, arm)
+    assert min(replays.values()) > 5, replays
+
+
 @cuda
 def test_one_host_sync_per_decode_step(tiny_model_dir):
     llm = LLM(model=tiny_model_dir(), device="cuda", dtype="bfloat16", speculative_arms=NGRAM, max_num_seqs=8)

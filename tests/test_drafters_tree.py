@@ -87,7 +87,8 @@ def test_committed_rows_maps_verified_and_chunked_requests():
 
 def test_draft_kv_validity_follows_blocks_and_preemption():
     target = SimpleNamespace(block_size=4, num_blocks=8, device=torch.device("cpu"), dtype=torch.float32)
-    kv = DraftKVCache(target, 1, 1, 2)
+    kv = DraftKVCache(target, 1, 1, 2, num_scratch=2)
+    assert kv.layers[0][0].shape[0] == 10
     a = _req(list(range(10)), 9, [3, 5, 6])
     assert kv.num_valid(a) == 0
     kv.set_valid(a, 9)  # blocks 3 and 5 are full of a's entries
@@ -95,10 +96,11 @@ def test_draft_kv_validity_follows_blocks_and_preemption():
     assert kv.num_valid(shared) == 8  # same tokens in the same blocks: trusted
     other = _req([1] * 10, 8, [3, 5, 7])
     assert kv.num_valid(other) == 0  # another prefix: not trusted
-    kv.prepare([DraftQuery([5], 1, 2)])  # a write into block 5 drops what it vouched for
+    kv.metadata([DraftQuery([5], 1, 2)])  # a write into block 5 drops what it vouched for
     assert kv.num_valid(_req(list(range(10)), 8, [3, 5, 7])) == 4
     a.metrics.num_preemptions = 1
     a.block_ids = [3, 1]
     assert kv.num_valid(a) == 4  # restarted: only block 3 is still good
-    tables = kv.block_tables([a], [14])
-    assert tables == [[3, 1, 8, 9]] and kv.num_scratch == 2 and kv.layers[0][0].shape[0] == 10
+    assert kv.block_tables([a], [14]) == [[3, 1, 8, 9]]  # two scratch blocks past the pool
+    with pytest.raises(RuntimeError, match="3 scratch blocks"):
+        kv.block_tables([a], [18])
