@@ -49,11 +49,11 @@ REQUESTS_PER_SLOT = 3  # the sweeps serve 3 x B requests at batch size B
 SWEEP_ROUNDS = 2  # each arm's best of this many interleaved rounds (one round's plain had 3x outliers)
 HF_PROMPTS = 4
 SMOL_PROMPTS = 20
-LEARNED = {  # drafters/weights/smollm2-135m-instruct/<method>/ -> arm settings (as tests/test_drafters_smollm2.py)
-    "draft_model": {"num_speculative_tokens": 4},
-    "medusa": {"num_speculative_tokens": 8},
-    "eagle": {"num_speculative_tokens": 16, "top_k": 4, "depth": 5},
-    "eagle3": {"num_speculative_tokens": 16, "top_k": 4, "depth": 5},
+LEARNED = {  # drafters/weights/smollm2-135m-instruct/<method>/ -> arm settings (trees below the tau sweep's best)
+    "draft_model": {"num_speculative_tokens": 5},
+    "medusa": {"num_speculative_tokens": 16},
+    "eagle": {"num_speculative_tokens": 32, "top_k": 6, "depth": 6},
+    "eagle3": {"num_speculative_tokens": 32, "top_k": 6, "depth": 6},
 }
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
 
