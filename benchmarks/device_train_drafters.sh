@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU call (< 9 min wall): self-distil SmolLM2-135M-Instruct once, train EAGLE, EAGLE-3, Medusa and the draft
+# One GPU call (< 10 min wall): self-distil SmolLM2-135M-Instruct once, train EAGLE, EAGLE-3, Medusa and the draft
 # model at the same time against one deadline, measure tau on MT-bench, and return each checkpoint as a tar.
 #
 #   benchmarks/device_train_drafters.sh [GGUF] [OUT]      (default /root/m/smol.gguf and $OUT)
@@ -9,20 +9,16 @@
 # (config, weights, training_curves.json), distill.self_instruct.jsonl (the prompts the target wrote), tau.json
 # and log.txt. The answers stay in /root/td/distill.safetensors (too large to come back at ~4M tokens).
 #
-# Sizing, from RECIPE.md's H200 run (GGUF load ~28 s per process; teacher pass 2.5 s per 387k tokens; EAGLE
-# 95 ms, EAGLE-3 140 ms, Medusa 20 ms per step at batch 16 in randomly composed, padded batches):
-#   ~0-30 s    the eagle run loads the target
-#   ~30-70 s   distillation, once: 427 prompts x 17 answers (1 greedy, 8 at T=0.7, 8 at T=1.0), <= 256 tokens:
-#              ~7.3k answers, ~1M answer tokens (4x the last run), in static batches of 1024 sampled on the
-#              device: ~8 batches x <= 256 eager steps at an estimated 6-10 ms = 12-20 s (through the engine,
-#              whose sampling is per sequence on the host, 3.4k tokens/s: ~5 min)
-#   ~70-120 s  the other three start once the answers are cached: load (~30 s) and teacher pass (~1.6M tokens,
-#              ~11 s; EAGLE-3's with 3x aux features ~14 s)
-#   -> 330 s   training, all four at once: their steps are mostly host time, so they interleave on the GPU.
-#              Batch 32 (~216 steps an epoch), length-grouped batches, best validated epoch kept; --time-budget
-#              ends every run by TRAIN_END, its learning rate annealed by then whatever the step count.
-#   330-510 s  tau on MT-bench (80 first turns, greedy, 256 tokens): engine start with graphs ~45 s, 6 arms
-#              ~60 s; capped at 180 s.
+# Timeline of RECIPE.md's round 4 (H200, SELF_INSTRUCT=10000, TEMPERATURES=0,0.8, NUM_SAMPLES=2):
+#   0-30 s     the first kind's run loads the target (~30 s per process)
+#   30-170 s   it writes the prompts (28 s) and answers all 10,427 three times (31k answers, 5.1M tokens, 108 s) in
+#              static batches of 1024 sampled on the device, cached as /root/td/distill.safetensors
+#   170-260 s  the other three load and run their teacher pass (~45 s at 7.1M tokens)
+#   -> END     training, all four at once (their steps are mostly host time, so they interleave on the GPU);
+#              batch 32 (929 steps an epoch), length-grouped, best validated epoch kept; --time-budget ends every
+#              run by TRAIN_END, its learning rate annealed by then. On an 80 GB H100 (6,000 prompts) the other
+#              three ran out of memory beside EAGLE's run, which held 46 GB; the 139 GB H200 holds all four.
+#   END-+190 s the tau sweep (device_tau_sweep.sh: engine start ~45 s, 14 arms ~130 s)
 # Knobs (environment): TRAIN_END, EVAL_LIMIT (seconds; 0 skips the tau sweep, device_tau_sweep.sh, which a
 # later call can run on /root/td), SELF_INSTRUCT (prompts the target writes first, drafters/self_instruct.py),
 # TEMPERATURES, NUM_SAMPLES (answers per prompt and temperature above 0), EAGLE_EPOCHS, EAGLE3_EPOCHS,
