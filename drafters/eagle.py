@@ -206,9 +206,9 @@ class EagleDrafter:
             hidden = torch.cat([self._pending[reqs[i]][s - b : e - b] for (i, s, e), b in
                                 zip(forward, base, strict=True)])
             outs, qsl = self._forward(queries, ids, hidden)
-            for j, (i, _, e) in enumerate(forward):
-                if want_last and e == spans[i][1]:
-                    last[i] = outs[qsl[j + 1] - 1]
+            ends = [(i, qsl[j + 1] - 1) for j, (i, _, e) in enumerate(forward) if want_last and e == spans[i][1]]
+            if ends:  # copied out now: the next forward may replay a graph into the same memory
+                last.update(zip([i for i, _ in ends], torch.stack([outs[row] for _, row in ends]), strict=True))
         return torch.stack([last[i] for i in range(len(reqs))]) if want_last else None
 
     def _forward(self, queries: list[DraftQuery], ids, hidden: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
