@@ -61,7 +61,7 @@ class TargetContext:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
-    cuda_graphs: bool  # decode-shaped forwards go through graph buckets (captured on CUDA with Triton kernels)
+    cuda_graphs: bool  # forwards that fit a graph bucket replay it (captured on CUDA with the Triton kernels)
 
 
 @dataclass
