@@ -125,22 +125,29 @@ class DraftKVCache:
 
         Positions follow the target's: causal entries at context_len + i, tree nodes at root + depth.
         """
-        bs = self.block_size
-        pos, slots, masks = [], [], []
-        for q in queries:
-            n = q.num_causal
-            depth = np.asarray(tree_depths(list(q.parents))[1:], dtype=np.int64)
-            pos.append(np.concatenate([np.arange(q.context_len, q.context_len + n), q.context_len + n - 1 + depth]))
-            logical = np.arange(q.context_len, q.context_len + n + len(q.parents))
-            slots.append(np.asarray(q.block_table, dtype=np.int64)[logical // bs] * bs + logical % bs)
-            masks.append(np.asarray([0] * (n - 1) + ancestor_masks(list(q.parents)), dtype=np.int64))
-        slot_mapping = np.concatenate(slots)
+        bs, b = self.block_size, len(queries)
+        ctx = np.fromiter((q.context_len for q in queries), np.int64, b)
+        n_causal = np.fromiter((q.num_causal for q in queries), np.int64, b)
+        q_len = n_causal + np.fromiter((len(q.parents) for q in queries), np.int64, b)
+        qsl = np.zeros(b + 1, np.int64)
+        np.cumsum(q_len, out=qsl[1:])
+        seq = np.repeat(np.arange(b), q_len)  # [T] query of each token
+        qidx = np.arange(int(qsl[-1])) - qsl[seq]  # [T] index within its query
+        depth = np.zeros(len(seq), np.int64)  # tree depth below the root; 0 for the causal run
+        masks = np.where(qidx == (n_causal - 1)[seq], 1, 0)  # a root's mask is 0b1, causal entries' 0
+        tables = np.zeros((b, max(len(q.block_table) for q in queries)), np.int64)
+        for i, q in enumerate(queries):
+            tables[i, : len(q.block_table)] = q.block_table
+            if q.parents:
+                root = qsl[i] + q.num_causal - 1
+                depth[root : qsl[i + 1]] = tree_depths(list(q.parents))
+                masks[root : qsl[i + 1]] = ancestor_masks(list(q.parents))
+        positions = ctx[seq] + np.minimum(qidx, (n_causal - 1)[seq]) + depth
+        logical = ctx[seq] + qidx  # [T] the slot each entry's K/V goes to, in sequence order
+        slot_mapping = tables[seq, logical // bs] * bs + logical % bs
         for block in np.unique(slot_mapping // bs).tolist():
             self._block_hash.pop(block, None)
-        ctx = np.fromiter((q.context_len for q in queries), np.int64, len(queries))
-        n_causal = np.fromiter((q.num_causal for q in queries), np.int64, len(queries))
-        q_len = n_causal + np.fromiter((len(q.parents) for q in queries), np.int64, len(queries))
-        return DraftMetadata(np.concatenate(pos), slot_mapping, np.concatenate(masks), ctx + q_len, ctx, n_causal - 1)
+        return DraftMetadata(positions, slot_mapping, masks, ctx + q_len, ctx, n_causal - 1)
 
 
 @dataclass
