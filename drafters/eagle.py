@@ -276,8 +276,8 @@ class EagleDrafter:
             level = torch.cat((scores.double(), child_tok.double(), nxt.double()), dim=1).tolist()
             for j, row in enumerate(level):
                 cands[j][0].extend(row[: k * k])
-                cands[j][1].extend(front_list[j][f // k] for f in range(k * k))
-                cands[j][2].extend(int(t) for t in row[k * k : 2 * k * k])
+                cands[j][1].extend([c for c in front_list[j] for _ in range(k)])  # k children per frontier node
+                cands[j][2].extend(map(int, row[k * k : 2 * k * k]))
                 front_list[j] = [base + int(f) for f in row[2 * k * k :]]
             front_scores, front_tok = scores.gather(1, nxt), child_tok.gather(1, nxt)
             parent_out = front_out.gather(1, (nxt // k)[:, :, None].expand(-1, -1, front_out.shape[-1]))
