@@ -100,16 +100,13 @@ class MedusaDrafter:
         trees = [self.tree.prefix(max_tokens[i]) for i in idx]
         depth = max(t.depth for t in trees)
         hidden = torch.stack([self._hidden[requests[i]] for i in idx])  # [B, H]
-        ranked = torch.stack([self._logits(d, hidden).topk(self.tree.top_k, dim=-1).indices for d in range(depth)],
-                             dim=1).tolist()  # [B, depth, top_k]
+        # every head's rows through one LM head product and one top-k (each a kernel launch and host work)
+        guesses = torch.cat([self.heads[d](hidden) for d in range(depth)])  # [depth * B, H or vocab]
+        logits = self.lm_head(guesses) if self.lm_head is not None else guesses.float()
+        ranked = logits.topk(self.tree.top_k, dim=-1).indices.view(depth, len(idx), -1).transpose(0, 1).tolist()
         for i, tree, r in zip(idx, trees, ranked, strict=True):
             out[i] = DraftProposal(tree.tokens(r), list(tree.parents))
         return out
-
-    def _logits(self, head: int, hidden: torch.Tensor) -> torch.Tensor:
-        """[B, vocab] guesses of head `head` (the token head + 2 positions after the hidden state's)."""
-        h = self.heads[head](hidden)
-        return self.lm_head(h) if self.lm_head is not None else h.float()
 
     @torch.inference_mode()
     def observe(self, requests, results, out) -> None:

@@ -189,7 +189,9 @@ def test_medusa_matches_plain_and_dense_recomputation(target, plain, tmp_path):
             n = len(tokens) - 1  # the root's position
             hidden = dense_target(model, tokens[:n]).hidden_states[n - 1 : n]  # gave the root token
             tree = drafter.tree.prefix(k)
-            ranked = [drafter._logits(d, hidden).topk(tree.top_k).indices[0].tolist() for d in range(tree.depth)]
+            # head by head, through the target's LM head (the checkpoint shares it)
+            ranked = [model.compute_logits(drafter.heads[d](hidden)).topk(tree.top_k).indices[0].tolist()
+                      for d in range(tree.depth)]
             assert prop.tokens == tree.tokens(ranked) and prop.parents == list(tree.parents)
 
 
