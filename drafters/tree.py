@@ -17,6 +17,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 # Rough top-r accuracy of a draft head (Medusa paper, fig. 3): rank r is right about 0.6 / (r + 1)^2 of the
@@ -116,8 +117,8 @@ def rerank(scores: list[float], parents: list[int], budget: int) -> tuple[list[i
     `parents[c]` is candidate c's parent candidate (-1: the root), always an earlier candidate. Ties are
     broken towards earlier candidates, so a kept child's parent (scoring at least as high) is kept too.
     """
-    order = sorted(range(len(scores)), key=lambda c: (-scores[c], c))[:budget]
-    kept = sorted(order)  # candidate order is topological
+    order = np.argsort(-np.asarray(scores), kind="stable")[:budget]  # stable: ties keep the earlier candidate
+    kept = np.sort(order).tolist()  # candidate order is topological
     node = {c: j + 1 for j, c in enumerate(kept)}
     out_parents = []
     for c in kept:
