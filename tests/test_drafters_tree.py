@@ -104,3 +104,14 @@ def test_draft_kv_validity_follows_blocks_and_preemption():
     assert kv.block_tables([a], [14]) == [[3, 1, 8, 9]]  # two scratch blocks past the pool
     with pytest.raises(RuntimeError, match="3 scratch blocks"):
         kv.block_tables([a], [18])
+
+
+def test_draft_metadata_of_a_causal_run_and_a_tree():
+    target = SimpleNamespace(block_size=4, num_blocks=8, device=torch.device("cpu"), dtype=torch.float32)
+    kv = DraftKVCache(target, 1, 1, 2)
+    # a: two causal entries after 3 cached ones; b: a root after 1 cached entry, then nodes under it (0, 0, 1)
+    m = kv.metadata([DraftQuery([5, 6], 3, 2), DraftQuery([2, 7], 1, 1, [0, 0, 1])])
+    assert m.positions.tolist() == [3, 4, 1, 2, 2, 3]  # tree nodes sit at root + depth
+    assert m.slot_mapping.tolist() == [23, 24, 9, 10, 11, 28]  # in sequence order through each table
+    assert m.tree_mask.tolist() == [0, 1, 1, 3, 5, 11]  # causal entries 0, roots 0b1, nodes their ancestors
+    assert m.seq_lens.tolist() == [5, 5] and m.context_lens.tolist() == [3, 1] and m.tree_offsets.tolist() == [1, 0]
