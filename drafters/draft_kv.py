@@ -147,7 +147,7 @@ class DraftKVCache:
         slot_mapping = tables[seq, logical // bs] * bs + logical % bs
         for block in np.unique(slot_mapping // bs).tolist():
             self._block_hash.pop(block, None)
-        return DraftMetadata(positions, slot_mapping, masks, ctx + q_len, ctx, n_causal - 1)
+        return DraftMetadata(positions, slot_mapping, masks, ctx + q_len, ctx, n_causal - 1, tables)
 
 
 @dataclass
@@ -160,6 +160,7 @@ class DraftMetadata:
     seq_lens: np.ndarray  # [B] int64
     context_lens: np.ndarray  # [B] int64
     tree_offsets: np.ndarray  # [B] int64
+    block_tables: np.ndarray  # [B, W] int64, W the widest query's table
 
 
 def plan_chunks(spans: Sequence[tuple[int, int]], max_tokens: int) -> list[list[tuple[int, int, int]]]:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from specserve.attention import MAX_TREE_NODES, AttentionMetadata
-from specserve.cuda_graphs import Buckets, CudaGraphs, StepBuffers, StepViews, fill_dummy, pad_views
+from specserve.cuda_graphs import Buckets, CudaGraphs, StepBuffers, StepViews, fill_dummy, pad_views, step_meta
 from specserve.drafters.draft_kv import DraftKVCache, DraftQuery
 
 # forward(input_ids [T], positions [T], meta, hidden [T, H] or None) -> [T, H]
@@ -44,8 +44,8 @@ class DraftRunner:
         catch-up forward; hidden_size: width of the hidden input the forward reads (EAGLE), None for none."""
         self.kv, self._forward = kv, forward
         self.block_size = kv.block_size
-        self.max_seq_len = target.max_model_len + MAX_TREE_NODES  # tree nodes sit past the root
-        width = -(-self.max_seq_len // self.block_size) + 1
+        max_seq_len = target.max_model_len + MAX_TREE_NODES  # tree nodes sit past the root
+        width = -(-max_seq_len // self.block_size) + 1
         max_tokens = max(max_chunk, target.max_num_seqs * max(query_lens, default=1))
         self.buffers = StepBuffers(target.max_num_seqs, max_tokens, width, kv.device)
         self.hidden = None  # [max tokens, H] the graphs' hidden input
@@ -58,7 +58,7 @@ class DraftRunner:
             # off CUDA, or over the torch reference (it syncs), the buckets replay eagerly: tests of the padding
             capture = kv.device.type == "cuda" and target.backend is triton_backend
             buckets = Buckets(target.max_num_seqs, list(query_lens), max_tokens)
-            self.graphs = CudaGraphs(buckets, self.max_seq_len, capture)
+            self.graphs = CudaGraphs(buckets, max_seq_len, capture)
             with torch.inference_mode():
                 self.graphs.build(self._dummy, self._static_forward)
 
@@ -87,7 +87,7 @@ class DraftRunner:
             if hidden is not None:
                 self.hidden[:num_tokens].copy_(hidden)
             return self.graphs.replay(key)[:num_tokens], qsl
-        meta = _meta(d, num_seqs, num_tokens, self.block_size, max_query_len=max_query_len, max_seq_len=max_seq_len)
+        meta = step_meta(d, num_seqs, num_tokens, self.block_size, max_query_len=max_query_len, max_seq_len=max_seq_len)
         return self._forward(d.input_ids[:num_tokens], d.positions[:num_tokens], meta, hidden), qsl
 
     def _fill(self, queries: Sequence[DraftQuery], q_lens: list[int], h: StepViews[np.ndarray]
@@ -100,8 +100,7 @@ class DraftRunner:
         h.query_start_loc[: b + 1], h.seq_lens[:b] = qsl, m.seq_lens
         h.context_lens[:b], h.tree_offsets[:b] = m.context_lens, m.tree_offsets
         h.block_tables[:b] = 0
-        for i, q in enumerate(queries):
-            h.block_tables[i, : len(q.block_table)] = q.block_table
+        h.block_tables[:b, : m.block_tables.shape[1]] = m.block_tables
         return qsl.tolist(), max(q_lens), int(m.seq_lens.max())
 
     def _static_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
@@ -111,14 +110,6 @@ class DraftRunner:
     def _dummy(self, num_seqs: int, num_tokens: int) -> _Dummy:
         fill_dummy(self.buffers.host(num_seqs, num_tokens, 0), num_seqs, num_tokens)
         d = self.buffers.upload(num_seqs, num_tokens, 0)
-        return _Dummy(d.input_ids, d.positions, _meta(d, num_seqs, num_tokens, self.block_size,
+        return _Dummy(d.input_ids, d.positions, step_meta(d, num_seqs, num_tokens, self.block_size,
                                                         max_query_len=num_tokens, max_seq_len=num_tokens))
 
-
-def _meta(d: StepViews[torch.Tensor], num_seqs: int, num_tokens: int, block_size: int, **maxima) -> AttentionMetadata:
-    return AttentionMetadata(
-        query_start_loc=d.query_start_loc[: num_seqs + 1], seq_lens=d.seq_lens[:num_seqs],
-        context_lens=d.context_lens[:num_seqs], block_tables=d.block_tables[:num_seqs],
-        slot_mapping=d.slot_mapping[:num_tokens], tree_offsets=d.tree_offsets[:num_seqs],
-        tree_mask=d.tree_mask[:num_tokens], block_size=block_size, **maxima,
-    )

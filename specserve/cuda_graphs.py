@@ -31,6 +31,8 @@ from typing import Generic, TypeVar
 import numpy as np
 import torch
 
+from specserve.attention import AttentionMetadata
+
 A = TypeVar("A", np.ndarray, torch.Tensor)
 
 
@@ -98,6 +100,18 @@ class StepBuffers:
             self._copied.record()
             self._pending = True
         return self._device_views(num_seqs, num_tokens, num_rows)
+
+
+def step_meta(d: StepViews[torch.Tensor], num_seqs: int, num_tokens: int, block_size: int, *, max_query_len: int,
+              max_seq_len: int) -> AttentionMetadata:
+    """Attention metadata over device views: their first num_seqs sequences and num_tokens tokens."""
+    return AttentionMetadata(
+        query_start_loc=d.query_start_loc[: num_seqs + 1], seq_lens=d.seq_lens[:num_seqs],
+        context_lens=d.context_lens[:num_seqs], block_tables=d.block_tables[:num_seqs],
+        slot_mapping=d.slot_mapping[:num_tokens], tree_offsets=d.tree_offsets[:num_seqs],
+        tree_mask=d.tree_mask[:num_tokens], max_query_len=max_query_len, max_seq_len=max_seq_len,
+        block_size=block_size,
+    )
 
 
 def pad_views(h: StepViews[np.ndarray], num_seqs: int, num_tokens: int) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from specserve.attention import MAX_TREE_NODES, AttentionMetadata, ancestor_masks, tree_depths
-from specserve.cuda_graphs import Buckets, CudaGraphs, StepBuffers, StepViews, fill_dummy, pad_views
+from specserve.cuda_graphs import Buckets, CudaGraphs, StepBuffers, StepViews, fill_dummy, pad_views, step_meta
 from specserve.drafters.base import DraftProposal
 from specserve.sampler import to_device
 from specserve.scheduler import ScheduledRequest
@@ -172,17 +172,7 @@ class ModelRunner:
 
     def _upload(self, b_cap, t_cap, num_rows, num_seqs, num_tokens, key, row_starts, qsl, **maxima) -> StepBatch:
         d: StepViews[torch.Tensor] = self.buffers.upload(b_cap, t_cap, num_rows)
-        meta = AttentionMetadata(
-            query_start_loc=d.query_start_loc[: num_seqs + 1],
-            seq_lens=d.seq_lens[:num_seqs],
-            context_lens=d.context_lens[:num_seqs],
-            block_tables=d.block_tables[:num_seqs],
-            slot_mapping=d.slot_mapping[:num_tokens],
-            tree_offsets=d.tree_offsets[:num_seqs],
-            tree_mask=d.tree_mask[:num_tokens],
-            block_size=self.block_size,
-            **maxima,
-        )
+        meta = step_meta(d, num_seqs, num_tokens, self.block_size, **maxima)
         return StepBatch(d.input_ids[:num_tokens], d.positions[:num_tokens], meta, d.logits_indices, row_starts,
                          qsl, key)
 
