@@ -49,7 +49,8 @@ REQUESTS_PER_SLOT = 3  # the sweeps serve 3 x B requests at batch size B
 SWEEP_ROUNDS = 2  # each arm's best of this many interleaved rounds (one round's plain had 3x outliers)
 HF_PROMPTS = 4
 SMOL_PROMPTS = 20
-LEARNED = {  # drafters/weights/smollm2-135m-instruct/<method>/ -> arm settings (trees below the tau sweep's best)
+WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "drafters", "weights", "smollm2-135m-instruct")
+LEARNED = {  # WEIGHTS/<method>/ -> arm settings (trees below the tau sweep's best)
     "draft_model": {"num_speculative_tokens": 5},
     "medusa": {"num_speculative_tokens": 16},
     "eagle": {"num_speculative_tokens": 32, "top_k": 6, "depth": 6},
@@ -277,8 +278,6 @@ def part_sweep8b(args, llm, loaded, state) -> dict:
 
 def build_smol(args) -> tuple[LLM, object, list[list[int]]]:
     loaded = load_model(args.gguf, torch.bfloat16, args.device)
-    weights = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "drafters", "weights",
-                           "smollm2-135m-instruct")
     arms = {"ngram": NGRAM, "ngram-adaptive": {**NGRAM, "adaptive": True},
             "ngram8-adaptive": {**NGRAM, "num_speculative_tokens": 8, "adaptive": True},  # the tau eval's best k
             # trees: the continuations of the 4 (8) latest matches, merged
@@ -287,8 +286,8 @@ def build_smol(args) -> tuple[LLM, object, list[list[int]]]:
             "ngram16-tree8-adaptive": {**NGRAM, "num_speculative_tokens": 16, "prompt_lookup_matches": 8,
                                        "adaptive": True}}
     for method, extra in LEARNED.items():
-        if os.path.isfile(os.path.join(weights, method, "config.json")):
-            arms[method] = {"method": method, "model": os.path.join(weights, method), **extra}
+        if os.path.isfile(os.path.join(WEIGHTS, method, "config.json")):
+            arms[method] = {"method": method, "model": os.path.join(WEIGHTS, method), **extra}
     t = time.perf_counter()
     llm = engine(args, loaded, arms, max_model_len=2048)
     print(f"SmolLM2 engine: {time.perf_counter() - t:.1f} s to build, arms {sorted(arms)}", flush=True)

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import e2e_models as em  # noqa: E402
-from bench_gpu_e2e import LEARNED  # noqa: E402
+from bench_gpu_e2e import LEARNED, WEIGHTS  # noqa: E402
 
 import specserve.engine as engine_mod  # noqa: E402
 import specserve.verify as verify_mod  # noqa: E402
@@ -126,9 +126,7 @@ def main(model: str, mt_bench: str, *batches: str) -> None:
     arms = {"ngram": NGRAM, "ngram-adaptive": {**NGRAM, "adaptive": True}}
     learned = [m for m in os.environ.get("PROBE_LEARNED", "").split(",") if m]
     if learned:
-        weights = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "drafters", "weights",
-                               "smollm2-135m-instruct")
-        arms = {m: {"method": m, "model": os.path.join(weights, m), **LEARNED[m]} for m in learned}
+        arms = {m: {"method": m, "model": os.path.join(WEIGHTS, m), **LEARNED[m]} for m in learned}
     if model == "8b":
         loaded = em.dummy_model(em.write_config("/tmp/probe_8b", quick=not CUDA), device, getattr(torch, dtype),
                                 repeat=True)
