@@ -147,7 +147,7 @@ class DraftKVCache:
         slot_mapping = tables[seq, logical // bs] * bs + logical % bs
         for block in np.unique(slot_mapping // bs).tolist():
             self._block_hash.pop(block, None)
-        return DraftMetadata(positions, slot_mapping, masks, ctx + q_len, ctx, n_causal - 1, tables)
+        return DraftMetadata(positions, slot_mapping, masks, qsl, ctx + q_len, ctx, n_causal - 1, tables)
 
 
 @dataclass
@@ -157,6 +157,7 @@ class DraftMetadata:
     positions: np.ndarray  # [T] int64
     slot_mapping: np.ndarray  # [T] int64
     tree_mask: np.ndarray  # [T] int64
+    query_start_loc: np.ndarray  # [B + 1] int64
     seq_lens: np.ndarray  # [B] int64
     context_lens: np.ndarray  # [B] int64
     tree_offsets: np.ndarray  # [B] int64

@@ -22,7 +22,7 @@ import torch
 
 from specserve.attention import MAX_TREE_NODES, AttentionMetadata
 from specserve.cuda_graphs import Buckets, CudaGraphs, StepBuffers, StepViews, fill_dummy, pad_views, step_meta
-from specserve.drafters.draft_kv import DraftKVCache, DraftQuery
+from specserve.drafters.draft_kv import DraftKVCache, DraftMetadata, DraftQuery
 
 # forward(input_ids [T], positions [T], meta, hidden [T, H] or None) -> [T, H]
 DraftForward = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata, "torch.Tensor | None"], torch.Tensor]
@@ -68,8 +68,8 @@ class DraftRunner:
 
         Graph outputs are static buffers: read them before the next run.
         """
-        q_lens = [q.num_causal + len(q.parents) for q in queries]
-        num_seqs, num_tokens = len(queries), sum(q_lens)
+        m = self.kv.metadata(queries)
+        num_seqs, num_tokens = len(queries), len(m.positions)
         key = None
         if self.graphs is not None:  # the kernels take any causal run and tree within the bucket's maxima
             key = self.graphs.buckets.find(num_seqs, num_tokens)
@@ -78,30 +78,19 @@ class DraftRunner:
         on_host = not isinstance(ids, torch.Tensor)
         if on_host:
             h.input_ids[:num_tokens] = ids
-        qsl, max_query_len, max_seq_len = self._fill(queries, q_lens, h)
+        _fill(h, m)
         pad_views(h, num_seqs, num_tokens)
         d = self.buffers.upload(b_cap, t_cap, 0)
         if not on_host:
             d.input_ids[:num_tokens].copy_(ids)
+        qsl = m.query_start_loc.tolist()
         if key is not None:
             if hidden is not None:
                 self.hidden[:num_tokens].copy_(hidden)
             return self.graphs.replay(key)[:num_tokens], qsl
-        meta = step_meta(d, num_seqs, num_tokens, self.block_size, max_query_len=max_query_len, max_seq_len=max_seq_len)
+        meta = step_meta(d, num_seqs, num_tokens, self.block_size, max_query_len=int(np.diff(m.query_start_loc).max()),
+                         max_seq_len=int(m.seq_lens.max()))
         return self._forward(d.input_ids[:num_tokens], d.positions[:num_tokens], meta, hidden), qsl
-
-    def _fill(self, queries: Sequence[DraftQuery], q_lens: list[int], h: StepViews[np.ndarray]
-              ) -> tuple[list[int], int, int]:
-        """The queries' positions, slots, masks and tables in h (DraftKVCache.metadata); (qsl, max q, max seq)."""
-        m = self.kv.metadata(queries)
-        n, b = len(m.positions), len(queries)
-        h.positions[:n], h.slot_mapping[:n], h.tree_mask[:n] = m.positions, m.slot_mapping, m.tree_mask
-        qsl = np.concatenate([[0], np.cumsum(q_lens)])
-        h.query_start_loc[: b + 1], h.seq_lens[:b] = qsl, m.seq_lens
-        h.context_lens[:b], h.tree_offsets[:b] = m.context_lens, m.tree_offsets
-        h.block_tables[:b] = 0
-        h.block_tables[:b, : m.block_tables.shape[1]] = m.block_tables
-        return qsl.tolist(), max(q_lens), int(m.seq_lens.max())
 
     def _static_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
         hidden = None if self.hidden is None else self.hidden[: input_ids.shape[0]]
@@ -113,3 +102,12 @@ class DraftRunner:
         return _Dummy(d.input_ids, d.positions, step_meta(d, num_seqs, num_tokens, self.block_size,
                                                         max_query_len=num_tokens, max_seq_len=num_tokens))
 
+
+def _fill(h: StepViews[np.ndarray], m: DraftMetadata) -> None:
+    """A draft forward's metadata (DraftKVCache.metadata) into the step's host views."""
+    n, b = len(m.positions), len(m.seq_lens)
+    h.positions[:n], h.slot_mapping[:n], h.tree_mask[:n] = m.positions, m.slot_mapping, m.tree_mask
+    h.query_start_loc[: b + 1], h.seq_lens[:b] = m.query_start_loc, m.seq_lens
+    h.context_lens[:b], h.tree_offsets[:b] = m.context_lens, m.tree_offsets
+    h.block_tables[:b] = 0
+    h.block_tables[:b, : m.block_tables.shape[1]] = m.block_tables

@@ -115,4 +115,4 @@ def test_draft_metadata_of_a_causal_run_and_a_tree():
     assert m.slot_mapping.tolist() == [23, 24, 9, 10, 11, 28]  # in sequence order through each table
     assert m.tree_mask.tolist() == [0, 1, 1, 3, 5, 11]  # causal entries 0, roots 0b1, nodes their ancestors
     assert m.seq_lens.tolist() == [5, 5] and m.context_lens.tolist() == [3, 1] and m.tree_offsets.tolist() == [1, 0]
-    assert m.block_tables.tolist() == [[5, 6], [2, 7]]
+    assert m.block_tables.tolist() == [[5, 6], [2, 7]] and m.query_start_loc.tolist() == [0, 2, 6]
