@@ -132,8 +132,8 @@ class DraftModelDrafter:
         hidden, qsl = self.runner.run(queries, ids, None)
         rows = [qsl[b] + j for b, js in enumerate(wanted) for j in js]
         if rows and rows == list(range(rows[0], rows[0] + len(rows))):
-            return self.model.compute_logits(hidden[rows[0] : rows[0] + len(rows)])  # no index upload
-        return self.model.compute_logits(hidden[rows])
+            return self.model.compute_logits(hidden[rows[0] : rows[0] + len(rows)], self.backend)  # no index upload
+        return self.model.compute_logits(hidden[rows], self.backend)
 
     def _model_forward(self, input_ids, positions, meta, hidden: None) -> torch.Tensor:
         return self.model(input_ids, positions, meta, self.kv.layers, self.backend).hidden_states

@@ -24,6 +24,7 @@ kind of tree as verification. Drafts are deterministic top-k, so q is one-hot in
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Sequence
 
@@ -36,7 +37,8 @@ from specserve.drafters.base import DraftProposal
 from specserve.drafters.checkpoint import check_dim, load_module, read_config, read_tensors
 from specserve.drafters.draft_kv import DraftKVCache, DraftQuery, committed_rows, plan_chunks
 from specserve.drafters.draft_runner import DraftRunner
-from specserve.drafters.tree import expand_level, rerank
+from specserve.drafters.eagle_tree import Candidates, TreeGrower
+from specserve.drafters.tree import rerank
 from specserve.models.config import ModelConfig
 from specserve.models.llama import LlamaDecoderLayer, RotaryEmbedding
 
@@ -90,7 +92,8 @@ def load_eagle1(path: str, target) -> tuple[Eagle1Head, nn.Embedding | None]:
     raw = read_config(path)
     cfg = draft_config(raw, target, what)
     tensors = read_tensors(path, WEIGHT_FILES)
-    head = Eagle1Head(cfg, bool(raw.get("bias", True)), target.model.compute_logits)
+    head = Eagle1Head(cfg, bool(raw.get("bias", True)), functools.partial(target.model.compute_logits,
+                                                                         backend=target.backend))
     if "fc.weight" in tensors:
         check_dim(what, tensors["fc.weight"].shape[1], 2 * target.model.config.hidden_size, "fc input size")
     embed = _own_embedding(tensors, target, what)
@@ -136,10 +139,10 @@ class EagleDrafter:
                                          device=target.device, dtype=target.dtype)
         # Request -> [m, H] inputs of entries [num_valid, num_computed_tokens] (the root's last)
         self._pending: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        # level l's forward: the root and the l * top_k nodes expanded so far, per sequence
-        levels = [1 + spec.top_k * level for level in range(1, spec.depth)]
-        self.runner = DraftRunner(self.kv, self._head_forward, target, levels, CATCHUP_TOKENS,
+        # a step's entries: the tokens it committed (at most depth + 1) and the root
+        self.runner = DraftRunner(self.kv, self._head_forward, target, [spec.depth + 2], CATCHUP_TOKENS,
                                   hidden_size=target.model.config.hidden_size)
+        self.grower = TreeGrower(self._head_forward, self.head.top_k, self.kv, target, spec.top_k, spec.depth)
 
     def load_head(self, path: str, target) -> tuple[nn.Module, nn.Embedding | None]:
         return load_eagle1(path, target)
@@ -241,44 +244,6 @@ class EagleDrafter:
             out[i] = DraftProposal([tokens[c] for c in kept], tree_parents)
         return out
 
-    def _grow(self, reqs, roots, root_in, g_root) -> list[tuple[list[float], list[int], list[int]]]:
-        """Per request, every scored candidate: (cumulative log-probs, parent candidate or -1, token ids).
-
-        One host sync per level: the level's scores, tokens and next frontier come back in one copy.
-        """
-        b, k = len(reqs), self.top_k
-        logp, tok = self.head.top_k(g_root, k)  # [B, k]: the first level, under the root
-        first = torch.cat((logp.double(), tok.double()), dim=1).tolist()  # token ids are exact in float64
-        cands = [(row[:k], [-1] * k, [int(t) for t in row[k:]]) for row in first]
-        front_list = [list(range(k)) for _ in reqs]  # candidate ids of each request's frontier
-        front_scores, front_tok = logp, tok
-        inputs = root_in[:, None]  # [B, 1 + E, H] input hidden of each query node (root first)
-        ids = torch.tensor([[r.token_ids[n]] for r, n in zip(reqs, roots, strict=True)], device=root_in.device)
-        qparents: list[list[int]] = [[] for _ in reqs]  # query tree of expanded nodes
-        node_of: list[dict[int, int]] = [{-1: 0} for _ in reqs]  # candidate id -> query node
-        parent_out = g_root[:, None].expand(b, k, -1)  # [B, k, H] output of each frontier node's parent
-        for _ in range(self.depth - 1):
-            for j in range(b):
-                for c in front_list[j]:
-                    qparents[j].append(node_of[j][cands[j][1][c]])
-                    node_of[j][c] = len(qparents[j])
-            inputs = torch.cat((inputs, parent_out), dim=1)
-            ids = torch.cat((ids, front_tok), dim=1)
-            e = ids.shape[1]
-            tables = self.kv.block_tables(reqs, [n + e for n in roots])
-            queries = [DraftQuery(t, n, 1, p) for t, n, p in zip(tables, roots, qparents, strict=True)]
-            outs, _ = self._forward(queries, ids.flatten(), inputs.flatten(0, 1))
-            front_out = outs.view(b, e, -1)[:, -k:]  # [B, k, H] the frontier's rows come last
-            child_logp, child_tok = self.head.top_k(front_out.flatten(0, 1), k)  # [B * k, k]
-            scores, nxt = expand_level(front_scores, child_logp.view(b, k, k), k)  # [B, k * k], [B, k]
-            child_tok = child_tok.view(b, k * k)
-            base = len(cands[0][0])  # every request has the same number of candidates so far
-            level = torch.cat((scores.double(), child_tok.double(), nxt.double()), dim=1).tolist()
-            for j, row in enumerate(level):
-                cands[j][0].extend(row[: k * k])
-                cands[j][1].extend([c for c in front_list[j] for _ in range(k)])  # k children per frontier node
-                cands[j][2].extend(map(int, row[k * k : 2 * k * k]))
-                front_list[j] = [base + int(f) for f in row[2 * k * k :]]
-            front_scores, front_tok = scores.gather(1, nxt), child_tok.gather(1, nxt)
-            parent_out = front_out.gather(1, (nxt // k)[:, :, None].expand(-1, -1, front_out.shape[-1]))
-        return cands
+    def _grow(self, reqs, roots, root_in, g_root) -> list[Candidates]:
+        """Per request, every scored candidate: (cumulative log-probs, parent candidate or -1, token ids)."""
+        return self.grower.grow(reqs, roots, root_in, g_root)

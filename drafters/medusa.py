@@ -13,6 +13,7 @@ it is deterministic: verification takes q as one-hot, which stays exact for samp
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Sequence
 
@@ -79,7 +80,7 @@ class MedusaDrafter:
 
     def __init__(self, spec: SpeculativeConfig, target):
         self.heads, share = load_medusa(spec.model, target)
-        self.lm_head = target.model.compute_logits if share else None
+        self.lm_head = functools.partial(target.model.compute_logits, backend=target.backend) if share else None
         num_heads = len(self.heads)
         self.tree = static_tree(spec.tree) if spec.tree else default_tree(spec.num_speculative_tokens, num_heads)
         if self.tree.depth > num_heads:

@@ -171,9 +171,20 @@ def test_padded_draft_forwards_equal_eager(tiny_model_dir, tmp_path):
     eager = LLM(device="cpu", enforce_eager=True, **common)
     padded = LLM(device="cpu", enforce_eager=False, **common)
     eagle = padded.engine.drafters["eagle"].runner.graphs
-    assert sorted({q for _, q in eagle.buckets.keys if _ == 1}) == [1, 2, 4, 7, 8, 10]  # levels 4, 7, 10 + powers
+    assert sorted({q for _, q in eagle.buckets.keys if _ == 1}) == [1, 2, 4, 6]  # entries: depth 4 + 2, powers
     assert eager.engine.drafters["eagle"].runner.graphs is None
     replays = _draft_replays(padded)
+    grown = []  # (trees, padded batch) of every EAGLE tree growth
+    for name in ("eagle", "eagle3"):
+        grower = padded.engine.drafters[name].grower
+        grow_static = grower._grow_static
+
+        def spy(b, grow_static=grow_static):
+            out = grow_static(b)
+            grown.append(b)
+            return out
+
+        grower._grow_static = spy
     plain = _generate(eager, "none")
     for arm in ("draft_model", "eagle", "eagle3"):
         outs = padded.generate(PROMPTS, GREEDY, spec_arm=arm)
@@ -181,6 +192,7 @@ def test_padded_draft_forwards_equal_eager(tiny_model_dir, tmp_path):
         assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref] == plain
         assert [o.metrics.num_steps for o in outs] == [o.metrics.num_steps for o in ref]
     assert min(replays.values()) > 5, replays
+    assert 8 in grown and 6 not in grown  # six prompts: their trees grew padded to the batch bucket of 8
 
 
 @cuda
@@ -190,6 +202,7 @@ def test_draft_graphs_match_eager_on_cuda(tiny_model_dir, tmp_path):
                   max_num_seqs=8)
     graphs, eager = LLM(enforce_eager=False, **common), LLM(enforce_eager=True, **common)
     assert graphs.engine.drafters["eagle"].runner.graphs.entries[(1, 4)].graph is not None
+    assert sorted(graphs.engine.drafters["eagle"].grower.graphs) == [1, 2, 4, 8]
     replays = _draft_replays(graphs)
     for arm in ("none", "draft_model", "eagle", "eagle3"):
         assert _generate(graphs, arm) == _generate(eager, arm)
