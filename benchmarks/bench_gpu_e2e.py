@@ -50,12 +50,23 @@ SWEEP_ROUNDS = 2  # each arm's best of this many interleaved rounds (one round's
 HF_PROMPTS = 4
 SMOL_PROMPTS = 20
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "drafters", "weights", "smollm2-135m-instruct")
-LEARNED = {  # WEIGHTS/<method>/ -> arm settings (trees below the tau sweep's best)
-    "draft_model": {"num_speculative_tokens": 5},
-    "medusa": {"num_speculative_tokens": 16},
-    "eagle": {"num_speculative_tokens": 32, "top_k": 6, "depth": 6},
-    "eagle3": {"num_speculative_tokens": 32, "top_k": 6, "depth": 6},
+LEARNED = {  # arm -> settings of a drafter under WEIGHTS/<method>/ (the tau sweep's best tree, and a smaller one)
+    "draft_model": {"method": "draft_model", "num_speculative_tokens": 5},
+    "draft_model-k7": {"method": "draft_model", "num_speculative_tokens": 7},
+    "medusa": {"method": "medusa", "num_speculative_tokens": 16},
+    "eagle": {"method": "eagle", "num_speculative_tokens": 32, "top_k": 6, "depth": 6},
+    "eagle-63": {"method": "eagle", "num_speculative_tokens": 63, "top_k": 7, "depth": 9},
+    "eagle3": {"method": "eagle3", "num_speculative_tokens": 32, "top_k": 6, "depth": 6},
+    "eagle3-63": {"method": "eagle3", "num_speculative_tokens": 63, "top_k": 8, "depth": 8},
 }
+
+
+def learned_arms(names) -> dict[str, dict]:
+    """Speculative configs of the LEARNED arms named whose weights are committed."""
+    return {a: {**LEARNED[a], "model": os.path.join(WEIGHTS, LEARNED[a]["method"])} for a in names
+            if os.path.isfile(os.path.join(WEIGHTS, LEARNED[a]["method"], "config.json"))}
+
+
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
 
 
@@ -285,9 +296,7 @@ def build_smol(args) -> tuple[LLM, object, list[list[int]]]:
                                       "adaptive": True},
             "ngram16-tree8-adaptive": {**NGRAM, "num_speculative_tokens": 16, "prompt_lookup_matches": 8,
                                        "adaptive": True}}
-    for method, extra in LEARNED.items():
-        if os.path.isfile(os.path.join(WEIGHTS, method, "config.json")):
-            arms[method] = {"method": method, "model": os.path.join(WEIGHTS, method), **extra}
+    arms.update(learned_arms(LEARNED))
     t = time.perf_counter()
     llm = engine(args, loaded, arms, max_model_len=2048)
     print(f"SmolLM2 engine: {time.perf_counter() - t:.1f} s to build, arms {sorted(arms)}", flush=True)

@@ -5,8 +5,8 @@ time (CUDA events), the graph buckets replayed, and the adaptive policy's cost e
 
     python3 -P benchmarks/probe_step.py SMOL.gguf mt_bench.jsonl [BATCH ...]
     python3 -P benchmarks/probe_step.py 8b - 1         # the Llama-3.1-8B shape, random weights, plain
-    PROBE_LEARNED=eagle,medusa python3 -P benchmarks/probe_step.py SMOL.gguf mt_bench.jsonl 1
-        # the trained drafters of drafters/weights/ (bench_gpu_e2e.LEARNED settings) instead, the first profiled
+    PROBE_LEARNED=eagle,eagle-63,medusa python3 -P benchmarks/probe_step.py SMOL.gguf mt_bench.jsonl 1
+        # arms of bench_gpu_e2e.LEARNED (the trained drafters of drafters/weights/) instead, the first profiled
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import e2e_models as em  # noqa: E402
-from bench_gpu_e2e import LEARNED, WEIGHTS  # noqa: E402
+from bench_gpu_e2e import learned_arms  # noqa: E402
 
 import specserve.engine as engine_mod  # noqa: E402
 import specserve.verify as verify_mod  # noqa: E402
@@ -126,7 +126,7 @@ def main(model: str, mt_bench: str, *batches: str) -> None:
     arms = {"ngram": NGRAM, "ngram-adaptive": {**NGRAM, "adaptive": True}}
     learned = [m for m in os.environ.get("PROBE_LEARNED", "").split(",") if m]
     if learned:
-        arms = {m: {"method": m, "model": os.path.join(WEIGHTS, m), **LEARNED[m]} for m in learned}
+        arms = learned_arms(learned)
     if model == "8b":
         loaded = em.dummy_model(em.write_config("/tmp/probe_8b", quick=not CUDA), device, getattr(torch, dtype),
                                 repeat=True)

@@ -20,9 +20,10 @@ import numpy as np
 import torch
 
 from specserve.attention import MAX_TREE_NODES, AttentionMetadata
-from specserve.cuda_graphs import batch_buckets
+from specserve.cuda_graphs import BatchGraphs
 from specserve.drafters.draft_kv import DraftKVCache, DraftQuery
 from specserve.drafters.tree import expand_level
+from specserve.kernels import triton_backend
 
 # forward(input_ids [T], positions [T], meta, hidden [T, H]) -> [T, H]; top_k(hidden [N, H], k) -> ([N, k], [N, k])
 HeadForward = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor], torch.Tensor]
@@ -55,27 +56,10 @@ class TreeGrower:
         self._g_root = torch.zeros(max_seqs, hidden, device=dev, dtype=kv.dtype)  # [B, H] the root's draft output
         self._masks = torch.zeros(max_seqs, n, device=dev, dtype=torch.int64)  # [B, n] ancestor bits per node
         self._bits = torch.tensor([1 << j if j < 63 else -(1 << 63) for j in range(n)], device=dev)  # [n] own bit
-        # batch sizes padded to a bucket; captured on CUDA over Triton, else replayed eagerly (tests of the padding)
-        self.buckets = batch_buckets(max_seqs) if target.cuda_graphs else []
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        from specserve.kernels import triton_backend
-
-        if self.buckets and cuda and target.backend is triton_backend:  # the torch reference syncs
-            self._capture()
-
-    def _capture(self) -> None:
-        pool = torch.cuda.graph_pool_handle()
-        n = self.num_nodes
-        self._host[:, n : 2 * n] = -1  # harmless: no K/V writes, root position 0, block 0
+        self._host[:, n : 2 * n] = -1  # padding until filled: no K/V writes, root position 0, block 0
         self._inputs.copy_(self._host)
-        with torch.inference_mode():
-            for b in sorted(self.buckets, reverse=True):
-                self._grow_static(b)  # warm-up: Triton compiles, workspaces
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    out = self._grow_static(b)
-                self.graphs[b] = (graph, out)
+        capture = cuda and target.backend is triton_backend  # the torch reference syncs
+        self.graphs = BatchGraphs(self._grow_static, max_seqs, target.cuda_graphs, capture)
 
     def grow(self, reqs: Sequence, roots: Sequence[int], root_in: torch.Tensor, g_root: torch.Tensor
              ) -> list[Candidates]:
@@ -83,7 +67,7 @@ class TreeGrower:
         b, n = len(reqs), self.num_nodes
         tables = self.kv.block_tables(reqs, [r + n for r in roots])
         m = self.kv.metadata([DraftQuery(t, r, 1, self._parents) for t, r in zip(tables, roots, strict=True)])
-        cap = min((s for s in self.buckets if s >= b), default=b)
+        cap = self.graphs.padded(b)
         h = self._host[:cap].numpy()
         h[:] = 0
         h[:b, :n], h[:b, n : 2 * n] = m.positions.reshape(b, n), m.slot_mapping.reshape(b, n)
@@ -95,11 +79,7 @@ class TreeGrower:
             self._inputs[:cap].copy_(self._host[:cap], non_blocking=True)
         self._root_in[:b].copy_(root_in)
         self._g_root[:b].copy_(g_root)
-        if cap in self.graphs:
-            graph, out = self.graphs[cap]
-            graph.replay()
-        else:
-            out = self._grow_static(cap)
+        out = self.graphs.run(cap)
         res = out[:b].cpu().numpy()  # [b, 3C] the one sync: scores | tokens | parents
         c = self.num_cands
         tokens, parents = res[:, c : 2 * c].astype(np.int64), res[:, 2 * c :].astype(np.int64)

@@ -176,15 +176,13 @@ def test_padded_draft_forwards_equal_eager(tiny_model_dir, tmp_path):
     replays = _draft_replays(padded)
     grown = []  # (trees, padded batch) of every EAGLE tree growth
     for name in ("eagle", "eagle3"):
-        grower = padded.engine.drafters[name].grower
-        grow_static = grower._grow_static
+        graphs = padded.engine.drafters[name].grower.graphs
 
-        def spy(b, grow_static=grow_static):
-            out = grow_static(b)
+        def spy(b, grow=graphs.fn):
             grown.append(b)
-            return out
+            return grow(b)
 
-        grower._grow_static = spy
+        graphs.fn = spy
     plain = _generate(eager, "none")
     for arm in ("draft_model", "eagle", "eagle3"):
         outs = padded.generate(PROMPTS, GREEDY, spec_arm=arm)
@@ -202,7 +200,7 @@ def test_draft_graphs_match_eager_on_cuda(tiny_model_dir, tmp_path):
                   max_num_seqs=8)
     graphs, eager = LLM(enforce_eager=False, **common), LLM(enforce_eager=True, **common)
     assert graphs.engine.drafters["eagle"].runner.graphs.entries[(1, 4)].graph is not None
-    assert sorted(graphs.engine.drafters["eagle"].grower.graphs) == [1, 2, 4, 8]
+    assert sorted(graphs.engine.drafters["eagle"].grower.graphs.graphs) == [1, 2, 4, 8]
     replays = _draft_replays(graphs)
     for arm in ("none", "draft_model", "eagle", "eagle3"):
         assert _generate(graphs, arm) == _generate(eager, arm)
