@@ -22,11 +22,13 @@ from collections.abc import Sequence
 
 import torch
 
-from specserve.attention import MAX_TREE_NODES
+from specserve.attention import MAX_TREE_NODES, AttentionMetadata
 from specserve.config import SpeculativeConfig
+from specserve.cuda_graphs import BatchGraphs, batch_buckets
 from specserve.drafters.base import DraftProposal
 from specserve.drafters.draft_kv import DraftKVCache, DraftQuery, plan_chunks
 from specserve.drafters.draft_runner import DraftRunner
+from specserve.kernels import triton_backend
 from specserve.models.loader import load_model
 from specserve.sampler import RowContext, target_probs
 
@@ -54,7 +56,21 @@ class DraftModelDrafter:
         self.max_num_tokens = spec.num_speculative_tokens
         self.num_kv_layers = cfg.num_layers
         self._drafted: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Request -> entries past the root
-        self.runner = DraftRunner(self.kv, self._model_forward, target, [1], CATCHUP_TOKENS)  # chain steps: 1 each
+        # a step's entries: the root, after the last draft when the target took all k (the chain never fed it)
+        self.runner = DraftRunner(self.kv, self._model_forward, target, [2], CATCHUP_TOKENS)
+        # greedy chains: the k - 1 steps after the root run from one graph per (batch bucket, steps); per sequence
+        # the static input holds the steps' positions [k - 1] | slots [k - 1] | block table [width]
+        self.max_seq_len = target.max_model_len + MAX_TREE_NODES
+        width = -(-self.max_seq_len // target.block_size) + 1
+        steps, cuda = max(self.max_num_tokens - 1, 0), target.device.type == "cuda"
+        self._chain_host = torch.zeros(target.max_num_seqs, 2 * steps + width, dtype=torch.int64, pin_memory=cuda)
+        self._chain_host[:, steps : 2 * steps] = -1  # padding until filled: no K/V writes
+        self._chain_in = self._chain_host.to(target.device)
+        self._first = torch.zeros(target.max_num_seqs, dtype=torch.int64, device=target.device)  # [B] first drafts
+        self.block_size = target.block_size
+        keys = [(b, s) for b in batch_buckets(target.max_num_seqs) for s in range(1, steps + 1)]
+        self.chains = BatchGraphs(self._chain_static, keys if target.cuda_graphs else [],
+                                  cuda and target.backend is triton_backend)
 
     @torch.inference_mode()
     def propose(self, requests: Sequence, max_tokens: Sequence[int]) -> list[DraftProposal | None]:
@@ -66,6 +82,8 @@ class DraftModelDrafter:
         logits = self._catch_up(reqs, spans, want_logits=True)  # [B, vocab] at each root
         for r in reqs:
             self.kv.set_valid(r, r.num_computed_tokens + 1)
+        if self.chains.batches and all(r.params.greedy for r in reqs):
+            return self._greedy_chains(requests, active, logits)
         probs: list[list[torch.Tensor]] = [[] for _ in reqs]
         live = list(range(len(reqs)))  # requests still drafting, rows of logits
         steps: list[tuple[list[int], torch.Tensor]] = []  # (live requests, their tokens [len(live)] on the device)
@@ -94,6 +112,52 @@ class DraftModelDrafter:
             self._drafted[r] = len(tokens[i]) - 1  # entries written for d1 .. d(k-1)
             by_req[id(r)] = DraftProposal.chain(tokens[i], torch.stack(probs[i]) if probs[i] else None)
         return [by_req.get(id(r)) for r in requests]
+
+    def _greedy_chains(self, requests: Sequence, active: list, logits: torch.Tensor) -> list[DraftProposal | None]:
+        """Greedy chains of all active requests from one graph replay and one host sync."""
+        b, steps = len(active), max(k for _, k in active) - 1
+        cap, width = self.chains.padded(b), self.max_num_tokens - 1
+        h = self._chain_host[:cap].numpy()
+        h[:] = 0
+        h[:, width : 2 * width] = -1
+        longer = [(i, r, k) for i, (r, k) in enumerate(active) if k > 1]
+        if longer:
+            m = self.kv.metadata([DraftQuery(r.block_ids, r.num_computed_tokens + 1, k - 1) for _, r, k in longer])
+            for (i, r, k), start in zip(longer, m.query_start_loc, strict=False):
+                h[i, : k - 1] = m.positions[start : start + k - 1]
+                h[i, width : width + k - 1] = m.slot_mapping[start : start + k - 1]
+                h[i, 2 * width : 2 * width + len(r.block_ids)] = r.block_ids
+        if self._chain_in is not self._chain_host:
+            self._chain_in[:cap].copy_(self._chain_host[:cap], non_blocking=True)
+        self._first[:b] = logits.argmax(dim=-1)
+        drafted = self.chains.run(cap, steps)[:b].tolist() if steps else self._first[:b, None].tolist()
+        by_req = {}
+        for (r, k), tokens in zip(active, drafted, strict=True):
+            self._drafted[r] = k - 1  # entries written for d1 .. d(k-1)
+            by_req[id(r)] = DraftProposal.chain(tokens[:k], None)
+        return [by_req.get(id(r)) for r in requests]
+
+    def _chain_static(self, b: int, steps: int) -> torch.Tensor:
+        """[b, steps + 1] greedy draft tokens: the first (static input) and one per chain step."""
+        width = self.max_num_tokens - 1
+        inp = self._chain_in[:b]
+        tables = inp[:, 2 * width :].to(torch.int32)  # [b, table width]
+        dev = inp.device
+        qsl = torch.arange(b + 1, dtype=torch.int32, device=dev)
+        zeros, ones = torch.zeros(b, dtype=torch.int32, device=dev), torch.ones(b, dtype=torch.int64, device=dev)
+        tok = self._first[:b]
+        out = [tok]
+        for s in range(steps):
+            pos = inp[:, s].contiguous()  # [b] the token drafted last, at root + 1 + s: all its context is cached
+            ctx = pos.to(torch.int32)
+            meta = AttentionMetadata(
+                query_start_loc=qsl, seq_lens=ctx + 1, context_lens=ctx, block_tables=tables,
+                slot_mapping=inp[:, width + s].contiguous(), tree_offsets=zeros, tree_mask=ones, max_query_len=1,
+                max_seq_len=self.max_seq_len, block_size=self.block_size,
+            )
+            tok = self.model.compute_logits(self._model_forward(tok, pos, meta, None), self.backend).argmax(dim=-1)
+            out.append(tok)
+        return torch.stack(out, dim=1)
 
     @torch.inference_mode()
     def observe(self, requests, results, out) -> None:

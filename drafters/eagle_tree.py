@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from specserve.attention import MAX_TREE_NODES, AttentionMetadata
-from specserve.cuda_graphs import BatchGraphs
+from specserve.cuda_graphs import BatchGraphs, batch_buckets
 from specserve.drafters.draft_kv import DraftKVCache, DraftQuery
 from specserve.drafters.tree import expand_level
 from specserve.kernels import triton_backend
@@ -59,7 +59,8 @@ class TreeGrower:
         self._host[:, n : 2 * n] = -1  # padding until filled: no K/V writes, root position 0, block 0
         self._inputs.copy_(self._host)
         capture = cuda and target.backend is triton_backend  # the torch reference syncs
-        self.graphs = BatchGraphs(self._grow_static, max_seqs, target.cuda_graphs, capture)
+        keys = [(b,) for b in batch_buckets(max_seqs)] if target.cuda_graphs else []
+        self.graphs = BatchGraphs(self._grow_static, keys, capture)
 
     def grow(self, reqs: Sequence, roots: Sequence[int], root_in: torch.Tensor, g_root: torch.Tensor
              ) -> list[Candidates]:

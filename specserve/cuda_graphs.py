@@ -229,36 +229,36 @@ class CudaGraphs:
 
 
 class BatchGraphs:
-    """A whole multi-forward computation fn(b) -> tensor, captured once per batch bucket b.
+    """A whole multi-forward computation fn(b, *rest) -> tensor, captured once per key (b a batch bucket).
 
     For drafters whose step is several dependent forwards (an EAGLE tree's levels, a draft model's chain):
     fn reads static input tensors sliced to b rows and returns a static output. Off CUDA, or over an attention
-    backend that syncs, the buckets run eagerly: tests of the padding.
+    backend that syncs, the keys run eagerly: tests of the padding.
     """
 
-    def __init__(self, fn: Callable[[int], torch.Tensor], max_seqs: int, enabled: bool, capture: bool):
+    def __init__(self, fn: Callable[..., torch.Tensor], keys: list[tuple[int, ...]], capture: bool):
         self.fn = fn
-        self.buckets = batch_buckets(max_seqs) if enabled else []
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        if self.buckets and capture:
+        self.batches = sorted({k[0] for k in keys})
+        self.graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if keys and capture:
             pool = torch.cuda.graph_pool_handle()
             with torch.inference_mode():
-                for b in sorted(self.buckets, reverse=True):
-                    fn(b)  # warm-up: Triton compiles, workspaces
+                for key in sorted(keys, reverse=True):
+                    fn(*key)  # warm-up: Triton compiles, workspaces
                     torch.cuda.synchronize()
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool=pool):
-                        out = fn(b)
-                    self.graphs[b] = (graph, out)
+                        out = fn(*key)
+                    self.graphs[key] = (graph, out)
 
     def padded(self, num_seqs: int) -> int:
         """The batch size a step of num_seqs sequences runs at: its bucket, or itself past the largest."""
-        return min((b for b in self.buckets if b >= num_seqs), default=num_seqs)
+        return min((b for b in self.batches if b >= num_seqs), default=num_seqs)
 
-    def run(self, b: int) -> torch.Tensor:
-        """fn(b), replayed if captured; the output is static: read it before the next run."""
-        if b in self.graphs:
-            graph, out = self.graphs[b]
+    def run(self, *key: int) -> torch.Tensor:
+        """fn(*key), replayed if captured; the output is static: read it before the next run."""
+        if key in self.graphs:
+            graph, out = self.graphs[key]
             graph.replay()
             return out
-        return self.fn(b)
+        return self.fn(*key)

@@ -174,13 +174,13 @@ def test_padded_draft_forwards_equal_eager(tiny_model_dir, tmp_path):
     assert sorted({q for _, q in eagle.buckets.keys if _ == 1}) == [1, 2, 4, 6]  # entries: depth 4 + 2, powers
     assert eager.engine.drafters["eagle"].runner.graphs is None
     replays = _draft_replays(padded)
-    grown = []  # (trees, padded batch) of every EAGLE tree growth
-    for name in ("eagle", "eagle3"):
-        graphs = padded.engine.drafters[name].grower.graphs
+    grown = []  # padded batch of every EAGLE tree growth and greedy draft-model chain
+    for graphs in (padded.engine.drafters["eagle"].grower.graphs, padded.engine.drafters["eagle3"].grower.graphs,
+                   padded.engine.drafters["draft_model"].chains):
 
-        def spy(b, grow=graphs.fn):
+        def spy(b, *rest, fn=graphs.fn):
             grown.append(b)
-            return grow(b)
+            return fn(b, *rest)
 
         graphs.fn = spy
     plain = _generate(eager, "none")
@@ -190,7 +190,7 @@ def test_padded_draft_forwards_equal_eager(tiny_model_dir, tmp_path):
         assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref] == plain
         assert [o.metrics.num_steps for o in outs] == [o.metrics.num_steps for o in ref]
     assert min(replays.values()) > 5, replays
-    assert 8 in grown and 6 not in grown  # six prompts: their trees grew padded to the batch bucket of 8
+    assert 8 in grown and 6 not in grown  # six prompts: trees and chains ran padded to the batch bucket of 8
 
 
 @cuda
@@ -200,7 +200,8 @@ def test_draft_graphs_match_eager_on_cuda(tiny_model_dir, tmp_path):
                   max_num_seqs=8)
     graphs, eager = LLM(enforce_eager=False, **common), LLM(enforce_eager=True, **common)
     assert graphs.engine.drafters["eagle"].runner.graphs.entries[(1, 4)].graph is not None
-    assert sorted(graphs.engine.drafters["eagle"].grower.graphs.graphs) == [1, 2, 4, 8]
+    assert sorted(graphs.engine.drafters["eagle"].grower.graphs.graphs) == [(1,), (2,), (4,), (8,)]
+    assert len(graphs.engine.drafters["draft_model"].chains.graphs) == 4 * 2  # batch buckets x chain steps 1, 2
     replays = _draft_replays(graphs)
     for arm in ("none", "draft_model", "eagle", "eagle3"):
         assert _generate(graphs, arm) == _generate(eager, arm)
