@@ -150,14 +150,19 @@ def main(model: str, mt_bench: str, *batches: str) -> None:
     runs += [(arm, sampled, mode) for arm in ("none", "ngram") if arm == "none" or arms for mode in ("batched", "walk")]
     if learned:
         runs = [("none", params, "")] + [(arm, params, "") for arm in learned]
+        # the draft model again with its greedy chains stepped from the host (graph per step), as before
+        runs += [(arm, params, "loop") for arm in learned if arms[arm]["method"] == "draft_model"]
     for b in [int(x) for x in batches] or [1, 16, 64, 128]:
         for n, (arm, params, mode) in enumerate(runs):
             # sampled runs: chains verified in one batch (batched), or node by node as before (walk)
             verify_mod._walk_chains = walk_each if mode == "walk" else BATCHED_CHAINS
             eng.async_scheduling = CUDA and mode != "sync"
+            chains = getattr(eng.drafters.get(arm), "chains", None)
+            if chains is not None:
+                chains.batches = [] if mode == "loop" else sorted({key[0] for key in chains.graphs})
             for i in range(b):
                 eng.add_request(f"{arm}-{b}-{n}-{i}", prompts[i % len(prompts)], params, spec_arm=arm)
-            arm = f"{arm} {mode}" if mode == "sync" else f"{arm} sampled {mode}" if mode else arm
+            arm = f"{arm} {mode}" if mode in ("sync", "loop") else f"{arm} sampled {mode}" if mode else arm
             clock.clear()
             steps, tokens = [], 0
             while eng.has_unfinished_requests():

@@ -4,7 +4,9 @@ Checkpoint (SafeAILab/EAGLE `cnets.py`): config.json in Llama spelling with draf
 spelling, eagle_config.eagle_aux_hidden_state_layer_ids (default (2, L // 2, L - 3): the residual streams
 entering those target layers); model.safetensors or pytorch_model.bin with fc.weight [H, 3H],
 midlayer.* (also read as layers.0.*), norm.weight, lm_head.weight [Vd, H], d2t [Vd] (target id = draft
-id + d2t[draft id]; optional when Vd = V), t2d [V] (unused here) and optionally embed_tokens.weight.
+id + d2t[draft id]; optional when Vd = V), t2d [V] (unused here) and optionally embed_tokens.weight. A
+checkpoint whose config sets `specserve_shared_lm_head` (ours, from `train-drafter --draft-vocab-size 0`)
+stores no lm_head: its draft vocabulary is the target's, through the target's LM head.
 
 The midlayer's attention reads cat(input_layernorm(embedding), hidden_norm(hidden)) [2H] and its residual
 is the raw hidden. fc only fuses target features (an entry's input); inside the tree a node's input is its
@@ -14,6 +16,8 @@ EagleDrafter's.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -21,6 +25,8 @@ from specserve.drafters.checkpoint import check_dim, load_module, read_config, r
 from specserve.drafters.eagle import WEIGHT_FILES, EagleDrafter, _own_embedding, draft_config
 from specserve.models.config import ModelConfig
 from specserve.models.llama import LlamaDecoderLayer, RMSNorm, RotaryEmbedding, make_linear
+
+SHARED_LM_HEAD_KEY = "specserve_shared_lm_head"  # config.json: no lm_head stored, the target's serves (full vocab)
 
 
 class Eagle3Layer(LlamaDecoderLayer):
@@ -40,15 +46,17 @@ class Eagle3Layer(LlamaDecoderLayer):
 
 
 class Eagle3Head(nn.Module):
-    """fc over the aux features, the midlayer, norm, and an LM head over the draft vocabulary."""
+    """fc over the aux features, the midlayer, norm, and an LM head over the draft vocabulary: its own, or the
+    target's (target_logits: the whole vocabulary, nothing stored)."""
 
-    def __init__(self, cfg: ModelConfig, num_aux: int, draft_vocab_size: int):
+    def __init__(self, cfg: ModelConfig, num_aux: int, draft_vocab_size: int, target_logits=None):
         super().__init__()
         h = cfg.hidden_size
         self.fc = nn.Linear(num_aux * h, h, bias=False)
         self.midlayer = Eagle3Layer(cfg)
         self.norm = RMSNorm(h, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(h, draft_vocab_size, bias=False)
+        self.lm_head = nn.Linear(h, draft_vocab_size, bias=False) if target_logits is None else None
+        self._target_logits = target_logits  # a bound method: the target's LM head stays out of this module
         self.register_buffer("d2t", torch.zeros(draft_vocab_size, dtype=torch.int64))
         self.rotary = RotaryEmbedding(cfg)
 
@@ -63,9 +71,15 @@ class Eagle3Head(nn.Module):
     def forward(self, emb, hidden, positions, meta, kv_layers, backend) -> torch.Tensor:
         return self.midlayer(emb, hidden, positions, self.rotary, meta, kv_layers[0], backend)
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, draft vocab] float32 logits of draft outputs [N, H]."""
+        if self.lm_head is None:
+            return self._target_logits(self.norm(hidden))
+        return self.lm_head(self.norm(hidden)).float()
+
     def top_k(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-probs [N, k], target token ids [N, k]) of the k likeliest draft-vocabulary tokens."""
-        logp, ids = self.lm_head(self.norm(hidden)).float().log_softmax(dim=-1).topk(k, dim=-1)
+        logp, ids = self.logits(hidden).log_softmax(dim=-1).topk(k, dim=-1)
         return logp, ids + self.d2t[ids]
 
 
@@ -86,6 +100,10 @@ def load_eagle3(path: str, target) -> tuple[Eagle3Head, nn.Embedding | None, tup
     tcfg = target.model.config
     layers = aux_layers(raw, tcfg.num_layers, what)
     draft_vocab = int(raw.get("draft_vocab_size") or cfg.vocab_size)
+    shared = bool(raw.get(SHARED_LM_HEAD_KEY))
+    if shared and draft_vocab != tcfg.vocab_size:
+        raise ValueError(f"{what} sets {SHARED_LM_HEAD_KEY} (it drafts through the target's LM head), so its "
+                         f"draft_vocab_size {draft_vocab} must be the target's vocab_size {tcfg.vocab_size}")
     tensors = {k.replace("layers.0.", "midlayer.", 1) if k.startswith("layers.0.") else k: v
                for k, v in read_tensors(path, WEIGHT_FILES).items()}
     tensors.pop("t2d", None)  # the target -> draft map: training needs it, drafting does not
@@ -94,7 +112,8 @@ def load_eagle3(path: str, target) -> tuple[Eagle3Head, nn.Embedding | None, tup
     if "fc.weight" in tensors:
         check_dim(what, tensors["fc.weight"].shape[1], len(layers) * tcfg.hidden_size, "fc input size")
     embed = _own_embedding(tensors, target, what)
-    head = Eagle3Head(cfg, len(layers), draft_vocab).to(device=target.device, dtype=target.dtype)
+    logits = functools.partial(target.model.compute_logits, backend=target.backend) if shared else None
+    head = Eagle3Head(cfg, len(layers), draft_vocab, logits).to(device=target.device, dtype=target.dtype)
     load_module(head, tensors, what)
     return head.requires_grad_(False).eval(), embed, layers
 

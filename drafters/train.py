@@ -103,7 +103,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     k.add_argument("--ttt-steps", type=int, default=None, help="EAGLE unrolled steps (default: eagle 2, eagle3 3)")
     k.add_argument("--feature-noise", type=float, default=0.0,
                    help="eagle: add U(-w/2, w/2) to the input features in training (SafeAILab/EAGLE uses 0.2)")
-    k.add_argument("--draft-vocab-size", type=int, default=8192, help="EAGLE-3 draft vocabulary")
+    k.add_argument("--draft-vocab-size", type=int, default=8192,
+                   help="EAGLE-3 draft vocabulary; 0: the target's, through its LM head (not saved)")
     k.add_argument("--medusa-heads", type=int, default=4)
     k.add_argument("--medusa-layers", type=int, default=1)
     k.add_argument("--draft-layers", type=int, default=2, help="draft_model: the target's first N layers")
@@ -216,6 +217,8 @@ def _objective(args, loaded, data: Distilled, train_ids: torch.Tensor):
     if args.kind == "eagle":
         return EagleObjective(target, args.ttt_steps or 2, args.feature_noise)
     if args.kind == "eagle3":
+        if args.draft_vocab_size == 0:
+            return Eagle3Objective(target, None, args.ttt_steps or 3)
         # Counted on training answers only, so the held-out prompts stay unseen.
         in_train = torch.zeros(data.num_sequences, dtype=torch.bool)
         in_train[train_ids] = True

@@ -7,7 +7,8 @@ KV, through their submodules, so the math is the runtime's op for op:
   layer without input_layernorm; its output goes straight to the target's LM head.
 - EAGLE-3 (`traineagle3/cnets.py`): `fc` over the concatenated aux features, `midlayer` whose attention
   reads cat(input_layernorm(embedding), hidden_norm(hidden)) [2H], `norm`, and its own `lm_head` over a
-  draft vocabulary; `d2t` maps it to the target's, and the saved `t2d` marks the target ids it covers.
+  draft vocabulary; `d2t` maps it to the target's, and the saved `t2d` marks the target ids it covers. Or
+  the target's LM head over the whole vocabulary (`--draft-vocab-size 0`), not saved.
 - Medusa: `medusa_heads`, zero-initialised as Medusa does.
 Unrolled ("training-time test") steps j >= 1 of the EAGLE heads feed their own output back, as drafting
 does: a query at position t attends step 0's keys at <= t and step i's key at t only, rope at t + j.
@@ -26,7 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from specserve.drafters.eagle import Eagle1Head
-from specserve.drafters.eagle3 import Eagle3Head
+from specserve.drafters.eagle3 import SHARED_LM_HEAD_KEY, Eagle3Head
 from specserve.drafters.medusa import medusa_heads
 from specserve.drafters.train_data import Batch
 from specserve.models.config import ModelConfig
@@ -196,32 +197,41 @@ def eagle3_aux_layers(num_layers: int) -> tuple[int, ...]:
 
 class Eagle3Objective:
     """EAGLE-3: CE of the draft-vocab logits against the target's distribution restricted to the draft
-    vocab, at positions whose target argmax the draft vocab holds; unrolled steps weigh 0.8^j."""
+    vocab, at positions whose target argmax the draft vocab holds; unrolled steps weigh 0.8^j.
 
-    def __init__(self, target, draft_vocab: torch.Tensor, steps: int = 1):
+    draft_vocab None: the target's whole vocabulary through the target's frozen LM head, which the checkpoint
+    does not store (SHARED_LM_HEAD_KEY): every token can be drafted, for no weights of its own.
+    """
+
+    def __init__(self, target, draft_vocab: torch.Tensor | None, steps: int = 1):
         self.target, self.steps, self.max_shift = target, steps, steps
         self.aux_layers = eagle3_aux_layers(target.config.num_layers)
-        self.vocab = draft_vocab  # [Vd] sorted target ids
-        self.module = Eagle3Head(draft_layer_config(target.config), len(self.aux_layers), len(draft_vocab))
-        self.module.d2t.copy_(draft_vocab - torch.arange(len(draft_vocab), device=draft_vocab.device))
-        self.t2d = torch.zeros(target.config.vocab_size, dtype=torch.bool, device=draft_vocab.device)
-        self.t2d[draft_vocab] = True  # target ids the draft can emit
+        self.vocab = draft_vocab  # [Vd] sorted target ids, or None: all of them
+        size = target.config.vocab_size if draft_vocab is None else len(draft_vocab)
+        logits = target.compute_logits if draft_vocab is None else None
+        self.module = Eagle3Head(draft_layer_config(target.config), len(self.aux_layers), size, logits)
+        self.t2d = None
+        if draft_vocab is not None:
+            self.module.d2t.copy_(draft_vocab - torch.arange(len(draft_vocab), device=draft_vocab.device))
+            self.t2d = torch.zeros(target.config.vocab_size, dtype=torch.bool, device=draft_vocab.device)
+            self.t2d[draft_vocab] = True  # target ids the draft can emit
 
     def loss(self, b: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         fs, m, embed = b.fs, self.module, self.target.model.embed_tokens
         hidden, cache, total, metrics = m.fc(fs.aux[b.at(0)]), [], 0.0, {}
-        vocab = self.vocab.to(fs.tokens.device)
         for j in range(self.steps):
             idx = b.at(1 + j)
             out = eagle3_step(m, embed(fs.tokens[idx]), hidden, b.pos + j, cache)  # [B, S, H]
             mask = b.answer_mask(1 + j)
             rows, tidx = out[mask], idx[mask]
-            logits = m.lm_head(m.norm(rows)).float()  # [R, Vd]
+            logits = m.logits(rows)  # [R, Vd]
             with torch.no_grad():
                 tlogits = self.target.compute_logits(fs.hidden[tidx])  # [R, V]
                 best = tlogits.argmax(-1)
-                p = torch.softmax(tlogits[:, vocab], dim=-1)  # [R, Vd]
-            loss = soft_ce(logits, p, keep=self.t2d[best])
+                if self.vocab is not None:
+                    tlogits = tlogits[:, self.vocab.to(tlogits.device)]
+                p = torch.softmax(tlogits, dim=-1)  # [R, Vd]
+            loss = soft_ce(logits, p, keep=None if self.t2d is None else self.t2d[best])
             total = total + 0.8**j * loss
             pred = logits.argmax(-1)
             metrics |= {f"acc_{j}": (pred + m.d2t[pred] == best).float().mean(), f"ploss_{j}": loss}
@@ -229,8 +239,13 @@ class Eagle3Objective:
         return total, metrics
 
     def save(self, out_dir: str, dtype: torch.dtype) -> None:
-        _save(self.module, os.path.join(out_dir, "model.safetensors"), dtype, t2d=self.t2d)
-        cfg = llama_config(self.target.config, draft_vocab_size=len(self.vocab),
+        if self.t2d is None:
+            _save(self.module, os.path.join(out_dir, "model.safetensors"), dtype, skip=("d2t",))
+            extra = {"draft_vocab_size": self.target.config.vocab_size, SHARED_LM_HEAD_KEY: True}
+        else:
+            _save(self.module, os.path.join(out_dir, "model.safetensors"), dtype, t2d=self.t2d)
+            extra = {"draft_vocab_size": len(self.vocab)}
+        cfg = llama_config(self.target.config, **extra,
                            eagle_config={"eagle_aux_hidden_state_layer_ids": list(self.aux_layers)})
         _write_json(cfg, os.path.join(out_dir, "config.json"))
 

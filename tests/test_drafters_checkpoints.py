@@ -100,7 +100,7 @@ def write_eagle(path: str, target_dir: str, seed: int = 0, drop: tuple = (), **c
 
 
 def write_eagle3(path: str, target_dir: str, draft_vocab: int = 200, seed: int = 0, drop: tuple = (),
-                 fc_inputs: int = 3) -> str:
+                 fc_inputs: int = 3, **config) -> str:
     """EAGLE-3 (cnets.py) layout: fc [H, 3H], midlayer.* (2H attention inputs, hidden_norm), norm, lm_head, d2t, t2d."""
     c = target_config(target_dir)
     h, v = c["hidden_size"], c["vocab_size"]
@@ -114,7 +114,7 @@ def write_eagle3(path: str, target_dir: str, draft_vocab: int = 200, seed: int =
         "t2d": torch.zeros(v, dtype=torch.bool).index_fill_(0, vocab, True),
     }
     t.update(_layer("midlayer.", c, g, in_mult=2, hidden_norm=True))
-    cfg = _eagle_config(c, draft_vocab_size=draft_vocab)
+    cfg = _eagle_config(c, draft_vocab_size=draft_vocab, **config)
     return _write(path, cfg, {k: x for k, x in t.items() if k not in drop}, "model.safetensors")
 
 
@@ -159,6 +159,9 @@ def test_eagle_loader_errors(tiny_model_dir, tmp_path, kwargs, message):
     [
         (dict(fc_inputs=2), "fc input size 128, but the target model's fc input size is 192"),
         (dict(drop=("d2t", "norm.weight")), "lacks 2 tensors: d2t, norm.weight"),
+        (dict(drop=("lm_head.weight",), specserve_shared_lm_head=True),
+         "draft_vocab_size 200 must be the target's vocab_size 320"),
+        (dict(draft_vocab=320, specserve_shared_lm_head=True), "unexpected .*lm_head.weight"),
     ],
 )
 def test_eagle3_loader_errors(tiny_model_dir, tmp_path, kwargs, message):

@@ -40,6 +40,7 @@ PROMPTS = ["Tell me about the fox.", "What is a cache?", "Write add(a, b).", "Sa
 KIND_ARGS = {
     "eagle": ["--lr", "3e-3", "--ttt-steps", "2"],
     "eagle3": ["--lr", "3e-3", "--ttt-steps", "2", "--draft-vocab-size", "128", "--group-by-length"],
+    "eagle3-shared": ["--lr", "3e-3", "--ttt-steps", "2", "--draft-vocab-size", "0"],  # the target's LM head
     "medusa": ["--lr", "3e-3", "--medusa-heads", "3"],
     "draft_model": ["--lr", "1e-3", "--draft-layers", "2"],
 }
@@ -54,14 +55,16 @@ def setup(tiny_model_dir, tmp_path_factory):
     return tiny_model_dir("llama"), str(prompts), root
 
 
-def train(setup, kind: str, out: str, *extra: str) -> dict:
+def train(setup, name: str, out: str, *extra: str) -> dict:
+    """Train KIND_ARGS[name] (its kind: name up to a dash) for 6 steps; the curves."""
     model, prompts, root = setup
+    kind = name.split("-")[0]
     parser = argparse.ArgumentParser()
     add_train_args(parser)
     args = parser.parse_args([
         "--kind", kind, "--model", model, "--prompts", prompts, "--out", out, "--max-tokens", "16",
         "--batch-size", "8", "--steps", "6", "--distill-cache", str(root / "distill.safetensors"),
-        *KIND_ARGS[kind], *extra,
+        *KIND_ARGS[name], *extra,
     ])  # batch 8 >= 6 sequences: every step sees the same data, so the loss must fall
     assert run_train(args) == 0
     with open(os.path.join(out, "training_curves.json")) as f:
@@ -115,6 +118,15 @@ def test_eagle3_layout(trained):
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["draft_vocab_size"] == 128 and cfg["vocab_size"] == V
     assert cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [2, LAYERS // 2, LAYERS - 3]
+
+
+def test_eagle3_shared_lm_head_layout(trained):
+    """--draft-vocab-size 0: no lm_head, d2t or t2d stored; the config says the target's LM head serves."""
+    out, _ = trained["eagle3-shared"]
+    sd = load_file(os.path.join(out, "model.safetensors"))
+    assert sd["fc.weight"].shape == (H, 3 * H) and not {"lm_head.weight", "d2t", "t2d"} & set(sd)
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["draft_vocab_size"] == V and cfg["specserve_shared_lm_head"] is True
 
 
 def test_medusa_layout(trained):
@@ -194,13 +206,14 @@ def _runtime_missing(kind: str) -> str | None:
 @pytest.mark.parametrize("kind", list(KIND_ARGS))
 def test_trained_drafter_runs_lossless(setup, trained, kind):
     """The checkpoint loads through the engine and greedy speculative output equals plain greedy output."""
-    reason = _runtime_missing(kind)
+    reason = _runtime_missing(kind.split("-")[0])
     if reason:
         pytest.skip(reason)
     from specserve import LLM, SamplingParams
 
     model, _, _ = setup
     out, _ = trained[kind]
+    kind = kind.split("-")[0]
     convs = [[{"role": "user", "content": p}] for p in PROMPTS[:3]]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     loaded = load_model(model, torch.float32, "cpu")
