@@ -97,6 +97,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--grad-clip", type=float, default=0.5)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    t.add_argument("--init", default=None, metavar="DIR",
+                   help="start from a checkpoint of this kind: its tensors of the same names and shapes")
     t.add_argument("--save-every", type=int, default=0, help="also save train_state.pt every N steps")
     t.add_argument("--save-dtype", default="bfloat16", choices=list(DTYPES))
     k = p.add_argument_group("kinds")
@@ -144,6 +146,10 @@ def run_train(args: argparse.Namespace) -> int:
     times["distill_s"] = time.time() - t
     train_ids, val_ids = split_by_prompt(data.prompt_index, args.val_fraction, args.seed)
     objective = _objective(args, loaded, data, train_ids)
+    if args.init:
+        taken, left = init_from(objective.module, args.init)
+        print(f"train-drafter: --init took {len(taken)} tensors of {args.init}; left as initialised: "
+              f"{', '.join(left) or 'none'}", file=sys.stderr)
     loaded.model.aux_layers = objective.aux_layers  # the target's forward now also returns these features
     t = time.time()
     feats = collect_features(loaded.model, backend, data, device, aux=bool(objective.aux_layers),
@@ -210,6 +216,22 @@ def _distilled(args, loaded, backend, device: torch.device) -> Distilled:
 def _write_jsonl(rows: list[dict], path: str) -> None:
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+@torch.no_grad()
+def init_from(module: torch.nn.Module, path: str) -> tuple[list[str], list[str]]:
+    """Copy a checkpoint's tensors (every *.safetensors in path) into module's of the same name and shape; (the
+    names taken, the module's names left as they were)."""
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            tensors |= load_file(os.path.join(path, name))
+    state = module.state_dict()  # checkpoint names (merged projections show as their parts)
+    taken = [n for n, v in state.items() if n in tensors and tensors[n].shape == v.shape]
+    module.load_state_dict(state | {n: tensors[n] for n in taken})
+    return taken, [n for n in state if n not in taken]
 
 
 def _objective(args, loaded, data: Distilled, train_ids: torch.Tensor):

@@ -129,6 +129,20 @@ def test_eagle3_shared_lm_head_layout(trained):
     assert cfg["draft_vocab_size"] == V and cfg["specserve_shared_lm_head"] is True
 
 
+def test_init_takes_matching_tensors(setup, trained):
+    """--init: EAGLE-3 with the target's LM head starts from a draft-vocabulary checkpoint's fc, midlayer, norm."""
+    from specserve.drafters.train import init_from
+    from specserve.drafters.train_heads import Eagle3Objective
+
+    model, _, _ = setup
+    objective = Eagle3Objective(load_model(model, torch.float32, "cpu").model, None)
+    out, _ = trained["eagle3"]
+    taken, left = init_from(objective.module, out)
+    assert left == ["d2t"] and {"fc.weight", "midlayer.self_attn.k_proj.weight"} <= set(taken)
+    sd, now = load_file(os.path.join(out, "model.safetensors")), objective.module.state_dict()
+    assert all(torch.equal(now[n], sd[n].float()) for n in taken)
+
+
 def test_medusa_layout(trained):
     out, _ = trained["medusa"]
     sd = load_file(os.path.join(out, "medusa_lm_head.safetensors"))
