@@ -105,8 +105,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     k.add_argument("--ttt-steps", type=int, default=None, help="EAGLE unrolled steps (default: eagle 2, eagle3 3)")
     k.add_argument("--feature-noise", type=float, default=0.0,
                    help="eagle: add U(-w/2, w/2) to the input features in training (SafeAILab/EAGLE uses 0.2)")
-    k.add_argument("--draft-vocab-size", type=int, default=8192,
-                   help="EAGLE-3 draft vocabulary; 0: the target's, through its LM head (not saved)")
+    k.add_argument("--draft-vocab-size", type=int, default=0,
+                   help="EAGLE-3 draft vocabulary: its own LM head over the N most frequent answer tokens, or 0 "
+                        "(default) the target's whole vocabulary through the target's LM head (not saved)")
     k.add_argument("--medusa-heads", type=int, default=4)
     k.add_argument("--medusa-layers", type=int, default=1)
     k.add_argument("--draft-layers", type=int, default=2, help="draft_model: the target's first N layers")
