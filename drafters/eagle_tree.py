@@ -7,7 +7,7 @@ the inputs of the next level, all of which the device can compute. So the host u
 not depend on it (each node's position and slot: a level's frontier sits at depth l, in query slots that follow
 the root), and one replay per batch bucket runs every level; one copy brings the candidates back for rerank.
 
-Layout of a tree of top_k k and depth d, per sequence: query node 0 is the root, nodes 1 + (l - 1) k ..  l k are
+Layout of a tree of top_k k and depth d, per sequence: query node 0 is the root, nodes 1 + (l - 1) k .. l k are
 level l's frontier (l = 1 .. d - 1), so level l's forward is the first 1 + l k nodes, as the host-grown tree had
 it. Candidates: the root's k children, then k children under each of level l's k frontier nodes.
 """
@@ -44,12 +44,11 @@ class TreeGrower:
         # the real parents are chosen on the device)
         self._parents = [0] * top_k + [1 + (j // top_k - 1) * top_k for j in range(top_k, self.num_nodes - 1)]
         self.max_seq_len = target.max_model_len + MAX_TREE_NODES
-        self.width = -(-self.max_seq_len // kv.block_size) + 1
+        width = -(-self.max_seq_len // kv.block_size) + 1
         max_seqs, n, dev = target.max_num_seqs, self.num_nodes, kv.device
-        # per sequence: positions [n] | slots [n] | root position | root token | block table [width]
-        self._cols = 2 * n + 2 + self.width
         cuda = dev.type == "cuda"
-        self._host = torch.zeros(max_seqs, self._cols, dtype=torch.int64, pin_memory=cuda)
+        # per sequence: positions [n] | slots [n] | root position | root token | block table [width]
+        self._host = torch.zeros(max_seqs, 2 * n + 2 + width, dtype=torch.int64, pin_memory=cuda)
         self._inputs = torch.zeros_like(self._host, device=dev) if cuda else self._host
         hidden = target.model.config.hidden_size
         self._root_in = torch.zeros(max_seqs, hidden, device=dev, dtype=kv.dtype)  # [B, H] the root entry's input

@@ -25,6 +25,7 @@ import sys
 import time
 
 import torch
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from specserve.drafters.self_instruct import write_prompts
@@ -223,8 +224,6 @@ def _write_jsonl(rows: list[dict], path: str) -> None:
 def init_from(module: torch.nn.Module, path: str) -> tuple[list[str], list[str]]:
     """Copy a checkpoint's tensors (every *.safetensors in path) into module's of the same name and shape; (the
     names taken, the module's names left as they were)."""
-    from safetensors.torch import load_file
-
     tensors = {}
     for name in sorted(os.listdir(path)):
         if name.endswith(".safetensors"):
