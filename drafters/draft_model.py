@@ -6,6 +6,7 @@ root) as one causal chunk, then k - 1 one-token steps. A draft token's entry sta
 accepts it (same token, same position), so after verification the draft lags by at most two entries: as
 in gpt-fast, when all k drafts are accepted the last one was never fed, and the next chunk runs it with the
 bonus token. observe() catches up long runs (prefill chunks) in chunked forwards, keeping propose small.
+When every drafting request is greedy, the k - 1 steps are one graph replay with one host sync.
 
 A draft model trained by `specserve train-drafter` shares the target's embedding and LM head (its config.json
 says `specserve_shared_embeddings`): they are the target's tensors, not copies.

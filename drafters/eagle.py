@@ -19,7 +19,8 @@ Tree (EAGLE-2, `topK_genrate`): the root's top_k tokens are the first level; eac
 cumulative log-prob are expanded to their top_k children, `depth` levels in all; the num_speculative_tokens
 best of every scored node form the draft. A level's forward is the root plus every node expanded so far, as
 a tree query (earlier nodes are recomputed from the same inputs), so the attention kernels see the same
-kind of tree as verification. Drafts are deterministic top-k, so q is one-hot in verification.
+kind of tree as verification. Every level of a step runs on the device (eagle_tree.TreeGrower: one graph replay,
+one host sync). Drafts are deterministic top-k, so q is one-hot in verification.
 """
 
 from __future__ import annotations
