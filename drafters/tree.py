@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 # Rough top-r accuracy of a draft head (Medusa paper, fig. 3): rank r is right about 0.6 / (r + 1)^2 of the
-# time. default_tree keeps the paths whose product of these is largest, the way mc_sim trees are made.
+# time. default_tree keeps the paths whose product of these (or of a checkpoint's measured table) is largest,
+# the way mc_sim trees are made.
 TOP1_ACCURACY = 0.6
 
 
@@ -76,28 +77,37 @@ def static_tree(paths: list[list[int]] | list[tuple[int, ...]]) -> StaticTree:
     return StaticTree(tuple(ordered), tuple(parents))
 
 
-def default_tree(num_nodes: int, max_depth: int) -> StaticTree:
+def default_tree(num_nodes: int, max_depth: int, accuracy: list[list[float]] | None = None) -> StaticTree:
     """The num_nodes paths of highest estimated acceptance (product of per-rank accuracies), depth <= max_depth.
 
-    Best-first: popping a path pushes its first child and its next sibling, both scoring no higher, so paths
-    leave the heap in score order. num_nodes 4, max_depth 3 -> (0,), (0, 0), (0, 0, 0), (1,).
+    accuracy[d][r]: how often head d's rank-r token is right (a checkpoint's measured table, made non-increasing
+    in r); None: the prior TOP1_ACCURACY / (r + 1)^2 for every head. Best-first: popping a path pushes its first
+    child and its next sibling, both scoring no higher, so paths leave the heap in score order. num_nodes 4,
+    max_depth 3, no table -> (0,), (0, 0), (0, 0, 0), (1,).
     """
     if num_nodes < 1 or max_depth < 1:
         raise ValueError("default_tree needs num_nodes >= 1 and max_depth >= 1")
+    table = None
+    if accuracy is not None:
+        if len(accuracy) < max_depth or not all(accuracy[:max_depth]):
+            raise ValueError(f"a rank-accuracy table needs a non-empty row for each of {max_depth} heads")
+        table = [np.minimum.accumulate(np.asarray(row, dtype=float)).tolist() for row in accuracy]
 
-    def acc(rank: int) -> float:
-        return TOP1_ACCURACY / (rank + 1) ** 2
+    def acc(depth: int, rank: int) -> float:
+        if table is None:
+            return TOP1_ACCURACY / (rank + 1) ** 2
+        return table[depth][rank] if rank < len(table[depth]) else 0.0
 
-    heap = [(-acc(0), (0,))]
+    heap = [(-acc(0, 0), (0,))]
     chosen: list[tuple[int, ...]] = []
     while heap and len(chosen) < num_nodes:
         neg, path = heapq.heappop(heap)
         chosen.append(path)
-        score = -neg
-        if len(path) < max_depth:
-            heapq.heappush(heap, (-score * acc(0), path + (0,)))
-        r = path[-1]
-        heapq.heappush(heap, (-score / acc(r) * acc(r + 1), path[:-1] + (r + 1,)))
+        score, d, r = -neg, len(path) - 1, path[-1]
+        if d + 1 < max_depth:
+            heapq.heappush(heap, (-score * acc(d + 1, 0), path + (0,)))
+        if acc(d, r) > 0:
+            heapq.heappush(heap, (-score / acc(d, r) * acc(d, r + 1), path[:-1] + (r + 1,)))
     return static_tree(chosen)
 
 

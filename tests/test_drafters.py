@@ -203,6 +203,19 @@ def test_medusa_static_tree_from_config(target, plain, tmp_path):
     assert llm.engine.drafters[llm.engine.default_arm].max_num_tokens == 5
 
 
+def test_medusa_tree_from_checkpoint_accuracy(target, plain, tmp_path):
+    """A config.json with measured rank accuracies sizes the default tree from them; lossless either way."""
+    accuracy = [[0.4, 0.2, 0.1, 0.05], [0.1, 0.05], [0.05]]
+    path = write_medusa(str(tmp_path / "medusa"), target, heads=3, specserve_rank_accuracy=accuracy)
+    llm, outs = generate(target, {"method": "medusa", "model": path, "num_speculative_tokens": 7})
+    assert token_ids(outs) == plain
+    tree = llm.engine.drafters[llm.engine.default_arm].tree
+    assert tree.paths == ((0,), (1,), (2,), (3,), (0, 0), (0, 1), (1, 0))  # the prior would go 3 deep
+    bad = write_medusa(str(tmp_path / "bad"), target, heads=3, specserve_rank_accuracy=accuracy[:2])
+    with pytest.raises(ValueError, match="specserve_rank_accuracy has 2 rows for 3 heads"):
+        LLM(model=target, speculative_config={"method": "medusa", "model": bad}, **ENGINE)
+
+
 # ---- sampling -------------------------------------------------------------------------------------
 
 

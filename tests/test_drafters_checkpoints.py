@@ -35,7 +35,8 @@ def _write(path: str, config: dict, tensors: dict[str, torch.Tensor], weights: s
 
 
 def write_medusa(path: str, target_dir: str, heads: int = 3, layers: int = 1, share: bool = True,
-                 hidden: int | None = None, vocab: int | None = None, seed: int = 0, drop: tuple = ()) -> str:
+                 hidden: int | None = None, vocab: int | None = None, seed: int = 0, drop: tuple = (),
+                 **config) -> str:
     """FasterDecoding/Medusa layout: {head}.{layer}.linear.weight/bias and {head}.{layers}.weight."""
     c = target_config(target_dir)
     h, v = hidden or c["hidden_size"], vocab or c["vocab_size"]
@@ -48,7 +49,7 @@ def write_medusa(path: str, target_dir: str, heads: int = 3, layers: int = 1, sh
         if not share:
             t[f"{i}.{layers}.weight"] = 0.1 * torch.randn(v, h, generator=g)
     cfg = {"medusa_num_heads": heads, "medusa_num_layers": layers, "share_lm_head": share,
-           "base_model_name_or_path": target_dir}
+           "base_model_name_or_path": target_dir, **config}
     return _write(path, cfg, {k: x for k, x in t.items() if k not in drop}, "medusa_lm_head.safetensors")
 
 

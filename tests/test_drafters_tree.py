@@ -41,6 +41,19 @@ def test_default_tree_is_best_first():
     assert all(p[:-1] in tree.paths or len(p) == 1 for p in tree.paths)
 
 
+def test_default_tree_from_measured_accuracy():
+    """A checkpoint's rank-accuracy table shapes the tree: weak deeper heads make it wide and shallow."""
+    weak = [[0.4, 0.2, 0.1, 0.05], [0.1, 0.05], [0.05]]  # head 1 rank 4 and beyond: never right
+    # scores: (0,) .4, (1,) .2, (2,) .1, (3,) .05, (0, 0) .04, (1, 0) .02, (0, 1) .02, (0, 0, 0) .002
+    assert default_tree(7, 3, weak).paths == ((0,), (1,), (2,), (3,), (0, 0), (0, 1), (1, 0))
+    assert default_tree(9, 3, weak).depth == 2  # (1, 1) and (2, 0) at .01 come before (0, 0, 0) at .002
+    assert default_tree(7, 3).depth == 3  # the prior goes deep
+    # a rise in the measured table is flattened (ranks are taken as non-increasing): rank 2 scores as rank 1
+    assert default_tree(3, 1, [[0.5, 0.1, 0.3]]).paths == ((0,), (1,), (2,))
+    with pytest.raises(ValueError, match="a non-empty row for each of 3 heads"):
+        default_tree(4, 3, [[0.5], [0.2]])
+
+
 def test_expand_level_keeps_best_cumulative_children():
     front = torch.tensor([[-0.1, -2.0]])  # [B=1, F=2]
     child = torch.tensor([[[-0.5, -3.0], [-0.2, -0.3]]])  # [1, F, k=2]
