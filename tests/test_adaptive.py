@@ -224,3 +224,27 @@ def test_the_pull_back_covers_overlapped_steps_between_plans():
     for _ in range(16):
         assert pol.plan({r: 0}) == {r: 0}
     assert pol.plan({r: 4})[r] > 0
+
+
+def test_adaptive_learned_drafters_equal_plain_greedy(tiny_model_dir, tmp_path):
+    """Adaptive plans size the draft model's chains, EAGLE's trees and Medusa's static trees per sequence."""
+    from test_drafters_checkpoints import write_eagle, write_medusa
+
+    target = tiny_model_dir()
+    arms = {
+        "draft_model": {"method": "draft_model", "model": target, "num_speculative_tokens": 4, "adaptive": True},
+        "eagle": {"method": "eagle", "model": write_eagle(str(tmp_path / "e"), target), "num_speculative_tokens": 8,
+                  "top_k": 3, "depth": 4, "adaptive": True},
+        "medusa": {"method": "medusa", "model": write_medusa(str(tmp_path / "m"), target),
+                   "num_speculative_tokens": 6, "adaptive": True},
+    }
+    llm = LLM(model=target, device="cpu", dtype="float32", speculative_arms=arms, max_num_seqs=8)
+    prompts = [[5 + i, 17, 33, 9 + i, 21] * (1 + i % 3) for i in range(6)]
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    plain = [o.outputs[0].token_ids for o in llm.generate(prompts, params, spec_arm="none")]
+    for arm in arms:
+        outs = llm.generate(prompts, params, spec_arm=arm)
+        assert [o.outputs[0].token_ids for o in outs] == plain, arm
+        assert sum(o.metrics.num_draft_tokens for o in outs) > 0, arm
+    # the draft model is the target itself: every draft is accepted, so its plans keep drafting
+    assert all(o.metrics.acceptance_rate == 1.0 for o in llm.generate(prompts, params, spec_arm="draft_model"))
