@@ -113,6 +113,32 @@ def test_adaptive_requests_overlap_while_they_draft_nothing(tiny):
     assert 0 < max(map(len, runs)) <= REPLAN_MAX  # then a planned step, where drafting may resume
 
 
+def test_adaptive_draft_model_requests_overlap_while_they_draft_nothing(tiny, tiny_model_dir):
+    """The draft model's observe reads committed tokens only: its quiet adaptive steps overlap, it catches up its
+    KV when it drafts again, and the tokens are the synchronous engine's."""
+    arm = {"method": "draft_model", "model": tiny_model_dir("llama"), "num_speculative_tokens": 3, "adaptive": True}
+    sync, overlap = engine_pair(tiny, speculative_arms={"dm": arm})
+    greedy = SamplingParams(temperature=0.0, max_tokens=80, ignore_eos=True)
+    reqs = [(f"r{i}", p, greedy, "dm") for i, p in enumerate(PROMPTS)]
+    a, _ = run(sync, reqs)
+    accept = overlap.spec_policy.arm_accept["dm"]
+    accept[:] = 0.0  # no draft pays: plans go quiet and steps overlap, the draft KV falls behind
+    for rid, prompt, params, spec_arm in reqs:
+        overlap.add_request(rid, prompt, params, spec_arm=spec_arm)
+    b, overlapped = {}, []
+    while overlap.has_unfinished_requests():
+        if len(overlapped) == 30:
+            accept[:] = 1.0  # now drafting pays (the draft model is the target): plans resume drafting
+        b |= {o.request_id: o for o in overlap.step() if o.finished}
+        overlapped.append(overlap._inflight is not None)
+    assert summary(a) == summary(b)
+    assert sum(overlapped[:30]) > 10
+    drafted = [o.metrics for o in b.values() if o.metrics.num_draft_tokens]
+    assert drafted and all(m.acceptance_rate == 1.0 for m in drafted)  # its KV caught up: every draft right
+    stats = overlap.stats()
+    assert stats.num_free_blocks == stats.num_total_blocks
+
+
 def test_plans_that_keep_drafting_nothing_come_ever_less_often(tiny):
     _, overlap = engine_pair(tiny, speculative_arms={"adaptive": {**NGRAM, "adaptive": True}})
     overlap.spec_policy.arm_accept["adaptive"][:] = 0.0  # no draft pays: every plan is quiet (probes aside)
