@@ -164,7 +164,11 @@ class DraftModelDrafter:
 
     @torch.inference_mode()
     def observe(self, requests, results, out) -> None:
-        """Credit accepted drafts' entries, then catch up requests lagging more than a step's worth."""
+        """Credit accepted drafts' entries, then catch up requests lagging more than a step's worth.
+
+        A request that decoded without drafts (an adaptive plan of 0) is left to lag: the step that drafts for it
+        next catches it up in one chunked forward, instead of a small forward every few steps while it waits.
+        """
         lagging = []
         for req, res in zip(requests, results, strict=True):
             if req.finished:
@@ -175,7 +179,8 @@ class DraftModelDrafter:
                 accepted = len(res.accepted_nodes) - 1
                 root = req.num_computed_tokens - accepted - 1
                 self.kv.set_valid(req, root + 1 + min(accepted, drafted))
-            if req.num_computed_tokens - self.kv.num_valid(req) > self.max_num_tokens:
+            waiting = res is not None and drafted is None
+            if not waiting and req.num_computed_tokens - self.kv.num_valid(req) > self.max_num_tokens:
                 lagging.append(req)
         if lagging:
             self._catch_up(lagging, [(self.kv.num_valid(r), r.num_computed_tokens) for r in lagging], False)

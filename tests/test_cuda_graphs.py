@@ -189,7 +189,7 @@ def test_padded_draft_forwards_equal_eager(tiny_model_dir, tmp_path):
         ref = eager.generate(PROMPTS, GREEDY, spec_arm=arm)
         assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref] == plain
         assert [o.metrics.num_steps for o in outs] == [o.metrics.num_steps for o in ref]
-    assert min(replays.values()) > 5, replays
+    assert min(replays.values()) >= 5, replays  # the steps' catch-up entries went through graph buckets
     assert 8 in grown and 6 not in grown  # six prompts: trees and chains ran padded to the batch bucket of 8
 
 
