@@ -25,11 +25,10 @@ import torch
 
 from specserve.attention import MAX_TREE_NODES, AttentionMetadata
 from specserve.config import SpeculativeConfig
-from specserve.cuda_graphs import BatchGraphs, batch_buckets
+from specserve.cuda_graphs import BatchGraphs, StaticRows, batch_buckets
 from specserve.drafters.base import DraftProposal
 from specserve.drafters.draft_kv import DraftKVCache, DraftQuery, plan_chunks
 from specserve.drafters.draft_runner import DraftRunner
-from specserve.kernels import triton_backend
 from specserve.models.loader import load_model
 from specserve.sampler import RowContext, target_probs
 
@@ -62,18 +61,16 @@ class DraftModelDrafter:
         # a step's entries: the root, after the last draft when the target took all k (the chain never fed it)
         self.runner = DraftRunner(self.kv, self._model_forward, target, [2], CATCHUP_TOKENS)
         # greedy chains: the k - 1 steps after the root run from one graph per (batch bucket, steps); per sequence
-        # the static input holds the steps' positions [k - 1] | slots [k - 1] | block table [width]
-        self.max_seq_len = target.max_model_len + MAX_TREE_NODES
-        width = -(-self.max_seq_len // target.block_size) + 1
-        steps, cuda = max(self.max_num_tokens - 1, 0), target.device.type == "cuda"
-        self._chain_host = torch.zeros(target.max_num_seqs, 2 * steps + width, dtype=torch.int64, pin_memory=cuda)
-        self._chain_host[:, steps : 2 * steps] = -1  # padding until filled: no K/V writes
-        self._chain_in = self._chain_host.to(target.device)
+        # the static input holds the steps' positions [k - 1] | slots [k - 1] | block table
+        self.max_seq_len = self.runner.max_seq_len
+        steps = max(self.max_num_tokens - 1, 0)
+        self._chain_in = StaticRows(target.max_num_seqs, 2 * steps + self.runner.width, target.device)
+        self._chain_in.host[:, steps : 2 * steps] = -1  # padding until filled: no K/V writes
+        self._chain_in.upload(target.max_num_seqs)
         self._first = torch.zeros(target.max_num_seqs, dtype=torch.int64, device=target.device)  # [B] first drafts
         self.block_size = target.block_size
         keys = [(b, s) for b in batch_buckets(target.max_num_seqs) for s in range(1, steps + 1)]
-        self.chains = BatchGraphs(self._chain_static, keys if target.cuda_graphs else [],
-                                  cuda and target.backend is triton_backend)
+        self.chains = BatchGraphs(self._chain_static, keys if target.cuda_graphs else [], target.captures_graphs)
 
     @torch.inference_mode()
     def propose(self, requests: Sequence, max_tokens: Sequence[int]) -> list[DraftProposal | None]:
@@ -120,7 +117,7 @@ class DraftModelDrafter:
         """Greedy chains of all active requests from one graph replay and one host sync."""
         b, steps = len(active), max(k for _, k in active) - 1
         cap, width = self.chains.padded(b), self.max_num_tokens - 1
-        h = self._chain_host[:cap].numpy()
+        h = self._chain_in.host[:cap].numpy()
         h[:] = 0
         h[:, width : 2 * width] = -1
         longer = [(i, r, k) for i, (r, k) in enumerate(active) if k > 1]
@@ -130,8 +127,7 @@ class DraftModelDrafter:
                 h[i, : k - 1] = m.positions[start : start + k - 1]
                 h[i, width : width + k - 1] = m.slot_mapping[start : start + k - 1]
                 h[i, 2 * width : 2 * width + len(r.block_ids)] = r.block_ids
-        if self._chain_in is not self._chain_host:
-            self._chain_in[:cap].copy_(self._chain_host[:cap], non_blocking=True)
+        self._chain_in.upload(cap)
         self._first[:b] = logits.argmax(dim=-1)
         drafted = self.chains.run(cap, steps)[:b].tolist() if steps else self._first[:b, None].tolist()
         by_req = {}
@@ -143,7 +139,7 @@ class DraftModelDrafter:
     def _chain_static(self, b: int, steps: int) -> torch.Tensor:
         """[b, steps + 1] greedy draft tokens: the first (static input) and one per chain step."""
         width = self.max_num_tokens - 1
-        inp = self._chain_in[:b]
+        inp = self._chain_in.device[:b]
         tables = inp[:, 2 * width :].to(torch.int32)  # [b, table width]
         dev = inp.device
         qsl = torch.arange(b + 1, dtype=torch.int32, device=dev)

@@ -44,21 +44,17 @@ class DraftRunner:
         catch-up forward; hidden_size: width of the hidden input the forward reads (EAGLE), None for none."""
         self.kv, self._forward = kv, forward
         self.block_size = kv.block_size
-        max_seq_len = target.max_model_len + MAX_TREE_NODES  # tree nodes sit past the root
-        width = -(-max_seq_len // self.block_size) + 1
+        self.max_seq_len = target.max_model_len + MAX_TREE_NODES  # tree nodes sit past the root
+        self.width = -(-self.max_seq_len // self.block_size) + 1  # block-table entries per sequence
         max_tokens = max(max_chunk, target.max_num_seqs * max(query_lens, default=1))
-        self.buffers = StepBuffers(target.max_num_seqs, max_tokens, width, kv.device)
+        self.buffers = StepBuffers(target.max_num_seqs, max_tokens, self.width, kv.device)
         self.hidden = None  # [max tokens, H] the graphs' hidden input
         if hidden_size is not None:
             self.hidden = torch.zeros(max_tokens, hidden_size, device=kv.device, dtype=kv.dtype)
         self.graphs = None
         if query_lens and target.cuda_graphs:
-            from specserve.kernels import triton_backend
-
-            # off CUDA, or over the torch reference (it syncs), the buckets replay eagerly: tests of the padding
-            capture = kv.device.type == "cuda" and target.backend is triton_backend
             buckets = Buckets(target.max_num_seqs, list(query_lens), max_tokens)
-            self.graphs = CudaGraphs(buckets, max_seq_len, capture)
+            self.graphs = CudaGraphs(buckets, self.max_seq_len, target.captures_graphs)
             with torch.inference_mode():
                 self.graphs.build(self._dummy, self._static_forward)
 

@@ -143,7 +143,7 @@ class EagleDrafter:
         # a step's entries: the tokens it committed (at most depth + 1) and the root
         self.runner = DraftRunner(self.kv, self._head_forward, target, [spec.depth + 2], CATCHUP_TOKENS,
                                   hidden_size=target.model.config.hidden_size)
-        self.grower = TreeGrower(self._head_forward, self.head.top_k, self.kv, target, spec.top_k, spec.depth)
+        self.grower = TreeGrower(self._head_forward, self.head.top_k, self.runner, target, spec.top_k, spec.depth)
 
     def load_head(self, path: str, target) -> tuple[nn.Module, nn.Embedding | None]:
         return load_eagle1(path, target)

@@ -19,11 +19,11 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from specserve.attention import MAX_TREE_NODES, AttentionMetadata
-from specserve.cuda_graphs import BatchGraphs, batch_buckets
-from specserve.drafters.draft_kv import DraftKVCache, DraftQuery
+from specserve.attention import AttentionMetadata
+from specserve.cuda_graphs import BatchGraphs, StaticRows, batch_buckets
+from specserve.drafters.draft_kv import DraftQuery
+from specserve.drafters.draft_runner import DraftRunner
 from specserve.drafters.tree import expand_level
-from specserve.kernels import triton_backend
 
 # forward(input_ids [T], positions [T], meta, hidden [T, H]) -> [T, H]; top_k(hidden [N, H], k) -> ([N, k], [N, k])
 HeadForward = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor], torch.Tensor]
@@ -35,31 +35,27 @@ Candidates = tuple[list[float], list[int], list[int]]  # (cumulative log-probs, 
 class TreeGrower:
     """Grows EAGLE-2 trees for a batch of roots; the same candidates eager or replayed (graphs need CUDA)."""
 
-    def __init__(self, forward: HeadForward, top_k_fn: TopK, kv: DraftKVCache, target, top_k: int, depth: int):
+    def __init__(self, forward: HeadForward, top_k_fn: TopK, runner: DraftRunner, target, top_k: int, depth: int):
         self._forward, self._top_k = forward, top_k_fn
-        self.kv, self.k, self.depth = kv, top_k, depth
+        self.kv, self.k, self.depth = runner.kv, top_k, depth
         self.num_nodes = 1 + top_k * (depth - 1)  # query nodes of the last level, root included
         self.num_cands = top_k + (depth - 1) * top_k * top_k
         # node j + 1 of the last level sits one level below the first node of the level above (depths only:
         # the real parents are chosen on the device)
         self._parents = [0] * top_k + [1 + (j // top_k - 1) * top_k for j in range(top_k, self.num_nodes - 1)]
-        self.max_seq_len = target.max_model_len + MAX_TREE_NODES
-        width = -(-self.max_seq_len // kv.block_size) + 1
-        max_seqs, n, dev = target.max_num_seqs, self.num_nodes, kv.device
-        cuda = dev.type == "cuda"
-        # per sequence: positions [n] | slots [n] | root position | root token | block table [width]
-        self._host = torch.zeros(max_seqs, 2 * n + 2 + width, dtype=torch.int64, pin_memory=cuda)
-        self._inputs = torch.zeros_like(self._host, device=dev) if cuda else self._host
+        self.max_seq_len = runner.max_seq_len
+        max_seqs, n, dev, dtype = target.max_num_seqs, self.num_nodes, self.kv.device, self.kv.dtype
+        # per sequence: positions [n] | slots [n] | root position | root token | block table
+        self._inputs = StaticRows(max_seqs, 2 * n + 2 + runner.width, dev)
         hidden = target.model.config.hidden_size
-        self._root_in = torch.zeros(max_seqs, hidden, device=dev, dtype=kv.dtype)  # [B, H] the root entry's input
-        self._g_root = torch.zeros(max_seqs, hidden, device=dev, dtype=kv.dtype)  # [B, H] the root's draft output
+        self._root_in = torch.zeros(max_seqs, hidden, device=dev, dtype=dtype)  # [B, H] the root entry's input
+        self._g_root = torch.zeros(max_seqs, hidden, device=dev, dtype=dtype)  # [B, H] the root's draft output
         self._masks = torch.zeros(max_seqs, n, device=dev, dtype=torch.int64)  # [B, n] ancestor bits per node
         self._bits = torch.tensor([1 << j if j < 63 else -(1 << 63) for j in range(n)], device=dev)  # [n] own bit
-        self._host[:, n : 2 * n] = -1  # padding until filled: no K/V writes, root position 0, block 0
-        self._inputs.copy_(self._host)
-        capture = cuda and target.backend is triton_backend  # the torch reference syncs
+        self._inputs.host[:, n : 2 * n] = -1  # padding until filled: no K/V writes, root position 0, block 0
+        self._inputs.upload(max_seqs)
         keys = [(b,) for b in batch_buckets(max_seqs)] if target.cuda_graphs else []
-        self.graphs = BatchGraphs(self._grow_static, keys, capture)
+        self.graphs = BatchGraphs(self._grow_static, keys, target.captures_graphs)
 
     def grow(self, reqs: Sequence, roots: Sequence[int], root_in: torch.Tensor, g_root: torch.Tensor
              ) -> list[Candidates]:
@@ -68,15 +64,14 @@ class TreeGrower:
         tables = self.kv.block_tables(reqs, [r + n for r in roots])
         m = self.kv.metadata([DraftQuery(t, r, 1, self._parents) for t, r in zip(tables, roots, strict=True)])
         cap = self.graphs.padded(b)
-        h = self._host[:cap].numpy()
+        h = self._inputs.host[:cap].numpy()
         h[:] = 0
         h[:b, :n], h[:b, n : 2 * n] = m.positions.reshape(b, n), m.slot_mapping.reshape(b, n)
         h[b:, n : 2 * n] = -1  # padding sequences write no K/V
         h[:b, 2 * n] = roots
         h[:b, 2 * n + 1] = [r.token_ids[p] for r, p in zip(reqs, roots, strict=True)]
         h[:b, 2 * n + 2 : 2 * n + 2 + m.block_tables.shape[1]] = m.block_tables
-        if self._inputs is not self._host:
-            self._inputs[:cap].copy_(self._host[:cap], non_blocking=True)
+        self._inputs.upload(cap)
         self._root_in[:b].copy_(root_in)
         self._g_root[:b].copy_(g_root)
         out = self.graphs.run(cap)
@@ -88,7 +83,7 @@ class TreeGrower:
     def _grow_static(self, b: int) -> torch.Tensor:
         """Every level of b trees from the static inputs; [b, 3C] float64: scores | tokens | parent candidates."""
         k, n = self.k, self.num_nodes
-        inp = self._inputs[:b]
+        inp = self._inputs.device[:b]
         pos, slots = inp[:, :n], inp[:, n : 2 * n]  # [b, n]
         ctx = inp[:, 2 * n].to(torch.int32)  # [b] root positions: the draft KV before the root
         tables = inp[:, 2 * n + 2 :].to(torch.int32)  # [b, width]

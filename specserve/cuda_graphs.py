@@ -228,6 +228,21 @@ class CudaGraphs:
         return self.entries[key].replay()
 
 
+class StaticRows:
+    """Per-sequence int64 inputs of a BatchGraphs computation: pinned host rows to fill and the device rows it
+    reads. A caller refills the host rows only after syncing on the previous run's result."""
+
+    def __init__(self, num_rows: int, width: int, device: torch.device):
+        cuda = device.type == "cuda"
+        self.host = torch.zeros(num_rows, width, dtype=torch.int64, pin_memory=cuda)  # [rows, width]
+        self.device = torch.zeros_like(self.host, device=device) if cuda else self.host  # the CPU reads the host's
+
+    def upload(self, num_rows: int) -> None:
+        """Copy the first num_rows host rows to the device rows (async)."""
+        if self.device is not self.host:
+            self.device[:num_rows].copy_(self.host[:num_rows], non_blocking=True)
+
+
 class BatchGraphs:
     """A whole multi-forward computation fn(b, *rest) -> tensor, captured once per key (b a batch bucket).
 

@@ -19,7 +19,7 @@ from specserve.config import EngineConfig, SpeculativeConfig
 from specserve.detokenizer import IncrementalDetokenizer
 from specserve.drafters import build_drafter
 from specserve.drafters.base import DraftProposal
-from specserve.kernels import get_backend
+from specserve.kernels import get_backend, triton_backend
 from specserve.kv_cache import KVCacheManager
 from specserve.model_runner import ForwardOutput, HostCopy, ModelRunner, StepBatch
 from specserve.models.loader import LoadedModel, load_model
@@ -62,6 +62,12 @@ class TargetContext:
     max_num_batched_tokens: int
     max_model_len: int
     cuda_graphs: bool  # forwards that fit a graph bucket replay it (captured on CUDA with the Triton kernels)
+
+    @property
+    def captures_graphs(self) -> bool:
+        """Whether graph buckets are captured: CUDA and the Triton kernels (the torch reference syncs); off it,
+        the buckets replay eagerly (tests of the padding)."""
+        return self.cuda_graphs and self.device.type == "cuda" and self.backend is triton_backend
 
 
 @dataclass
