@@ -60,6 +60,8 @@ LEARNED = {  # arm -> settings of a drafter under WEIGHTS/<method>/ (the tau swe
     "eagle3-63": {"method": "eagle3", "num_speculative_tokens": 63, "top_k": 8, "depth": 8},
     "eagle3-adaptive": {"method": "eagle3", "num_speculative_tokens": 32, "top_k": 6, "depth": 6, "adaptive": True},
     "draft_model-adaptive": {"method": "draft_model", "num_speculative_tokens": 5, "adaptive": True},
+    "eagle-adaptive": {"method": "eagle", "num_speculative_tokens": 32, "top_k": 6, "depth": 6, "adaptive": True},
+    "medusa-adaptive": {"method": "medusa", "num_speculative_tokens": 16, "adaptive": True},
 }
 
 

@@ -10,10 +10,11 @@ Entries. The draft entry at sequence position s reads token t_s and the target f
 t_{s+1}, so its K/V sits in slot s of the request's blocks, next to the target's K/V of t_s. (EAGLE stores
 it one slot earlier; rope only sees relative positions, so nothing changes except that an entry depends on
 tokens up to its own slot, which is what prefix-cached blocks need.) Target features come from the
-ForwardOutput of every step, prefill chunks included: observe() keeps those of entries not yet run, and
-propose() runs them with the root as one causal chunk (observe runs long prefill runs itself). Entry 0 has
-no feature before it and reads zeros. After a prefix-cache hit at position c the target never ran c - 1,
-so each block also keeps the target feature of its last position: the cached block before c supplies it.
+ForwardOutput of every step, prefill chunks included: observe() stores each committed position's feature in a
+buffer indexed like the KV slots, and propose() runs the entries not yet run with the root as one causal chunk,
+however far the request lagged (a request that drafts nothing costs no draft forward). Entry 0 has no feature
+before it and reads zeros. After a prefix-cache hit at position c the target never ran c - 1 for this request:
+a trusted cached block still holds its feature in that slot; an untrusted one leaves entry c reading zeros.
 
 Tree (EAGLE-2, `topK_genrate`): the root's top_k tokens are the first level; each level, the top_k nodes by
 cumulative log-prob are expanded to their top_k children, `depth` levels in all; the num_speculative_tokens
@@ -42,6 +43,7 @@ from specserve.drafters.eagle_tree import Candidates, TreeGrower
 from specserve.drafters.tree import rerank
 from specserve.models.config import ModelConfig
 from specserve.models.llama import LlamaDecoderLayer, RotaryEmbedding
+from specserve.sampler import to_device
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 CATCHUP_TOKENS = 2048  # entries per catch-up forward
@@ -71,8 +73,8 @@ class Eagle1Head(nn.Module):
         self.rotary = RotaryEmbedding(cfg)
         self._target_logits = target_logits  # a bound method: the target's LM head stays out of this module
 
-    def fuse(self, out, rows: list[int]) -> torch.Tensor:
-        """[m, H] inputs for the entries after the given flat rows of a target step."""
+    def fuse(self, out, rows: torch.Tensor) -> torch.Tensor:
+        """[m, H] inputs for the entries after the given flat rows [m] of a target step."""
         return out.hidden_states[rows]
 
     def forward(self, emb, hidden, positions, meta, kv_layers, backend) -> torch.Tensor:
@@ -135,11 +137,13 @@ class EagleDrafter:
         self.backend = target.backend
         self.max_num_tokens = spec.num_speculative_tokens
         self.block_size = target.block_size
-        # [num_blocks, H] the entry input (fused target feature) of each block's last position
-        self.block_feature = torch.zeros(target.num_blocks, target.model.config.hidden_size,
-                                         device=target.device, dtype=target.dtype)
-        # Request -> [m, H] inputs of entries [num_valid, num_computed_tokens] (the root's last)
-        self._pending: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # [slots + 1, H] the fused target feature of each committed position, by KV slot; the last row stays zero
+        # (the input of an entry with no feature before it)
+        self.features = torch.zeros(target.num_blocks * target.block_size + 1, target.model.config.hidden_size,
+                                    device=target.device, dtype=target.dtype)
+        self._zero_row = self.features.shape[0] - 1
+        # Request -> (the entry that reads zeros or -1, its preemption count when the drafter started following it)
+        self._start: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         # a step's entries: the tokens it committed (at most depth + 1) and the root
         self.runner = DraftRunner(self.kv, self._head_forward, target, [spec.depth + 2], CATCHUP_TOKENS,
                                   hidden_size=target.model.config.hidden_size)
@@ -152,68 +156,66 @@ class EagleDrafter:
 
     @torch.inference_mode()
     def observe(self, requests, results, out) -> None:
-        """Keep the features of this step's committed tokens; run long runs of pending entries now."""
+        """Store the features of this step's committed tokens by slot; their entries run when the request drafts."""
         spans = committed_rows(requests, results, out.batch)
-        live = [(r, s) for r, s in zip(requests, spans, strict=True) if s is not None]
-        for r in requests:
-            if r.finished:
-                self.kv.forget(r)
-                self._pending.pop(r, None)
-        if not live:
-            return
-        feats = self.head.fuse(out, [row for _, (_, rows) in live for row in rows])  # [R, H]
-        lagging, start = [], 0
-        for req, (first, rows) in live:
-            new = feats[start : start + len(rows)]  # inputs of entries first + 1 .. first + len(rows)
-            start += len(rows)
-            self._keep_block_features(req, first, new)
-            pend = self._pending.get(req)
-            if pend is None or self.kv.num_valid(req) + len(pend) != first + 1:
-                pend = self._restart(req, first)
-            self._pending[req] = torch.cat((pend, new))
-            if len(self._pending[req]) > self.max_num_tokens + 2:
-                lagging.append(req)
-        if lagging:
-            spans = [(self.kv.num_valid(r), r.num_computed_tokens) for r in lagging]  # all but the root
-            self._run_entries(lagging, spans, want_last=False)
-            for r in lagging:
-                self._pending[r] = self._pending[r][-1:]
-                self.kv.set_valid(r, r.num_computed_tokens)
+        slots, rows = [], []
+        for req, span in zip(requests, spans, strict=True):
+            if span is None:
+                self.kv.forget(req)
+                self._start.pop(req, None)
+                continue
+            first, rs = span
+            self._follow(req, first)
+            slots += self._slots(req, range(first, first + len(rs)))
+            rows += rs
+        if rows:  # indices through pinned memory: a pageable upload would wait for a forward queued behind this step
+            idx = to_device([slots, rows], torch.int64, self.features.device)  # [2, R]
+            self.features[idx[0]] = self.head.fuse(out, idx[1])
 
-    def _keep_block_features(self, req, first: int, feats: torch.Tensor) -> None:
-        """Store the features of positions first.. that end a block, for requests that hit it in the cache."""
-        bs = self.block_size
-        ends = range(first + (-first - 1) % bs, first + len(feats), bs)  # positions p with p % bs == bs - 1
-        if ends:
-            self.block_feature[[req.block_ids[p // bs] for p in ends]] = feats[[p - first for p in ends]]
+    def _follow(self, req, first: int) -> None:
+        """Start following a new or preempted request at position first, its first the target ran for it.
 
-    def _restart(self, req, first: int) -> torch.Tensor:
-        """Pending input [1, H] of entry `first` for a new or preempted request; entries before it are left be.
-
-        Its feature f_{first - 1} came from the target before this request ran: a trusted cached block keeps
-        it; otherwise (position 0, or draft KV nobody vouches for) it reads zeros.
+        Entries before first are left be (their features are gone). Entry first reads f_{first - 1} from the
+        slot of a trusted cached block, else zeros.
         """
-        bs = self.block_size
-        trusted = 0 < first <= self.kv.num_valid(req) and first % bs == 0
+        if self._following(req):
+            return
+        trusted = first <= self.kv.num_valid(req)
         self.kv.skip_to(req, first)
-        if trusted:
-            return self.block_feature[req.block_ids[first // bs - 1]][None]
-        return self.block_feature.new_zeros(1, self.block_feature.shape[1])
+        self._start[req] = (-1 if trusted else first, req.metrics.num_preemptions)
 
-    def _run_entries(self, reqs: list, spans: list[tuple[int, int]], want_last: bool) -> torch.Tensor | None:
-        """Run entries [start, end) of each request from its pending inputs; outputs [B, H] at each end."""
-        last: dict[int, torch.Tensor] = {}
+    def _following(self, req) -> bool:
+        start = self._start.get(req)
+        return start is not None and start[1] == req.metrics.num_preemptions
+
+    def _slots(self, req, positions) -> list[int]:
+        bs, blocks = self.block_size, req.block_ids
+        return [blocks[p // bs] * bs + p % bs for p in positions]
+
+    def _inputs(self, reqs: list, spans: list[tuple[int, int]]) -> torch.Tensor:
+        """[sum of span lengths, H] the input of entries [start, end) per request: f_{p - 1} for entry p."""
+        rows = []
+        for req, (s, e) in zip(reqs, spans, strict=True):
+            zero_at = self._start[req][0]
+            p0 = min(max(s, 1), e)  # entry 0 has no feature before it
+            rows += [self._zero_row] * (p0 - s) + self._slots(req, range(p0 - 1, e - 1))
+            if s <= zero_at < e:
+                rows[len(rows) - (e - zero_at)] = self._zero_row
+        return self.features[to_device(rows, torch.int64, self.features.device)]
+
+    def _run_entries(self, reqs: list, spans: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run entries [start, end) of each request; (inputs, outputs) [B, H] of each span's last entry."""
+        ends: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for forward in plan_chunks(spans, CATCHUP_TOKENS):
             queries = [DraftQuery(reqs[i].block_ids, s, e - s) for i, s, e in forward]
             ids = [t for i, s, e in forward for t in reqs[i].token_ids[s:e]]
-            base = [self.kv.num_valid(reqs[i]) for i, _, _ in forward]
-            hidden = torch.cat([self._pending[reqs[i]][s - b : e - b] for (i, s, e), b in
-                                zip(forward, base, strict=True)])
+            hidden = self._inputs([reqs[i] for i, _, _ in forward], [(s, e) for _, s, e in forward])
             outs, qsl = self._forward(queries, ids, hidden)
-            ends = [(i, qsl[j + 1] - 1) for j, (i, _, e) in enumerate(forward) if want_last and e == spans[i][1]]
-            if ends:  # copied out now: the next forward may replay a graph into the same memory
-                last.update(zip([i for i, _ in ends], torch.stack([outs[row] for _, row in ends]), strict=True))
-        return torch.stack([last[i] for i in range(len(reqs))]) if want_last else None
+            last = [(i, qsl[j + 1] - 1) for j, (i, _, e) in enumerate(forward) if e == spans[i][1]]
+            if last:  # copied out now: the next forward may replay a graph into the same memory
+                ins, got = torch.stack([hidden[r] for _, r in last]), torch.stack([outs[r] for _, r in last])
+                ends.update(zip([i for i, _ in last], zip(ins, got, strict=True), strict=True))
+        return tuple(torch.stack([ends[i][j] for i in range(len(reqs))]) for j in (0, 1))
 
     def _forward(self, queries: list[DraftQuery], ids, hidden: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         return self.runner.run(queries, ids, hidden)
@@ -225,19 +227,17 @@ class EagleDrafter:
 
     @torch.inference_mode()
     def propose(self, requests: Sequence, max_tokens: Sequence[int]) -> list[DraftProposal | None]:
-        idx = [i for i, (r, k) in enumerate(zip(requests, max_tokens, strict=True)) if k > 0 and r in self._pending]
+        idx = [i for i, (r, k) in enumerate(zip(requests, max_tokens, strict=True)) if k > 0 and self._following(r)]
         out: list[DraftProposal | None] = [None] * len(requests)
         if not idx:
             return out
         reqs = [requests[i] for i in idx]
         roots = [r.num_computed_tokens for r in reqs]
-        # 1. pending entries and the root, one causal chunk each: the root's output starts the tree
-        root_in = torch.stack([self._pending[r][-1] for r in reqs])  # [B, H] the root entry's input
-        g_root = self._run_entries(reqs, [(self.kv.num_valid(r), n + 1) for r, n in zip(reqs, roots, strict=True)],
-                                   want_last=True)
+        # 1. entries not run yet and the root, one causal chunk each: the root's output starts the tree
+        root_in, g_root = self._run_entries(reqs, [(self.kv.num_valid(r), n + 1) for r, n in zip(reqs, roots,
+                                                                                             strict=True)])
         for r, n in zip(reqs, roots, strict=True):
             self.kv.set_valid(r, n + 1)
-            self._pending[r] = root_in.new_zeros(0, root_in.shape[1])
         # 2. EAGLE-2 levels
         trees = self._grow(reqs, roots, root_in, g_root)
         for i, k, (scores, parents, tokens) in zip(idx, [max_tokens[i] for i in idx], trees, strict=True):

@@ -64,8 +64,8 @@ class Eagle3Head(nn.Module):
     def layers(self) -> list[nn.Module]:
         return [self.midlayer]
 
-    def fuse(self, out, rows: list[int]) -> torch.Tensor:
-        """[m, H] fc(cat(low, mid, high)) of the given flat rows of a target step."""
+    def fuse(self, out, rows: torch.Tensor) -> torch.Tensor:
+        """[m, H] fc(cat(low, mid, high)) of the given flat rows [m] of a target step."""
         return self.fc(torch.cat([a[rows] for a in out.aux_hidden_states], dim=-1))
 
     def forward(self, emb, hidden, positions, meta, kv_layers, backend) -> torch.Tensor:

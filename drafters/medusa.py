@@ -26,7 +26,9 @@ from specserve.attention import MAX_TREE_NODES
 from specserve.config import SpeculativeConfig
 from specserve.drafters.base import DraftProposal
 from specserve.drafters.checkpoint import check_dim, load_module, read_config, read_tensors
+from specserve.drafters.draft_kv import committed_rows
 from specserve.drafters.tree import default_tree, static_tree
+from specserve.sampler import to_device
 
 WEIGHT_FILES = ("medusa_lm_head.safetensors", "medusa_lm_head.pt")
 # config.json: per head, how often its rank-r token was right on held-out answers (benchmarks/medusa_accuracy.py)
@@ -120,11 +122,13 @@ class MedusaDrafter:
     @torch.inference_mode()
     def observe(self, requests, results, out) -> None:
         """Keep each request's hidden state at its last accepted node (the one that gave the bonus token)."""
-        kept = [(r, res.rows[-1]) for r, res in zip(requests, results, strict=True) if res is not None]
-        for r, _ in kept:
-            self._hidden.pop(r, None)
-        kept = [(r, row) for r, row in kept if not r.finished]
-        if kept:
-            rows = out.batch.logits_indices[[row for _, row in kept]]  # logits row -> flat query row
+        kept = []
+        for r, res, span in zip(requests, results, committed_rows(requests, results, out.batch), strict=True):
+            if res is not None:
+                self._hidden.pop(r, None)
+                if span is not None:
+                    kept.append((r, span[1][-1]))  # its flat query row
+        if kept:  # the rows through pinned memory: a pageable upload would wait for a forward queued behind this step
+            rows = to_device([row for _, row in kept], torch.int64, out.hidden_states.device)
             for (r, _), h in zip(kept, out.hidden_states[rows], strict=True):
                 self._hidden[r] = h

@@ -138,9 +138,10 @@ class LLMEngine:
         auto_async = self.device.type == "cuda"
         self.async_scheduling = config.async_scheduling if config.async_scheduling is not None else auto_async
         # arms whose requests may ride overlapped steps: plain, and adaptive arms while they draft nothing
-        self._overlap_arms = frozenset({NO_SPEC} | {
-            name for name, spec in arms.items() if spec.adaptive and not self.drafters[name].needs_target_outputs
-        } if self.async_scheduling else ())
+        self._overlap_arms = frozenset({NO_SPEC} | {name for name, spec in arms.items() if spec.adaptive}
+                                       if self.async_scheduling else ())
+        # arms whose observe reads the step's hidden states, which the next step's graph replay overwrites
+        self._reads_outputs = frozenset(name for name, d in self.drafters.items() if d.needs_target_outputs)
         self._overlap_run = 0  # overlapped steps in a row
         self._inflight: InflightStep | None = None
         self.spec_policy = build_policy(arms, self.runner, self._overlap_arms)  # None unless an arm is adaptive
@@ -258,6 +259,8 @@ class LLMEngine:
         if overlap:
             tokens = sample_roots(cur.items, cur.out.logits)  # on the device: the next step's roots
             fetched = HostCopy(tokens)  # queued before the next step, so it does not wait for it
+            if any(s.request.spec_arm in self._reads_outputs for s in cur.scheduled):
+                cur.out = cur.out.kept()  # the copy, too, is queued before the next step
             self._advance(cur)
             self._inflight = self._launch(after=(cur, tokens))
             results = [it.result([0], [t]) for it, t in zip(cur.items, fetched.tolist(), strict=True)]

@@ -40,9 +40,13 @@ class StepBatch:
 class ForwardOutput:
     logits: torch.Tensor  # [num_rows, vocab] float32
     hidden_states: torch.Tensor  # [num_tokens, hidden] after the final norm
-    prenorm_hidden_states: torch.Tensor  # [num_tokens, hidden] last layer output before the final norm
     aux_hidden_states: list[torch.Tensor]  # each [num_tokens, hidden]: layers in model.aux_layers
     batch: StepBatch
+
+    def kept(self) -> ForwardOutput:
+        """A copy whose hidden states outlive the next forward (a graph replay's are its static buffers)."""
+        return ForwardOutput(self.logits, self.hidden_states.clone(), [a.clone() for a in self.aux_hidden_states],
+                             self.batch)
 
 
 class HostCopy:
@@ -196,17 +200,15 @@ class ModelRunner:
     def forward(self, batch: StepBatch) -> ForwardOutput:
         if batch.graph_key is None:
             out = self._model_forward(batch.input_ids, batch.positions, batch.meta)
-            hidden, prenorm, aux = out.hidden_states, out.prenorm_hidden_states, out.aux_hidden_states
+            hidden, aux = out.hidden_states, out.aux_hidden_states
             logits = self.model.compute_logits(hidden[batch.logits_indices], self.backend)
         else:
             out = self.graphs.replay(batch.graph_key)  # padded to the bucket: keep the real tokens' rows
             t = batch.input_ids.shape[0]
-            hidden, prenorm, aux = out.hidden_states[:t], out.prenorm_hidden_states[:t], [
-                a[:t] for a in out.aux_hidden_states
-            ]
+            hidden, aux = out.hidden_states[:t], [a[:t] for a in out.aux_hidden_states]
             # graphs run decode/verify steps: every token is a row
             logits = self.model.compute_logits(hidden, self.backend)
-        return ForwardOutput(logits, hidden, prenorm, aux, batch)
+        return ForwardOutput(logits, hidden, aux, batch)
 
     @torch.inference_mode()
     def profile(self, shapes: list[tuple[int, int]]) -> dict[tuple[int, int], float]:

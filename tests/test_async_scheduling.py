@@ -139,6 +139,56 @@ def test_adaptive_draft_model_requests_overlap_while_they_draft_nothing(tiny, ti
     assert stats.num_free_blocks == stats.num_total_blocks
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+@pytest.mark.parametrize("method", ["eagle", "eagle3", "medusa"])
+def test_learned_drafters_that_read_target_outputs_ride_overlapped_steps(tiny, tiny_model_dir, tmp_path, method,
+                                                                         device):
+    """EAGLE and Medusa read the step's hidden states: an overlapped step keeps a copy for them (on CUDA the next
+    step's graph replay would overwrite them). A request that drafted nothing for a while drafts exactly what it
+    would have drafted had it drafted all along."""
+    from test_drafters_checkpoints import write_eagle, write_eagle3, write_medusa
+
+    target = tiny_model_dir("llama")
+    path = {"eagle": write_eagle, "eagle3": write_eagle3, "medusa": write_medusa}[method](str(tmp_path / method),
+                                                                                          target)
+    arm = {"method": method, "model": path, "num_speculative_tokens": 6, "adaptive": True,
+           **({"top_k": 3, "depth": 3} if method != "medusa" else {})}
+    loaded = tiny if device == "cpu" else load_model(target, torch.float32, device)
+    common = dict(loaded_model=loaded, device=device, dtype="float32", max_num_seqs=8, speculative_arms={"a": arm})
+    sync, overlap = (LLM(async_scheduling=mode, **common).engine for mode in (False, True))
+    greedy = SamplingParams(temperature=0.0, max_tokens=90, ignore_eos=True)
+    reqs = [(f"r{i}", p, greedy, "a") for i, p in enumerate(PROMPTS)]
+
+    def record(engine, drafting) -> dict:
+        """{(request id, root position): draft tokens}; the plan drafts in full when drafting(step) says so."""
+        drafted, drafter, steps = {}, engine.drafters["a"], [0]
+
+        def propose(requests, budgets):
+            props = type(drafter).propose(drafter, requests, budgets)
+            drafted.update({(r.request_id, r.num_computed_tokens): p.tokens
+                            for r, p in zip(requests, props, strict=True) if p is not None})
+            return props
+
+        def plan(caps):
+            steps[0] += 1
+            return {r: c if drafting(steps[0]) else 0 for r, c in caps.items()}
+
+        drafter.propose, engine.spec_policy.plan = propose, plan
+        return drafted
+
+    always = record(sync, lambda step: True)
+    now_and_then = record(overlap, lambda step: step % 40 >= 34)  # quiet for 34 plans, then 6 that draft
+    a, _ = run(sync, reqs)
+    b, overlapped = run(overlap, reqs)
+    assert summary(a) == summary(b)
+    assert sum(overlapped) > 50
+    common = now_and_then.keys() & always.keys()
+    assert len(common) > 20, len(common)
+    same = [now_and_then[k] == always[k] for k in common]
+    assert all(same), (sum(same), len(same))
+
+
 def test_plans_that_keep_drafting_nothing_come_ever_less_often(tiny):
     _, overlap = engine_pair(tiny, speculative_arms={"adaptive": {**NGRAM, "adaptive": True}})
     overlap.spec_policy.arm_accept["adaptive"][:] = 0.0  # no draft pays: every plan is quiet (probes aside)
