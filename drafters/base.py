@@ -46,9 +46,6 @@ class Drafter(Protocol):
     max_num_tokens: int
     #: extra KV layers it needs in the shared block pool (draft model / EAGLE layers), 0 for n-gram
     num_kv_layers: int
-    #: observe reads the step's target outputs (EAGLE's features, Medusa's hidden state): an overlapped step copies
-    #: them before it queues the next step, whose graph replay would overwrite them before observe reads them
-    needs_target_outputs: bool
 
     def propose(self, requests: Sequence[Request], max_tokens: Sequence[int]) -> list[DraftProposal | None]:
         """At most max_tokens[i] nodes for requests[i] (0: propose nothing)."""

@@ -89,11 +89,6 @@ class DraftKVCache:
             self._block_hash[req.block_ids[i]] = self._hash(req, prog, i)
         prog.num_valid = num_valid
 
-    def skip_to(self, req, num_valid: int) -> None:
-        """Count entries before num_valid as done without vouching for them (their inputs are gone)."""
-        self.num_valid(req)
-        self._progress[req].num_valid = num_valid
-
     def forget(self, req) -> None:
         self._progress.pop(req, None)
 
@@ -182,31 +177,3 @@ def plan_chunks(spans: Sequence[tuple[int, int]], max_tokens: int) -> list[list[
             forwards[-1].append((i, start, start + take))
             start, room = start + take, room - take
     return [f for f in forwards if f]
-
-
-def committed_rows(requests: Sequence, results: Sequence, batch) -> list[tuple[int, list[int]] | None]:
-    """Per request: (position of its first token the target committed this step, their flat query rows).
-
-    A verified request's committed tokens are its causal run up to the root, then the accepted path (root
-    first). A prefill chunk that produces no token is the step's one sequence without a logits row (the
-    scheduler cuts at most one chunk short per step). None for requests that finished (their KV is freed).
-    """
-    qsl = batch.query_start_loc
-    by_root_row = {row: b for b, row in enumerate(batch.row_starts) if row >= 0}
-    chunks = [b for b, row in enumerate(batch.row_starts) if row < 0]
-    out: list[tuple[int, list[int]] | None] = []
-    for req, res in zip(requests, results, strict=True):
-        if req.finished:
-            out.append(None)
-            continue
-        if res is None:
-            if len(chunks) != 1:
-                raise RuntimeError(f"cannot tell which of {len(chunks)} partial prefill chunks is {req.request_id}")
-            b = chunks[0]
-            rows = list(range(qsl[b], qsl[b + 1]))
-        else:
-            b = by_root_row[res.rows[0]]
-            root = qsl[b + 1] - res.num_draft_tokens - 1  # flat row of the root
-            rows = list(range(qsl[b], root)) + [root + node for node in res.accepted_nodes]
-        out.append((req.num_computed_tokens - len(rows), rows))
-    return out

@@ -38,10 +38,6 @@ CATCHUP_TOKENS = 2048  # entries per catch-up forward
 class DraftModelDrafter:
     """Chain drafter backed by a small causal LM whose KV shares the target's blocks."""
 
-    # observe reads committed tokens only, never the target's outputs, and catches up a lagging draft KV in one
-    # chunked forward: adaptive requests that draft nothing may ride overlapped (async) steps
-    needs_target_outputs = False
-
     def __init__(self, spec: SpeculativeConfig, target):
         # A checkpoint trained by `train-drafter` stores no embedding / LM head: it uses the target's tensors.
         shared = {"model.embed_tokens.weight": target.model.model.embed_tokens.weight,

@@ -9,12 +9,12 @@ LM head on the draft output; features are the target's last hidden state after t
 Entries. The draft entry at sequence position s reads token t_s and the target feature f_{s-1} and predicts
 t_{s+1}, so its K/V sits in slot s of the request's blocks, next to the target's K/V of t_s. (EAGLE stores
 it one slot earlier; rope only sees relative positions, so nothing changes except that an entry depends on
-tokens up to its own slot, which is what prefix-cached blocks need.) Target features come from the
-ForwardOutput of every step, prefill chunks included: observe() stores each committed position's feature in a
-buffer indexed like the KV slots, and propose() runs the entries not yet run with the root as one causal chunk,
-however far the request lagged (a request that drafts nothing costs no draft forward). Entry 0 has no feature
-before it and reads zeros. After a prefix-cache hit at position c the target never ran c - 1 for this request:
-a trusted cached block still holds its feature in that slot; an untrusted one leaves entry c reading zeros.
+tokens up to its own slot, which is what prefix-cached blocks need.) Every target forward, prefill chunks
+included, writes each token's feature into a table indexed like the KV slots (model_runner.SlotFeatures, moved
+with the K/V by accepted-path compaction), and propose() runs the entries not yet run with the root as one
+causal chunk, however far the request lagged (a request that drafts nothing costs no draft forward). Entry 0
+has no feature before it and reads zeros. A prefix-cache hit brings the features of its blocks with their K/V
+(the forward that filled them wrote both), so the entries it skips the draft KV has no trust for run as well.
 
 Tree (EAGLE-2, `topK_genrate`): the root's top_k tokens are the first level; each level, the top_k nodes by
 cumulative log-prob are expanded to their top_k children, `depth` levels in all; the num_speculative_tokens
@@ -27,7 +27,6 @@ one host sync). Drafts are deterministic top-k, so q is one-hot in verification.
 from __future__ import annotations
 
 import functools
-import weakref
 from collections.abc import Sequence
 
 import torch
@@ -37,10 +36,11 @@ from specserve.attention import MAX_TREE_NODES
 from specserve.config import SpeculativeConfig
 from specserve.drafters.base import DraftProposal
 from specserve.drafters.checkpoint import check_dim, load_module, read_config, read_tensors
-from specserve.drafters.draft_kv import DraftKVCache, DraftQuery, committed_rows, plan_chunks
+from specserve.drafters.draft_kv import DraftKVCache, DraftQuery, plan_chunks
 from specserve.drafters.draft_runner import DraftRunner
 from specserve.drafters.eagle_tree import Candidates, TreeGrower
 from specserve.drafters.tree import rerank
+from specserve.model_runner import SlotFeatures
 from specserve.models.config import ModelConfig
 from specserve.models.llama import LlamaDecoderLayer, RotaryEmbedding
 from specserve.sampler import to_device
@@ -73,9 +73,9 @@ class Eagle1Head(nn.Module):
         self.rotary = RotaryEmbedding(cfg)
         self._target_logits = target_logits  # a bound method: the target's LM head stays out of this module
 
-    def fuse(self, out, rows: torch.Tensor) -> torch.Tensor:
-        """[m, H] inputs for the entries after the given flat rows [m] of a target step."""
-        return out.hidden_states[rows]
+    def fuse(self, out) -> torch.Tensor:
+        """[T, H] inputs of the entries after a target forward's tokens."""
+        return out.hidden_states
 
     def forward(self, emb, hidden, positions, meta, kv_layers, backend) -> torch.Tensor:
         """Draft outputs [T, H] from token embeddings and input features/hiddens, both [T, H]."""
@@ -119,8 +119,6 @@ def _own_embedding(tensors: dict, target, what: str) -> nn.Embedding | None:
 class EagleDrafter:
     """EAGLE-2 dynamic-tree drafter; subclasses swap the head (EAGLE-3)."""
 
-    needs_target_outputs = True
-
     def __init__(self, spec: SpeculativeConfig, target):
         self.head, embed = self.load_head(spec.model, target)
         self.embed = embed or target.model.model.embed_tokens
@@ -137,13 +135,10 @@ class EagleDrafter:
         self.backend = target.backend
         self.max_num_tokens = spec.num_speculative_tokens
         self.block_size = target.block_size
-        # [slots + 1, H] the fused target feature of each committed position, by KV slot; the last row stays zero
-        # (the input of an entry with no feature before it)
-        self.features = torch.zeros(target.num_blocks * target.block_size + 1, target.model.config.hidden_size,
-                                    device=target.device, dtype=target.dtype)
-        self._zero_row = self.features.shape[0] - 1
-        # Request -> (the entry that reads zeros or -1, its preemption count when the drafter started following it)
-        self._start: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # the fused target feature of each position, by KV slot, filled by the target's forwards
+        self.features = SlotFeatures.create(target.num_blocks * target.block_size, target.model.config.hidden_size,
+                                            self.head.fuse, target.device, target.dtype)
+        target.slot_features.append(self.features)
         # a step's entries: the tokens it committed (at most depth + 1) and the root
         self.runner = DraftRunner(self.kv, self._head_forward, target, [spec.depth + 2], CATCHUP_TOKENS,
                                   hidden_size=target.model.config.hidden_size)
@@ -154,39 +149,11 @@ class EagleDrafter:
 
     # ---- following the target -----------------------------------------------------------------------
 
-    @torch.inference_mode()
     def observe(self, requests, results, out) -> None:
-        """Store the features of this step's committed tokens by slot; their entries run when the request drafts."""
-        spans = committed_rows(requests, results, out.batch)
-        slots, rows = [], []
-        for req, span in zip(requests, spans, strict=True):
-            if span is None:
-                self.kv.forget(req)
-                self._start.pop(req, None)
-                continue
-            first, rs = span
-            self._follow(req, first)
-            slots += self._slots(req, range(first, first + len(rs)))
-            rows += rs
-        if rows:  # indices through pinned memory: a pageable upload would wait for a forward queued behind this step
-            idx = to_device([slots, rows], torch.int64, self.features.device)  # [2, R]
-            self.features[idx[0]] = self.head.fuse(out, idx[1])
-
-    def _follow(self, req, first: int) -> None:
-        """Start following a new or preempted request at position first, its first the target ran for it.
-
-        Entries before first are left be (their features are gone). Entry first reads f_{first - 1} from the
-        slot of a trusted cached block, else zeros.
-        """
-        if self._following(req):
-            return
-        trusted = first <= self.kv.num_valid(req)
-        self.kv.skip_to(req, first)
-        self._start[req] = (-1 if trusted else first, req.metrics.num_preemptions)
-
-    def _following(self, req) -> bool:
-        start = self._start.get(req)
-        return start is not None and start[1] == req.metrics.num_preemptions
+        """Forget finished requests; the target's forwards store the features their entries read."""
+        for r in requests:
+            if r.finished:
+                self.kv.forget(r)
 
     def _slots(self, req, positions) -> list[int]:
         bs, blocks = self.block_size, req.block_ids
@@ -196,12 +163,10 @@ class EagleDrafter:
         """[sum of span lengths, H] the input of entries [start, end) per request: f_{p - 1} for entry p."""
         rows = []
         for req, (s, e) in zip(reqs, spans, strict=True):
-            zero_at = self._start[req][0]
             p0 = min(max(s, 1), e)  # entry 0 has no feature before it
-            rows += [self._zero_row] * (p0 - s) + self._slots(req, range(p0 - 1, e - 1))
-            if s <= zero_at < e:
-                rows[len(rows) - (e - zero_at)] = self._zero_row
-        return self.features[to_device(rows, torch.int64, self.features.device)]
+            rows += [self.features.zero_row] * (p0 - s) + self._slots(req, range(p0 - 1, e - 1))
+        table = self.features.table
+        return table[to_device(rows, torch.int64, table.device)]
 
     def _run_entries(self, reqs: list, spans: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Run entries [start, end) of each request; (inputs, outputs) [B, H] of each span's last entry."""
@@ -227,7 +192,7 @@ class EagleDrafter:
 
     @torch.inference_mode()
     def propose(self, requests: Sequence, max_tokens: Sequence[int]) -> list[DraftProposal | None]:
-        idx = [i for i, (r, k) in enumerate(zip(requests, max_tokens, strict=True)) if k > 0 and self._following(r)]
+        idx = [i for i, k in enumerate(max_tokens) if k > 0]
         out: list[DraftProposal | None] = [None] * len(requests)
         if not idx:
             return out

@@ -64,9 +64,9 @@ class Eagle3Head(nn.Module):
     def layers(self) -> list[nn.Module]:
         return [self.midlayer]
 
-    def fuse(self, out, rows: torch.Tensor) -> torch.Tensor:
-        """[m, H] fc(cat(low, mid, high)) of the given flat rows [m] of a target step."""
-        return self.fc(torch.cat([a[rows] for a in out.aux_hidden_states], dim=-1))
+    def fuse(self, out) -> torch.Tensor:
+        """[T, H] fc(cat(low, mid, high)) of a target forward's tokens."""
+        return self.fc(torch.cat(out.aux_hidden_states, dim=-1))
 
     def forward(self, emb, hidden, positions, meta, kv_layers, backend) -> torch.Tensor:
         return self.midlayer(emb, hidden, positions, self.rotary, meta, kv_layers[0], backend)

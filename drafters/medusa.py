@@ -15,7 +15,6 @@ from a prior), so it is deterministic: verification takes q as one-hot, which st
 from __future__ import annotations
 
 import functools
-import weakref
 from collections.abc import Sequence
 
 import torch
@@ -26,8 +25,8 @@ from specserve.attention import MAX_TREE_NODES
 from specserve.config import SpeculativeConfig
 from specserve.drafters.base import DraftProposal
 from specserve.drafters.checkpoint import check_dim, load_module, read_config, read_tensors
-from specserve.drafters.draft_kv import committed_rows
 from specserve.drafters.tree import default_tree, static_tree
+from specserve.model_runner import SlotFeatures
 from specserve.sampler import to_device
 
 WEIGHT_FILES = ("medusa_lm_head.safetensors", "medusa_lm_head.pt")
@@ -81,7 +80,6 @@ class MedusaDrafter:
     """Static-tree drafter over Medusa heads; no KV of its own."""
 
     num_kv_layers = 0
-    needs_target_outputs = True
 
     def __init__(self, spec: SpeculativeConfig, target):
         self.heads, share = load_medusa(spec.model, target)
@@ -100,17 +98,24 @@ class MedusaDrafter:
             raise ValueError(f"speculative_config.tree has {self.tree.num_nodes} nodes; at most "
                              f"{MAX_TREE_NODES - 1} fit a verify tree")
         self.max_num_tokens = self.tree.num_nodes
-        self._hidden: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Request -> [H] at its last node
+        # the target's hidden state of each position, by KV slot, filled by the target's forwards
+        self.hidden = SlotFeatures.create(target.num_blocks * target.block_size, target.model.config.hidden_size,
+                                          lambda out: out.hidden_states, target.device, target.dtype)
+        target.slot_features.append(self.hidden)
+        self.block_size = target.block_size
 
     @torch.inference_mode()
     def propose(self, requests: Sequence, max_tokens: Sequence[int]) -> list[DraftProposal | None]:
-        idx = [i for i, (r, k) in enumerate(zip(requests, max_tokens, strict=True)) if k > 0 and r in self._hidden]
+        idx = [i for i, k in enumerate(max_tokens) if k > 0]
         out: list[DraftProposal | None] = [None] * len(requests)
         if not idx:
             return out
         trees = [self.tree.prefix(max_tokens[i]) for i in idx]
         depth = max(t.depth for t in trees)
-        hidden = torch.stack([self._hidden[requests[i]] for i in idx])  # [B, H]
+        bs = self.block_size
+        ends = [(requests[i].block_ids, requests[i].num_computed_tokens - 1) for i in idx]  # the root's parent
+        slots = [blocks[p // bs] * bs + p % bs for blocks, p in ends]
+        hidden = self.hidden.table[to_device(slots, torch.int64, self.hidden.table.device)]  # [B, H]
         # every head's rows through one LM head product and one top-k (each a kernel launch and host work)
         guesses = torch.cat([self.heads[d](hidden) for d in range(depth)])  # [depth * B, H or vocab]
         logits = self.lm_head(guesses) if self.lm_head is not None else guesses.float()
@@ -119,16 +124,5 @@ class MedusaDrafter:
             out[i] = DraftProposal(tree.tokens(r), list(tree.parents))
         return out
 
-    @torch.inference_mode()
     def observe(self, requests, results, out) -> None:
-        """Keep each request's hidden state at its last accepted node (the one that gave the bonus token)."""
-        kept = []
-        for r, res, span in zip(requests, results, committed_rows(requests, results, out.batch), strict=True):
-            if res is not None:
-                self._hidden.pop(r, None)
-                if span is not None:
-                    kept.append((r, span[1][-1]))  # its flat query row
-        if kept:  # the rows through pinned memory: a pageable upload would wait for a forward queued behind this step
-            rows = to_device([row for _, row in kept], torch.int64, out.hidden_states.device)
-            for (r, _), h in zip(kept, out.hidden_states[rows], strict=True):
-                self._hidden[r] = h
+        """Nothing to follow: the target's forwards fill the hidden states propose reads."""

@@ -94,7 +94,6 @@ class NgramDrafter:
     """Deterministic chain or tree drafter (q is one-hot), no model and no KV."""
 
     num_kv_layers = 0
-    needs_target_outputs = False
 
     def __init__(self, spec: SpeculativeConfig, target=None):
         self.max_num_tokens = spec.num_speculative_tokens

@@ -39,7 +39,6 @@ class ReplayDrafter:
     """Deterministic chain drafter over a recorded continuation (q is one-hot), no model and no KV."""
 
     num_kv_layers = 0
-    needs_target_outputs = False
 
     def __init__(self, spec: SpeculativeConfig, target):
         self.max_num_tokens = spec.num_speculative_tokens

@@ -21,7 +21,7 @@ from specserve.drafters import build_drafter
 from specserve.drafters.base import DraftProposal
 from specserve.kernels import get_backend, triton_backend
 from specserve.kv_cache import KVCacheManager
-from specserve.model_runner import ForwardOutput, HostCopy, ModelRunner, StepBatch
+from specserve.model_runner import ForwardOutput, HostCopy, ModelRunner, SlotFeatures, StepBatch
 from specserve.models.loader import LoadedModel, load_model
 from specserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from specserve.request import Request, RequestStatus
@@ -62,6 +62,7 @@ class TargetContext:
     max_num_batched_tokens: int
     max_model_len: int
     cuda_graphs: bool  # forwards that fit a graph bucket replay it (captured on CUDA with the Triton kernels)
+    slot_features: list[SlotFeatures]  # the runner's: a drafter adds the per-slot table it reads
 
     @property
     def captures_graphs(self) -> bool:
@@ -125,6 +126,7 @@ class LLMEngine:
         target = TargetContext(
             self.model, self.tokenizer, self.device, self.dtype, config.block_size, num_blocks, backend,
             config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, not eager,
+            self.runner.slot_features,
         )
         arms: dict[str, SpeculativeConfig] = dict(config.speculative_arms)
         self.default_arm = NO_SPEC
@@ -140,8 +142,6 @@ class LLMEngine:
         # arms whose requests may ride overlapped steps: plain, and adaptive arms while they draft nothing
         self._overlap_arms = frozenset({NO_SPEC} | {name for name, spec in arms.items() if spec.adaptive}
                                        if self.async_scheduling else ())
-        # arms whose observe reads the step's hidden states, which the next step's graph replay overwrites
-        self._reads_outputs = frozenset(name for name, d in self.drafters.items() if d.needs_target_outputs)
         self._overlap_run = 0  # overlapped steps in a row
         self._inflight: InflightStep | None = None
         self.spec_policy = build_policy(arms, self.runner, self._overlap_arms)  # None unless an arm is adaptive
@@ -259,8 +259,6 @@ class LLMEngine:
         if overlap:
             tokens = sample_roots(cur.items, cur.out.logits)  # on the device: the next step's roots
             fetched = HostCopy(tokens)  # queued before the next step, so it does not wait for it
-            if any(s.request.spec_arm in self._reads_outputs for s in cur.scheduled):
-                cur.out = cur.out.kept()  # the copy, too, is queued before the next step
             self._advance(cur)
             self._inflight = self._launch(after=(cur, tokens))
             results = [it.result([0], [t]) for it, t in zip(cur.items, fetched.tolist(), strict=True)]

@@ -9,6 +9,7 @@ graph's ForwardOutput are views of static buffers: valid until the next prepare 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 from specserve.attention import MAX_TREE_NODES, AttentionMetadata, ancestor_masks, tree_depths
 from specserve.cuda_graphs import Buckets, CudaGraphs, StepBuffers, StepViews, fill_dummy, pad_views, step_meta
 from specserve.drafters.base import DraftProposal
+from specserve.models.llama import ModelOutput
 from specserve.sampler import to_device
 from specserve.scheduler import ScheduledRequest
 
@@ -43,10 +45,26 @@ class ForwardOutput:
     aux_hidden_states: list[torch.Tensor]  # each [num_tokens, hidden]: layers in model.aux_layers
     batch: StepBatch
 
-    def kept(self) -> ForwardOutput:
-        """A copy whose hidden states outlive the next forward (a graph replay's are its static buffers)."""
-        return ForwardOutput(self.logits, self.hidden_states.clone(), [a.clone() for a in self.aux_hidden_states],
-                             self.batch)
+
+
+@dataclass
+class SlotFeatures:
+    """A per-KV-slot table of what a drafter reads from the target (EAGLE's features, Medusa's hidden states).
+
+    Every target forward, graphs included, writes its tokens' rows at their K/V slots, and accepted-path
+    compaction moves them with the K/V: slot s holds the row of the token at s, with no host work per step.
+    """
+
+    table: torch.Tensor  # [num_slots + 2, width]: then a row that stays zero, then one padding tokens write
+    rows: Callable[[ModelOutput], torch.Tensor]  # [T, width] of a forward's outputs
+
+    @classmethod
+    def create(cls, num_slots: int, width: int, rows, device, dtype) -> SlotFeatures:
+        return cls(torch.zeros(num_slots + 2, width, device=device, dtype=dtype), rows)
+
+    @property
+    def zero_row(self) -> int:
+        return self.table.shape[0] - 2
 
 
 class HostCopy:
@@ -91,6 +109,7 @@ class ModelRunner:
         self.buffers = StepBuffers(max_num_seqs, max_num_batched_tokens, width, device)
         self.max_num_seqs, self.max_tokens = max_num_seqs, max_num_batched_tokens
         self.graphs: CudaGraphs | None = None
+        self.slot_features: list[SlotFeatures] = []  # drafters add theirs before the graphs are captured
         cuda = device.type == "cuda"
         self._moves = torch.empty(2 * max_num_seqs * MAX_TREE_NODES, dtype=torch.int64, pin_memory=cuda)
 
@@ -194,7 +213,11 @@ class ModelRunner:
     # ---- forward ----------------------------------------------------------------------------------
 
     def _model_forward(self, input_ids, positions, meta):
-        return self.model(input_ids, positions, meta, self.kv_caches, self.backend)
+        out = self.model(input_ids, positions, meta, self.kv_caches, self.backend)
+        slots = meta.slot_mapping[: input_ids.shape[0]]  # padding tokens' -1 lands in each table's last row
+        for f in self.slot_features:
+            f.table[slots] = f.rows(out)
+        return out
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch) -> ForwardOutput:
@@ -242,6 +265,7 @@ class ModelRunner:
         # the pinned buffer is rewritten only after the next step's verify has synced the stream
         slots = self._moves[: 2 * n].to(self.device, non_blocking=True)
         caches = [c for kv in self.kv_caches for c in kv]
+        caches += [f.table[:-2].view(-1, bs, 1, f.table.shape[1]) for f in self.slot_features]
         self.backend.copy_slots(caches, slots[:n], slots[n:])
 
 

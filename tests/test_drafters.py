@@ -145,7 +145,7 @@ def test_eagle_matches_plain_and_dense_recomputation(target, plain, tmp_path, me
     drafter, model = llm.engine.drafters[llm.engine.default_arm], llm.engine.model
     with torch.inference_mode():
         for tokens, n, (scores, _, cand_tokens) in seen[:: max(1, len(seen) // 6)]:
-            feats = drafter.head.fuse(dense_target(model, tokens[:n]), list(range(n)))  # [n, H]
+            feats = drafter.head.fuse(dense_target(model, tokens[:n]))  # [n, H]
             inputs = torch.cat((feats.new_zeros(1, feats.shape[1]), feats))  # entry s reads f_{s-1}; f_{-1} = 0
             g_root = dense_eagle(drafter, tokens[: n + 1], inputs)[n]
             logp, tok = drafter.head.top_k(g_root[None], k)

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from specserve.drafters.draft_kv import DraftKVCache, DraftQuery, committed_rows, plan_chunks
+from specserve.drafters.draft_kv import DraftKVCache, DraftQuery, plan_chunks
 from specserve.drafters.tree import default_tree, expand_level, rerank, static_tree
 
 MC_SIM_PREFIX = [(0,), (0, 0), (1,), (0, 1), (2,), (0, 0, 0), (1, 0), (0, 2)]  # Medusa's mc_sim_7b_63 start
@@ -84,18 +84,9 @@ class _Req:
         self.__dict__.update(fields)
 
 
-def _req(tokens, computed, blocks, finished=False):
-    return _Req(token_ids=tokens, num_computed_tokens=computed, block_ids=blocks, finished=finished,
-                request_id="r", metrics=SimpleNamespace(num_preemptions=0))
-
-
-def test_committed_rows_maps_verified_and_chunked_requests():
-    # seq 0: prefill chunk (no logits row), 5 tokens; seq 1: root + 3 drafts, nodes 0, 2 accepted (row 0 root)
-    batch = SimpleNamespace(query_start_loc=[0, 5, 9], row_starts=[-1, 0])
-    res = SimpleNamespace(rows=[0, 2], accepted_nodes=[0, 2], num_draft_tokens=3)
-    chunk, verified = _req([], 5, []), _req([], 12, [])  # computed counts after the step's commit
-    assert committed_rows([chunk, verified], [None, res], batch) == [(0, [0, 1, 2, 3, 4]), (10, [5, 7])]
-    assert committed_rows([_req([], 0, [], finished=True)], [res], batch) == [None]
+def _req(tokens, computed, blocks):
+    return _Req(token_ids=tokens, num_computed_tokens=computed, block_ids=blocks, request_id="r",
+                metrics=SimpleNamespace(num_preemptions=0))
 
 
 def test_draft_kv_validity_follows_blocks_and_preemption():
