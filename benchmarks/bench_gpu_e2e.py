@@ -13,7 +13,8 @@ Parts (each prints a markdown table and writes DIR/<part>.json):
              prompt lookup on the first HF_PROMPTS prompts (ours on the same prompts for the ratio).
   sweep8b    batch 1..128, 8B shape, 128-token prompts, 128 tokens: plain vs replay drafts (acceptance 0.6 and
              0.8, k = 4) vs adaptive replay. Replay numbers time real verify steps at a set acceptance.
-  sweepsmol  batch 1..128, SmolLM2, MT-bench prompts, 128 tokens: plain vs n-gram vs adaptive n-gram.
+  sweepsmol  batch 1..128, SmolLM2, MT-bench prompts, 128 tokens: plain vs n-gram vs adaptive n-gram (or the arms
+             of --sweep-arms, e.g. the adaptive learned drafters).
 The sweeps serve 3 x B requests with B in flight (continuous batching: a finished request lets the next in),
 each arm twice in interleaved rounds, reporting its best round.
 Both sweeps are plotted to DIR/sweep.png (with --prior DIR, sweeps of an earlier run are plotted too).
@@ -354,8 +355,8 @@ def _until_eos(tokens: list[int], eos: tuple[int, ...]) -> int:
 
 def part_sweepsmol(args, llm, loaded, prompts) -> dict:
     params = SamplingParams(temperature=0.0, max_tokens=args.sweep_tokens)
-    return dict(model="SmolLM2-135M-Instruct", rows=sweep(llm, prompts, params, ["ngram", "ngram-adaptive"],
-                                                          False, args.batches))
+    return dict(model="SmolLM2-135M-Instruct", rows=sweep(llm, prompts, params, args.sweep_arms.split(","), False,
+                                                          args.batches))
 
 
 # ---- plot and main -------------------------------------------------------------------------------
@@ -390,6 +391,7 @@ def main() -> int:
     p.add_argument("--mt-bench", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
                                                       "mt_bench.jsonl"))
     p.add_argument("--prior", default=None, help="folder of an earlier run's sweep JSONs to plot along")
+    p.add_argument("--sweep-arms", default="ngram,ngram-adaptive", help="sweepsmol's arms besides plain")
     p.add_argument("--quick", action="store_true", help="tiny shapes and counts: checks the script anywhere")
     p.add_argument("--eager", action="store_true", help="enforce_eager (no CUDA graphs)")
     args = p.parse_args()
