@@ -13,8 +13,8 @@ tokens up to its own slot, which is what prefix-cached blocks need.) Every targe
 included, writes each token's feature into a table indexed like the KV slots (model_runner.SlotFeatures, moved
 with the K/V by accepted-path compaction), and propose() runs the entries not yet run with the root as one
 causal chunk, however far the request lagged (a request that drafts nothing costs no draft forward). Entry 0
-has no feature before it and reads zeros. A prefix-cache hit brings the features of its blocks with their K/V
-(the forward that filled them wrote both), so the entries it skips the draft KV has no trust for run as well.
+has no feature before it and reads zeros. A prefix-cache hit brings its blocks' features with their K/V (the
+forward that filled them wrote both), so entries of cached blocks the draft KV does not trust simply run.
 
 Tree (EAGLE-2, `topK_genrate`): the root's top_k tokens are the first level; each level, the top_k nodes by
 cumulative log-prob are expanded to their top_k children, `depth` levels in all; the num_speculative_tokens
@@ -43,7 +43,6 @@ from specserve.drafters.tree import rerank
 from specserve.model_runner import SlotFeatures
 from specserve.models.config import ModelConfig
 from specserve.models.llama import LlamaDecoderLayer, RotaryEmbedding
-from specserve.sampler import to_device
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 CATCHUP_TOKENS = 2048  # entries per catch-up forward
@@ -136,9 +135,7 @@ class EagleDrafter:
         self.max_num_tokens = spec.num_speculative_tokens
         self.block_size = target.block_size
         # the fused target feature of each position, by KV slot, filled by the target's forwards
-        self.features = SlotFeatures.create(target.num_blocks * target.block_size, target.model.config.hidden_size,
-                                            self.head.fuse, target.device, target.dtype)
-        target.slot_features.append(self.features)
+        self.features = SlotFeatures(target, target.model.config.hidden_size, self.head.fuse)
         # a step's entries: the tokens it committed (at most depth + 1) and the root
         self.runner = DraftRunner(self.kv, self._head_forward, target, [spec.depth + 2], CATCHUP_TOKENS,
                                   hidden_size=target.model.config.hidden_size)
@@ -155,18 +152,11 @@ class EagleDrafter:
             if r.finished:
                 self.kv.forget(r)
 
-    def _slots(self, req, positions) -> list[int]:
-        bs, blocks = self.block_size, req.block_ids
-        return [blocks[p // bs] * bs + p % bs for p in positions]
-
     def _inputs(self, reqs: list, spans: list[tuple[int, int]]) -> torch.Tensor:
-        """[sum of span lengths, H] the input of entries [start, end) per request: f_{p - 1} for entry p."""
-        rows = []
-        for req, (s, e) in zip(reqs, spans, strict=True):
-            p0 = min(max(s, 1), e)  # entry 0 has no feature before it
-            rows += [self.features.zero_row] * (p0 - s) + self._slots(req, range(p0 - 1, e - 1))
-        table = self.features.table
-        return table[to_device(rows, torch.int64, table.device)]
+        """[sum of span lengths, H] the input of entries [start, end) per request: f_{p - 1} for entry p (entry 0
+        reads zeros)."""
+        return self.features.read([(r.block_ids, p - 1) for r, (s, e) in zip(reqs, spans, strict=True)
+                                   for p in range(s, e)])
 
     def _run_entries(self, reqs: list, spans: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Run entries [start, end) of each request; (inputs, outputs) [B, H] of each span's last entry."""

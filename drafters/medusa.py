@@ -27,7 +27,6 @@ from specserve.drafters.base import DraftProposal
 from specserve.drafters.checkpoint import check_dim, load_module, read_config, read_tensors
 from specserve.drafters.tree import default_tree, static_tree
 from specserve.model_runner import SlotFeatures
-from specserve.sampler import to_device
 
 WEIGHT_FILES = ("medusa_lm_head.safetensors", "medusa_lm_head.pt")
 # config.json: per head, how often its rank-r token was right on held-out answers (benchmarks/medusa_accuracy.py)
@@ -99,10 +98,7 @@ class MedusaDrafter:
                              f"{MAX_TREE_NODES - 1} fit a verify tree")
         self.max_num_tokens = self.tree.num_nodes
         # the target's hidden state of each position, by KV slot, filled by the target's forwards
-        self.hidden = SlotFeatures.create(target.num_blocks * target.block_size, target.model.config.hidden_size,
-                                          lambda out: out.hidden_states, target.device, target.dtype)
-        target.slot_features.append(self.hidden)
-        self.block_size = target.block_size
+        self.hidden = SlotFeatures(target, target.model.config.hidden_size, lambda out: out.hidden_states)
 
     @torch.inference_mode()
     def propose(self, requests: Sequence, max_tokens: Sequence[int]) -> list[DraftProposal | None]:
@@ -112,10 +108,8 @@ class MedusaDrafter:
             return out
         trees = [self.tree.prefix(max_tokens[i]) for i in idx]
         depth = max(t.depth for t in trees)
-        bs = self.block_size
-        ends = [(requests[i].block_ids, requests[i].num_computed_tokens - 1) for i in idx]  # the root's parent
-        slots = [blocks[p // bs] * bs + p % bs for blocks, p in ends]
-        hidden = self.hidden.table[to_device(slots, torch.int64, self.hidden.table.device)]  # [B, H]
+        # [B, H] at each root's parent, the last position the target ran
+        hidden = self.hidden.read([(requests[i].block_ids, requests[i].num_computed_tokens - 1) for i in idx])
         # every head's rows through one LM head product and one top-k (each a kernel launch and host work)
         guesses = torch.cat([self.heads[d](hidden) for d in range(depth)])  # [depth * B, H or vocab]
         logits = self.lm_head(guesses) if self.lm_head is not None else guesses.float()

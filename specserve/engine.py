@@ -136,7 +136,8 @@ class LLMEngine:
         self.drafters = {name: build_drafter(spec, target) for name, spec in arms.items()}
         self.spec_configs = arms
         if not eager:
-            self.runner.capture_graphs([1] + [1 + d.max_num_tokens for d in self.drafters.values()])
+            self.runner.capture_graphs([1] + [1 + d.max_num_tokens for d in self.drafters.values()],
+                                       target.captures_graphs)
         auto_async = self.device.type == "cuda"
         self.async_scheduling = config.async_scheduling if config.async_scheduling is not None else auto_async
         # arms whose requests may ride overlapped steps: plain, and adaptive arms while they draft nothing

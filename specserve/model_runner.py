@@ -46,8 +46,6 @@ class ForwardOutput:
     batch: StepBatch
 
 
-
-@dataclass
 class SlotFeatures:
     """A per-KV-slot table of what a drafter reads from the target (EAGLE's features, Medusa's hidden states).
 
@@ -55,16 +53,20 @@ class SlotFeatures:
     compaction moves them with the K/V: slot s holds the row of the token at s, with no host work per step.
     """
 
-    table: torch.Tensor  # [num_slots + 2, width]: then a row that stays zero, then one padding tokens write
-    rows: Callable[[ModelOutput], torch.Tensor]  # [T, width] of a forward's outputs
+    def __init__(self, target, width: int, rows: Callable[[ModelOutput], torch.Tensor]):
+        """rows: [T, width] of a forward's outputs; the table joins target.slot_features (before graph capture)."""
+        self.block_size = target.block_size
+        num_slots = target.num_blocks * target.block_size
+        # then a row that stays zero, then the one padding tokens' slot -1 writes
+        self.table = torch.zeros(num_slots + 2, width, device=target.device, dtype=target.dtype)
+        self.rows = rows
+        target.slot_features.append(self)
 
-    @classmethod
-    def create(cls, num_slots: int, width: int, rows, device, dtype) -> SlotFeatures:
-        return cls(torch.zeros(num_slots + 2, width, device=device, dtype=dtype), rows)
-
-    @property
-    def zero_row(self) -> int:
-        return self.table.shape[0] - 2
+    def read(self, at: list[tuple[list[int], int]]) -> torch.Tensor:
+        """[N, width] the rows of (block table, position) pairs; position -1 reads zeros."""
+        bs, zero = self.block_size, self.table.shape[0] - 2
+        idx = [blocks[p // bs] * bs + p % bs if p >= 0 else zero for blocks, p in at]
+        return self.table[to_device(idx, torch.int64, self.table.device)]
 
 
 class HostCopy:
@@ -114,15 +116,9 @@ class ModelRunner:
         self._moves = torch.empty(2 * max_num_seqs * MAX_TREE_NODES, dtype=torch.int64, pin_memory=cuda)
 
     @torch.inference_mode()
-    def capture_graphs(self, query_lens: list[int]) -> None:
-        """Capture decode/verify graphs for the drafters' per-sequence query lengths (see cuda_graphs.Buckets).
-
-        Off CUDA, or with an attention backend that syncs (the torch reference), the buckets replay eagerly
-        over the same padded buffers.
-        """
-        from specserve.kernels import triton_backend
-
-        capture = self.device.type == "cuda" and self.backend is triton_backend
+    def capture_graphs(self, query_lens: list[int], capture: bool) -> None:
+        """Graphs for the drafters' per-sequence query lengths (see cuda_graphs.Buckets); capture False (off CUDA,
+        or with the torch reference, which syncs) replays the buckets eagerly over the same padded buffers."""
         buckets = Buckets(self.max_num_seqs, query_lens, self.max_tokens)
         self.graphs = CudaGraphs(buckets, self.max_model_len, capture)
         self.graphs.build(self.make_dummy, self._model_forward)

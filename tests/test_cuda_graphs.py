@@ -97,7 +97,7 @@ def test_prepare_layout_matches_the_per_token_construction(tiny):
 
 def test_decode_steps_pad_to_their_bucket(tiny):
     runner = ModelRunner(tiny.model, 64, 4, reference, torch.device("cpu"), torch.float32, max_model_len=128)
-    runner.capture_graphs([1, 5])  # off CUDA: padded replay over the same buffers, no capture
+    runner.capture_graphs([1, 5], capture=False)  # padded replay over the same buffers
     reqs = [_request(list(range(3, 3 + n)), n - 1, [1, 2, 3, 4, 5]) for n in (6, 9, 13)]
     scheduled = [ScheduledRequest(r, 1, 0) for r in reqs]
     proposals = [None, DraftProposal.chain([7, 8, 9]), None]

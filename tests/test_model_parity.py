@@ -119,11 +119,11 @@ def test_draft_tree_verify(family_case):
 
 
 def test_hidden_state_outputs(family_case):
-    """aux_hidden_states[j] enters layer aux_layers[j] (HF's hidden_states[j]); prenorm: last output."""
+    """aux_hidden_states[j] enters layer aux_layers[j] (HF's hidden_states[j]); num_layers: the last output."""
     loaded, ids, _, ref_hidden = family_case
     runner = PagedRunner(loaded)
     model, num_layers = loaded.model, loaded.config.num_layers
-    model.aux_layers = (num_layers - 1, 0, 1, num_layers)  # any order; num_layers: the prenorm output
+    model.aux_layers = (num_layers - 1, 0, 1, num_layers)  # any order; num_layers: before the final norm
     try:
         meta = make_meta([len(ids)], [0], [runner.new_table(len(ids))], BLOCK_SIZE)
         with torch.no_grad():
@@ -132,8 +132,7 @@ def test_hidden_state_outputs(family_case):
         model.aux_layers = ()
     for layer, aux in zip((num_layers - 1, 0, 1), out.aux_hidden_states[:3], strict=True):
         assert (aux - ref_hidden[layer]).abs().max() < TOL
-    assert out.aux_hidden_states[3] is out.prenorm_hidden_states
-    assert (model.model.norm(out.prenorm_hidden_states) - out.hidden_states).abs().max() == 0
+    assert (model.model.norm(out.aux_hidden_states[3]) - out.hidden_states).abs().max() == 0
     assert (out.hidden_states - ref_hidden[num_layers]).abs().max() < TOL  # HF's last entry is post-norm
 
 

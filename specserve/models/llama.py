@@ -75,7 +75,6 @@ def register_merged(module: nn.Module, merged: str, sizes: list[int]) -> None:
 @dataclass
 class ModelOutput:
     hidden_states: torch.Tensor  # [T, hidden] after the final norm: what compute_logits takes
-    prenorm_hidden_states: torch.Tensor  # [T, hidden] last layer's output before the final norm (EAGLE-1)
     aux_hidden_states: list[torch.Tensor] = field(default_factory=list)  # [T, hidden] per aux layer (EAGLE-3)
 
 
@@ -271,7 +270,7 @@ class LlamaForCausalLM(nn.Module):
         x, hidden = m.norm(h, residual, backend)
         taps[len(m.layers)] = x
         aux = [taps[i] for i in self.aux_layers]
-        return ModelOutput(hidden_states=hidden, prenorm_hidden_states=x, aux_hidden_states=aux)
+        return ModelOutput(hidden_states=hidden, aux_hidden_states=aux)
 
     def compute_logits(self, hidden: torch.Tensor, backend: ModuleType = reference) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] float32."""
