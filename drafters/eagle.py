@@ -133,7 +133,6 @@ class EagleDrafter:
         self.kv = DraftKVCache(target, self.num_kv_layers, attn.num_kv_heads, attn.head_dim, scratch)
         self.backend = target.backend
         self.max_num_tokens = spec.num_speculative_tokens
-        self.block_size = target.block_size
         # the fused target feature of each position, by KV slot, filled by the target's forwards
         self.features = SlotFeatures(target, target.model.config.hidden_size, self.head.fuse)
         # a step's entries: the tokens it committed (at most depth + 1) and the root
@@ -189,8 +188,8 @@ class EagleDrafter:
         reqs = [requests[i] for i in idx]
         roots = [r.num_computed_tokens for r in reqs]
         # 1. entries not run yet and the root, one causal chunk each: the root's output starts the tree
-        root_in, g_root = self._run_entries(reqs, [(self.kv.num_valid(r), n + 1) for r, n in zip(reqs, roots,
-                                                                                             strict=True)])
+        spans = [(self.kv.num_valid(r), n + 1) for r, n in zip(reqs, roots, strict=True)]
+        root_in, g_root = self._run_entries(reqs, spans)
         for r, n in zip(reqs, roots, strict=True):
             self.kv.set_valid(r, n + 1)
         # 2. EAGLE-2 levels

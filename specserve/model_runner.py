@@ -1,5 +1,7 @@
 """Turns a scheduled step into flat model inputs, runs the target forward and compacts accepted KV.
 
+Drafters that read the target's hidden states register a SlotFeatures table; every forward fills it.
+
 `prepare` builds the step's metadata with numpy (loops over sequences, never over tokens) straight into
 the pinned staging buffers of cuda_graphs.StepBuffers, and uploads it in two copies. `forward` replays the
 CUDA graph of the step's bucket when every sequence is decoding (a root plus its drafts), and runs eagerly
