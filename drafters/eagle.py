@@ -134,7 +134,8 @@ class EagleDrafter:
         self.backend = target.backend
         self.max_num_tokens = spec.num_speculative_tokens
         # the fused target feature of each position, by KV slot, filled by the target's forwards
-        self.features = SlotFeatures(target, target.model.config.hidden_size, self.head.fuse)
+        self.features = SlotFeatures.get(target, self.feature_key(spec), target.model.config.hidden_size,
+                                         self.head.fuse)
         # a step's entries: the tokens it committed (at most depth + 1) and the root
         self.runner = DraftRunner(self.kv, self._head_forward, target, [spec.depth + 2], CATCHUP_TOKENS,
                                   hidden_size=target.model.config.hidden_size)
@@ -142,6 +143,10 @@ class EagleDrafter:
 
     def load_head(self, path: str, target) -> tuple[nn.Module, nn.Embedding | None]:
         return load_eagle1(path, target)
+
+    def feature_key(self, spec: SpeculativeConfig) -> tuple:
+        """EAGLE-1's features are the target's last hidden states."""
+        return ("hidden_states",)
 
     # ---- following the target -----------------------------------------------------------------------
 

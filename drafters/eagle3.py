@@ -17,10 +17,12 @@ EagleDrafter's.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 from torch import nn
 
+from specserve.config import SpeculativeConfig
 from specserve.drafters.checkpoint import check_dim, load_module, read_config, read_tensors
 from specserve.drafters.eagle import WEIGHT_FILES, EagleDrafter, _own_embedding, draft_config
 from specserve.models.config import ModelConfig
@@ -125,3 +127,7 @@ class Eagle3Drafter(EagleDrafter):
         head, embed, layers = load_eagle3(path, target)
         target.model.aux_layers = layers  # from now on every target forward returns these features
         return head, embed
+
+    def feature_key(self, spec: SpeculativeConfig) -> tuple:
+        """EAGLE-3's features come through its checkpoint's fc: arms of one checkpoint share them."""
+        return ("eagle3", os.path.realpath(spec.model))

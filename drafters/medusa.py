@@ -98,7 +98,8 @@ class MedusaDrafter:
                              f"{MAX_TREE_NODES - 1} fit a verify tree")
         self.max_num_tokens = self.tree.num_nodes
         # the target's hidden state of each position, by KV slot, filled by the target's forwards
-        self.hidden = SlotFeatures(target, target.model.config.hidden_size, lambda out: out.hidden_states)
+        self.hidden = SlotFeatures.get(target, ("hidden_states",), target.model.config.hidden_size,
+                                       lambda out: out.hidden_states)
 
     @torch.inference_mode()
     def propose(self, requests: Sequence, max_tokens: Sequence[int]) -> list[DraftProposal | None]:

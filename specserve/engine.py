@@ -62,7 +62,7 @@ class TargetContext:
     max_num_batched_tokens: int
     max_model_len: int
     cuda_graphs: bool  # forwards that fit a graph bucket replay it (captured on CUDA with the Triton kernels)
-    slot_features: list[SlotFeatures]  # the runner's: a drafter adds the per-slot table it reads
+    slot_features: dict[tuple, SlotFeatures]  # the runner's per-slot tables, by what they store
 
     @property
     def captures_graphs(self) -> bool:

@@ -53,16 +53,23 @@ class SlotFeatures:
 
     Every target forward, graphs included, writes its tokens' rows at their K/V slots, and accepted-path
     compaction moves them with the K/V: slot s holds the row of the token at s, with no host work per step.
+    Drafters that read the same rows (arms of one checkpoint, EAGLE-1 and Medusa) share one table.
     """
 
     def __init__(self, target, width: int, rows: Callable[[ModelOutput], torch.Tensor]):
-        """rows: [T, width] of a forward's outputs; the table joins target.slot_features (before graph capture)."""
         self.block_size = target.block_size
         num_slots = target.num_blocks * target.block_size
         # then a row that stays zero, then the one padding tokens' slot -1 writes
         self.table = torch.zeros(num_slots + 2, width, device=target.device, dtype=target.dtype)
         self.rows = rows
-        target.slot_features.append(self)
+
+    @classmethod
+    def get(cls, target, key: tuple, width: int, rows: Callable[[ModelOutput], torch.Tensor]) -> SlotFeatures:
+        """The table stored under key in target.slot_features, made on first use (before graph capture); rows:
+        [T, width] of a forward's outputs, the same for every drafter asking for this key."""
+        if key not in target.slot_features:
+            target.slot_features[key] = cls(target, width, rows)
+        return target.slot_features[key]
 
     def read(self, at: list[tuple[list[int], int]]) -> torch.Tensor:
         """[N, width] the rows of (block table, position) pairs; position -1 reads zeros."""
@@ -113,7 +120,7 @@ class ModelRunner:
         self.buffers = StepBuffers(max_num_seqs, max_num_batched_tokens, width, device)
         self.max_num_seqs, self.max_tokens = max_num_seqs, max_num_batched_tokens
         self.graphs: CudaGraphs | None = None
-        self.slot_features: list[SlotFeatures] = []  # drafters add theirs before the graphs are captured
+        self.slot_features: dict[tuple, SlotFeatures] = {}  # drafters add theirs before the graphs are captured
         cuda = device.type == "cuda"
         self._moves = torch.empty(2 * max_num_seqs * MAX_TREE_NODES, dtype=torch.int64, pin_memory=cuda)
 
@@ -213,7 +220,7 @@ class ModelRunner:
     def _model_forward(self, input_ids, positions, meta):
         out = self.model(input_ids, positions, meta, self.kv_caches, self.backend)
         slots = meta.slot_mapping[: input_ids.shape[0]]  # padding tokens' -1 lands in each table's last row
-        for f in self.slot_features:
+        for f in self.slot_features.values():
             f.table[slots] = f.rows(out)
         return out
 
@@ -263,7 +270,7 @@ class ModelRunner:
         # the pinned buffer is rewritten only after the next step's verify has synced the stream
         slots = self._moves[: 2 * n].to(self.device, non_blocking=True)
         caches = [c for kv in self.kv_caches for c in kv]
-        caches += [f.table[:-2].view(-1, bs, 1, f.table.shape[1]) for f in self.slot_features]
+        caches += [f.table[:-2].view(-1, bs, 1, f.table.shape[1]) for f in self.slot_features.values()]
         self.backend.copy_slots(caches, slots[:n], slots[n:])
 
 

@@ -239,6 +239,7 @@ def test_adaptive_learned_drafters_equal_plain_greedy(tiny_model_dir, tmp_path):
                    "num_speculative_tokens": 6, "adaptive": True},
     }
     llm = LLM(model=target, device="cpu", dtype="float32", speculative_arms=arms, max_num_seqs=8)
+    assert list(llm.engine.runner.slot_features) == [("hidden_states",)]  # EAGLE-1 and Medusa share one table
     prompts = [[5 + i, 17, 33, 9 + i, 21] * (1 + i % 3) for i in range(6)]
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     plain = [o.outputs[0].token_ids for o in llm.generate(prompts, params, spec_arm="none")]
