@@ -144,8 +144,8 @@ def test_adaptive_draft_model_requests_overlap_while_they_draft_nothing(tiny, ti
 @pytest.mark.parametrize("method", ["eagle", "eagle3", "medusa"])
 def test_learned_drafters_that_read_target_outputs_ride_overlapped_steps(tiny, tiny_model_dir, tmp_path, method,
                                                                          device):
-    """EAGLE and Medusa read the step's hidden states: an overlapped step keeps a copy for them (on CUDA the next
-    step's graph replay would overwrite them). A request that drafted nothing for a while drafts exactly what it
+    """EAGLE and Medusa read the target's hidden states from per-slot tables its forwards fill (inside the graphs on
+    CUDA), so their quiet adaptive steps overlap. A request that drafted nothing for a while drafts exactly what it
     would have drafted had it drafted all along."""
     from test_drafters_checkpoints import write_eagle, write_eagle3, write_medusa
 
