@@ -318,6 +318,7 @@ def part_smol(args, llm, loaded, prompts) -> dict:
         run(llm, [p], SamplingParams(temperature=0.0, max_tokens=16), "none")
     rows, plain = [], None
     for arm in ["none", *llm.engine.drafters]:
+        run(llm, [ps[0]], SamplingParams(temperature=0.0, max_tokens=32), arm)  # warm-up: the arm's JIT shapes
         per = [run(llm, [p], params, arm) for p in ps]
         tokens, wall = sum(r["tokens"] for r in per), sum(r["wall_s"] for r in per)
         head = per[: args.hf_prompts]
