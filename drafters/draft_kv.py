@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from specserve.attention import ancestor_masks, tree_depths
+from specserve.attention import token_layout
 from specserve.kv_cache import block_hash
 
 
@@ -123,26 +123,16 @@ class DraftKVCache:
         bs, b = self.block_size, len(queries)
         ctx = np.fromiter((q.context_len for q in queries), np.int64, b)
         n_causal = np.fromiter((q.num_causal for q in queries), np.int64, b)
-        q_len = n_causal + np.fromiter((len(q.parents) for q in queries), np.int64, b)
-        qsl = np.zeros(b + 1, np.int64)
-        np.cumsum(q_len, out=qsl[1:])
-        seq = np.repeat(np.arange(b), q_len)  # [T] query of each token
-        qidx = np.arange(int(qsl[-1])) - qsl[seq]  # [T] index within its query
-        depth = np.zeros(len(seq), np.int64)  # tree depth below the root; 0 for the causal run
-        masks = np.where(qidx == (n_causal - 1)[seq], 1, 0)  # a root's mask is 0b1, causal entries' 0
+        n_nodes = np.fromiter((len(q.parents) for q in queries), np.int64, b)
         tables = np.zeros((b, max(len(q.block_table) for q in queries)), np.int64)
         for i, q in enumerate(queries):
             tables[i, : len(q.block_table)] = q.block_table
-            if q.parents:
-                root = qsl[i] + q.num_causal - 1
-                depth[root : qsl[i + 1]] = tree_depths(list(q.parents))
-                masks[root : qsl[i + 1]] = ancestor_masks(list(q.parents))
-        positions = ctx[seq] + np.minimum(qidx, (n_causal - 1)[seq]) + depth
-        logical = ctx[seq] + qidx  # [T] the slot each entry's K/V goes to, in sequence order
-        slot_mapping = tables[seq, logical // bs] * bs + logical % bs
+        lay = token_layout(ctx, n_causal, n_nodes, [(i, list(q.parents)) for i, q in enumerate(queries) if q.parents])
+        slot_mapping = lay.slots(tables, bs)
         for block in np.unique(slot_mapping // bs).tolist():
             self._block_hash.pop(block, None)
-        return DraftMetadata(positions, slot_mapping, masks, qsl, ctx + q_len, ctx, n_causal - 1, tables)
+        return DraftMetadata(lay.positions, slot_mapping, lay.tree_mask, lay.query_start_loc, ctx + n_causal + n_nodes,
+                             ctx, n_causal - 1, tables)
 
 
 @dataclass

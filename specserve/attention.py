@@ -15,8 +15,10 @@ context_lens[b] + i, so sibling nodes have distinct slots even though they share
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 MAX_TREE_NODES = 64  # root included: the ancestor mask is one int64
@@ -62,3 +64,44 @@ def tree_depths(parents: list[int]) -> list[int]:
     for p in parents:
         depths.append(depths[p] + 1)
     return depths
+
+
+# entry j + 1: the mask of chain node j; entry 0 (mask 0) for the causal tokens before a root
+CHAIN_MASKS = np.asarray([0, *ancestor_masks(list(range(MAX_TREE_NODES - 1)))], dtype=np.int64)
+
+
+@dataclass
+class TokenLayout:
+    """Where each query token of a step sits, built with numpy from per-sequence counts (no loop over tokens)."""
+
+    query_start_loc: np.ndarray  # [B + 1] int64
+    seq: np.ndarray  # [T] the sequence of each token
+    node: np.ndarray  # [T] tree node (root 0), negative for the causal tokens before the root
+    positions: np.ndarray  # [T] rope positions: causal tokens at context + i, tree nodes at root + depth
+    logical: np.ndarray  # [T] sequence index of each token's K/V slot, in query order
+    tree_mask: np.ndarray  # [T] int64 ancestor bits, 0 before the root
+
+    def slots(self, block_tables: np.ndarray, block_size: int) -> np.ndarray:
+        """[T] int64 K/V slots through block_tables [B, W]."""
+        blocks = block_tables[self.seq, self.logical // block_size].astype(np.int64)
+        return blocks * block_size + self.logical % block_size
+
+
+def token_layout(context_lens: np.ndarray, num_causal: np.ndarray, num_nodes: np.ndarray,
+                 trees: Iterable[tuple[int, list[int]]]) -> TokenLayout:
+    """Layout of B queries of num_causal[b] causal tokens (the root last) then num_nodes[b] draft nodes, over
+    context_lens[b] cached tokens. Drafts are chains unless trees names (sequence, parents) for them."""
+    q_len = num_causal + num_nodes
+    qsl = np.zeros(len(q_len) + 1, np.int64)
+    np.cumsum(q_len, out=qsl[1:])
+    seq = np.repeat(np.arange(len(q_len)), q_len)
+    qidx = np.arange(int(qsl[-1])) - qsl[seq]  # [T] index within its sequence's query
+    node = qidx - (num_causal - 1)[seq]
+    depth = np.maximum(node, 0)  # a chain's node j sits at depth j
+    masks = CHAIN_MASKS[np.maximum(node + 1, 0)]
+    for b, parents in trees:
+        root = qsl[b] + num_causal[b] - 1
+        depth[root : qsl[b + 1]] = tree_depths(parents)
+        masks[root : qsl[b + 1]] = ancestor_masks(parents)
+    positions = context_lens[seq] + np.minimum(qidx, (num_causal - 1)[seq]) + depth
+    return TokenLayout(qsl, seq, node, positions, context_lens[seq] + qidx, masks)

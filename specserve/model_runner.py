@@ -17,15 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from specserve.attention import MAX_TREE_NODES, AttentionMetadata, ancestor_masks, tree_depths
+from specserve.attention import MAX_TREE_NODES, AttentionMetadata, token_layout
 from specserve.cuda_graphs import Buckets, CudaGraphs, StepBuffers, StepViews, fill_dummy, pad_views, step_meta
 from specserve.drafters.base import DraftProposal
 from specserve.models.llama import ModelOutput
 from specserve.sampler import to_device
 from specserve.scheduler import ScheduledRequest
 
-# entry j + 1: the mask of chain node j; entry 0 (mask 0) for the causal tokens before a root
-CHAIN_MASKS = np.asarray([0, *ancestor_masks(list(range(MAX_TREE_NODES - 1)))], dtype=np.int64)
 PROFILE_REPEATS = 3
 
 
@@ -144,13 +142,10 @@ class ModelRunner:
         if (longest := int(n_draft.max())) >= MAX_TREE_NODES:
             raise ValueError(f"a draft tree has at most {MAX_TREE_NODES - 1} nodes, got {longest}")
         q_len = n_new + n_draft
-        qsl = np.zeros(num_seqs + 1, np.int64)
-        np.cumsum(q_len, out=qsl[1:])
-        num_tokens = int(qsl[-1])
-        seq = np.repeat(np.arange(num_seqs), q_len)  # [T] sequence of each query token
-        qidx = np.arange(num_tokens) - qsl[seq]  # [T] index within its sequence's query
-        node = qidx - (n_new - 1)[seq]  # [T] tree node (root 0), negative for causal tokens before the root
-        rows = produces[seq] & (node >= 0)  # [T] tokens whose logits verification reads
+        trees = [(b, p.parents) for b, p in enumerate(proposals) if p is not None and not _is_chain(p.parents)]
+        lay = token_layout(ctx, n_new, n_draft, trees)
+        qsl, num_tokens = lay.query_start_loc, len(lay.seq)
+        rows = produces[lay.seq] & (lay.node >= 0)  # [T] tokens whose logits verification reads
         num_rows = int(rows.sum())
 
         key = None
@@ -163,17 +158,9 @@ class ModelRunner:
             tables[b, : len(r.block_ids)] = r.block_ids
             tables[b, len(r.block_ids) :] = 0
         h.input_ids[:num_tokens] = [t for s, p in zip(scheduled, proposals, strict=True) for t in _query(s, p)]
-        depth = np.maximum(node, 0)  # a chain's node j sits at depth j
-        h.tree_mask[:num_tokens] = CHAIN_MASKS[np.maximum(node + 1, 0)]
-        for b, p in enumerate(proposals):
-            if p is not None and not _is_chain(p.parents):
-                root = qsl[b] + n_new[b] - 1
-                depth[root : qsl[b + 1]] = tree_depths(p.parents)
-                h.tree_mask[root : qsl[b + 1]] = ancestor_masks(p.parents)
-        h.positions[:num_tokens] = ctx[seq] + np.minimum(qidx, (n_new - 1)[seq]) + depth
-        logical = ctx[seq] + qidx  # [T] sequence index of each token's K/V slot
-        bs = self.block_size
-        h.slot_mapping[:num_tokens] = tables[seq, logical // bs].astype(np.int64) * bs + logical % bs
+        h.tree_mask[:num_tokens] = lay.tree_mask
+        h.positions[:num_tokens] = lay.positions
+        h.slot_mapping[:num_tokens] = lay.slots(tables, self.block_size)
         h.logits_indices[:] = np.flatnonzero(rows)
         h.query_start_loc[: num_seqs + 1] = qsl
         h.seq_lens[:num_seqs] = ctx + q_len
