@@ -6,10 +6,12 @@
     python benchmarks/bench_attention.py --configs w8f7s3,w4f5s5 --no-flex --out a.json  # 2 configs, ~1 min
 
 --configs times our kernel in both modes under each decode launch configuration, spelled [p<SPLIT>][n<BLOCK_N>]
-w<warps>f<fused-mode stages>s<split-mode stages> over the bf16 default of DECODE_CONFIGS (w4f5s5 is the default), and
-reports the best per shape. Whatever the configs, the run checks split == fused bit for bit on a few shapes
-(CHECK_SHAPES) for each, which a config needs before it can be adopted, and lists the registers and spilled
+[m<BLOCK_M>]w<warps>f<fused-mode stages>s<split-mode stages> over the bf16 default of DECODE_CONFIGS (w4f5s5;
+p256n128w4f5s5 is the engine's for head dims up to 64), and reports the best per shape. Whatever the configs, the
+run checks split == fused bit for bit on a few shapes (CHECK_SHAPES) for each, which a config needs before it can
+be adopted, whether each computes the first config's bits (same numerics), and lists the registers and spilled
 bytes per thread that Triton reports for each compiled kernel. The main table shows the first config.
+--heads 9,3,64 times SmolLM2-135M's attention shape instead; --shapes 1,8/1,16/512 a subset of the sweep.
 
 Sweep: batch {1, 8, 32, 64} x query tokens per sequence {1, 4, 8, 16, 64} (root + a random draft tree) x
 cached context {512, 2048, 8192}; head_dim 128, 32 q heads over 8 kv heads, bf16, block size 16, blocks
@@ -102,15 +104,16 @@ def copy_bandwidth(device: torch.device, cuda: bool) -> float:
 
 def parse_config(spec: str) -> tree_attention.DecodeConfig:
     """A --configs entry, e.g. w4f5s5, n32w4f5s5 or p128w4f5s5 (128-key splits), over the bf16 default."""
-    match = re.fullmatch(r"(?:p(\d+))?(?:n(\d+))?w(\d+)f(\d+)s(\d+)", spec)
+    match = re.fullmatch(r"(?:p(\d+))?(?:n(\d+))?(?:m(\d+))?w(\d+)f(\d+)s(\d+)", spec)
     if match is None:
         raise argparse.ArgumentTypeError(
-            f"{spec!r}: expected [p<SPLIT>][n<BLOCK_N>]w<warps>f<fused stages>s<split stages>"
+            f"{spec!r}: expected [p<SPLIT>][n<BLOCK_N>][m<BLOCK_M>]w<warps>f<fused stages>s<split stages>"
         )
-    split, block_n, warps, fused, split_stages = (None if g is None else int(g) for g in match.groups())
+    split, block_n, block_m, warps, fused, split_stages = (None if g is None else int(g) for g in match.groups())
     default = tree_attention.DECODE_CONFIGS[torch.bfloat16]
     return dataclasses.replace(default, split=split or default.split, block_n=block_n or default.block_n,
-                               num_warps=warps, fused_stages=fused, split_stages=split_stages)
+                               block_m=block_m or default.block_m, num_warps=warps, fused_stages=fused,
+                               split_stages=split_stages)
 
 
 def config_name(config: tree_attention.DecodeConfig) -> str:
@@ -118,7 +121,8 @@ def config_name(config: tree_attention.DecodeConfig) -> str:
     default = tree_attention.DECODE_CONFIGS[torch.bfloat16]
     split = "" if config.split == default.split else f"p{config.split}"
     block_n = "" if config.block_n == default.block_n else f"n{config.block_n}"
-    return f"{split}{block_n}w{config.num_warps}f{config.fused_stages}s{config.split_stages}"
+    block_m = "" if config.block_m == default.block_m else f"m{config.block_m}"
+    return f"{split}{block_n}{block_m}w{config.num_warps}f{config.fused_stages}s{config.split_stages}"
 
 
 def new_kernels(fn) -> list:
@@ -143,6 +147,20 @@ def split_equals_fused(config, shapes, device) -> dict[str, bool]:
         bits = [out.view(torch.int16) for out in outs]  # -0 differs from +0
         equal[f"{batch}x{q_len}x{ctx}"] = (not outs[0].isnan().any().item()
                                            and all(torch.equal(bits[0], b) for b in bits[1:]))
+    return equal
+
+
+def equals_first(configs: dict, shapes, device) -> dict[str, bool]:
+    """Per config: on every shape its planned launch equals the first config's bit for bit (same numerics)."""
+    equal = {}
+    for name, config in configs.items():
+        same = True
+        for batch, q_len, ctx in shapes:
+            q, k_cache, v_cache, meta = make_case(batch, q_len, ctx, device, seed=ctx + 1)
+            first, out = (tree_attention.tree_attention(q, k_cache, v_cache, meta, HEAD_DIM**-0.5, config=c)
+                          for c in (next(iter(configs.values())), config))
+            same = same and torch.equal(first.view(torch.int16), out.view(torch.int16))
+        equal[name] = same
     return equal
 
 
@@ -209,9 +227,9 @@ def run_case(batch, q_len, ctx, device, cuda, copy_bw, flex, started, baseline, 
         return (graph_timed(layers(fn), eager) if cuda else eager) * 1e6, eager * 1e6
 
     row = dict(batch=batch, q_len=q_len, ctx=ctx, configs={})
-    tiles = triton.cdiv(q_len, 64 // (Q_HEADS // KV_HEADS))  # the decode launch's row tiles (64 rows each)
     for name, config in configs.items():
         times = row["configs"][name] = {}
+        tiles = triton.cdiv(q_len, max(config.block_m // triton.next_power_of_2(Q_HEADS // KV_HEADS), 1))
         times["mode"], _ = tree_attention.decode_plan(tiles * batch * KV_HEADS,
                                                       triton.cdiv(meta.max_seq_len, config.split), device)
         for m in MODES:
@@ -289,11 +307,11 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def config_markdown(rows: list[dict], bitwise: dict, compiled: dict) -> str:
+def config_markdown(rows: list[dict], bitwise: dict, same_numerics: dict, compiled: dict) -> str:
     """Per config: the split == fused check, spills, speed against the first; with several, per shape the best."""
     names = list(bitwise)
-    lines = ["| config | split == fused bitwise | split regs / spill B | fused regs / spill B | planned-mode time /"
-             f" {names[0]}'s (geomean) | best at |", "|---|---|---|---|---|---|"]
+    lines = ["| config | split == fused bitwise | = first config bitwise | split regs / spill B | fused regs / spill B"
+             f" | planned-mode time / {names[0]}'s (geomean) | best at |", "|---|---|---|---|---|---|---|"]
     for n in names:
         failed = [shape for shape, ok in bitwise[n].items() if not ok]
         check = f"{len(bitwise[n]) - len(failed)}/{len(bitwise[n])} shapes" + (f", fails {failed}" if failed else "")
@@ -301,7 +319,7 @@ def config_markdown(rows: list[dict], bitwise: dict, compiled: dict) -> str:
         ratios = [r["configs"][n]["planned_us"] / r["configs"][names[0]]["planned_us"] for r in rows]
         geomean = math.exp(sum(map(math.log, ratios)) / len(ratios))
         wins = sum(r["best_config"] == n for r in rows)
-        lines.append(f"| {n} | {check} | {regs} | {geomean:.3f} | {wins}/{len(rows)} shapes |")
+        lines.append(f"| {n} | {check} | {same_numerics[n]} | {regs} | {geomean:.3f} | {wins}/{len(rows)} shapes |")
     if len(names) == 1:
         return "\n".join(lines)
     lines += ["", "| batch | q/seq | ctx | " + " | ".join(f"{n} mode | {n} split us | {n} fused us" for n in names)
@@ -317,15 +335,20 @@ def config_markdown(rows: list[dict], bitwise: dict, compiled: dict) -> str:
 
 def main() -> None:
     """Run the sweep, print the table, write the JSON."""
+    global Q_HEADS, KV_HEADS, HEAD_DIM
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="JSON results path")
     parser.add_argument("--quick", action="store_true", help="tiny subset (runs on CPU under the interpreter)")
     parser.add_argument("--no-flex", action="store_true", help="skip flex_attention")
     parser.add_argument("--baseline", help="another tree_attention.py to time beside this one (before us)")
     parser.add_argument("--configs", type=lambda text: [parse_config(c) for c in text.split(",")],
-                        default=[tree_attention.DECODE_CONFIGS[torch.bfloat16]],
-                        help="decode launch configs to time side by side, e.g. w8f7s3,w4f5s5 (see above)")
+                        help="decode launch configs to time side by side, e.g. w8f7s3,w4f5s5 (see above); default:"
+                        " the engine's for the --heads head dim")
+    parser.add_argument("--heads", default="32,8,128",
+                        help="q heads, kv heads, head dim (SmolLM2-135M: 9,3,64)")
+    parser.add_argument("--shapes", help="batches/query lens/contexts to time, e.g. 1,8/1,4,16/512,2048")
     args = parser.parse_args()
+    Q_HEADS, KV_HEADS, HEAD_DIM = map(int, args.heads.split(","))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     started = time.perf_counter()
@@ -337,13 +360,18 @@ def main() -> None:
         baseline = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = baseline  # its dataclasses look their module up there
         spec.loader.exec_module(baseline)
-    configs = {config_name(c): c for c in args.configs}
-    shapes = [(b, ql, c) for c in CONTEXTS for b in BATCHES for ql in QUERY_LENS]
+    configs = {config_name(c): c for c in args.configs or [tree_attention.decode_config(torch.bfloat16, HEAD_DIM)]}
+    batches, query_lens, contexts = BATCHES, QUERY_LENS, CONTEXTS
+    if args.shapes:
+        batches, query_lens, contexts = ([int(n) for n in part.split(",")] for part in args.shapes.split("/"))
+    shapes = [(b, ql, c) for c in contexts for b in batches for ql in query_lens]
     check_shapes = CHECK_SHAPES
     if args.quick:
         shapes, check_shapes = [(1, 1, 64), (1, 16, 64), (2, 4, 100)], [(1, 16, 500)]
     bitwise = {n: split_equals_fused(c, check_shapes, device) for n, c in configs.items()}
-    print(f"split == fused bitwise: {bitwise}", file=sys.stderr, flush=True)
+    same_numerics = equals_first(configs, check_shapes + [(b, 1, 700) for b in (1, 3)], device)
+    print(f"split == fused bitwise: {bitwise}; equal to the first config: {same_numerics}", file=sys.stderr,
+          flush=True)
     rows, compiled = [], {}
     for batch, q_len, ctx in shapes:
         rows.append(run_case(batch, q_len, ctx, device, cuda, copy_bw, flex, started, baseline, configs, compiled))
@@ -351,10 +379,11 @@ def main() -> None:
     name = torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter)"
     print(f"# Tree attention on {name}; copy bandwidth {copy_bw * 1e-9:.0f} GB/s; ours: {next(iter(configs))}\n")
     print(markdown(rows))
-    print("\n" + config_markdown(rows, bitwise, compiled))
+    print("\n" + config_markdown(rows, bitwise, same_numerics, compiled))
     with open(args.out, "w") as f:
         json.dump(dict(device=name, copy_GBps=copy_bw * 1e-9, seconds=time.perf_counter() - started,
                        configs={n: dataclasses.asdict(c) for n, c in configs.items()}, bitwise=bitwise,
+                       same_numerics=same_numerics, heads=args.heads,
                        compiled=compiled, rows=rows), f, indent=1)
 
 

@@ -36,8 +36,12 @@ from specserve.kernels import triton_backend  # noqa: E402
 
 H, INTER, V, QKV = 4096, 14336, 128256, 6144
 SHAPES = {"qkv": (QKV, H), "o": (H, H), "gate_up": (2 * INTER, H), "down": (H, INTER), "lm_head": (V, H)}
+SMOL_SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536), "lm_head": (49152, 576)}
 ROWS = (1, 2, 4, 8, 16)
 CONFIGS = [sk.SkinnyConfig(bn, bk, w, s) for bn in (16, 32) for bk in (256, 512) for w in (4, 8) for s in (3, 4, 6)]
+# small weights are latency-bound: more, shorter programs
+SMOL_CONFIGS = [sk.SkinnyConfig(bn, bk, w, s) for bn in (16, 32, 64) for bk in (64, 128, 256, 512) for w in (2, 4)
+                for s in (2, 3, 4)]
 ROTATE_BYTES = 512 << 20  # weight copies per shape: past the 50 MB L2, as every layer's weights are in a step
 
 
@@ -67,16 +71,17 @@ def graph_time(fn, calls: int) -> float:
 def part_shapes(args) -> dict:
     dev, bw = torch.device("cuda"), em.copy_bandwidth(torch.device("cuda"))
     rows, gen = [], torch.Generator(device=dev).manual_seed(0)
-    for name, (n, k) in SHAPES.items():
+    shapes, configs, row_counts = (SMOL_SHAPES, SMOL_CONFIGS, (1, 8, 16)) if args.smol else (SHAPES, CONFIGS, ROWS)
+    for name, (n, k) in shapes.items():
         copies = max(2, ROTATE_BYTES // (n * k * 2))
         ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16, generator=gen) * 0.02 for _ in range(copies)]
         wbytes = n * k * 2
-        for m in ROWS:
+        for m in row_counts:
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16, generator=gen)
             ref = F.linear(x, ws[0])
             cublas = graph_time(lambda i, x=x, ws=ws: F.linear(x, ws[i % len(ws)]), 2 * copies)
             timed = []
-            for cfg in CONFIGS:
+            for cfg in configs:
                 try:
                     err = (sk.skinny_linear(x, ws[0], None, cfg).float() - ref.float()).abs().max().item()
                     t = graph_time(lambda i, x=x, ws=ws, cfg=cfg: sk.skinny_linear(x, ws[i % len(ws)], None, cfg),
@@ -86,7 +91,7 @@ def part_shapes(args) -> dict:
                     continue
                 timed.append((t, cfg, err))
             t, cfg, err = min(timed, key=lambda r: r[0])
-            default = next((r for r in timed if r[1] == sk.DEFAULT_CONFIG), (float("nan"), None, 0.0))
+            default = next((r for r in timed if r[1] == sk.config_for(k)), (float("nan"), None, 0.0))
             rows.append(dict(shape=name, n=n, k=k, m=m, cublas_us=cublas * 1e6, cublas_bw=wbytes / cublas / bw,
                              best_us=t * 1e6, best_bw=wbytes / t / bw, best_config=str(cfg),
                              default_us=default[0] * 1e6,
@@ -171,6 +176,7 @@ def main() -> int:
     p.add_argument("parts", nargs="+", choices=["shapes", "step", "kernels"])
     p.add_argument("--out", required=True)
     p.add_argument("--work", default="/tmp/bench_linear")
+    p.add_argument("--smol", action="store_true", help="shapes: SmolLM2-135M's weights (and a config grid for them)")
     args = p.parse_args()
     args.cache = {}
     os.makedirs(args.out, exist_ok=True)

@@ -25,11 +25,24 @@ class SkinnyConfig:
     num_stages: int
 
 
-# One config for every shape (it sets the K order of the sums, so it must not follow M). On an H100 over the 8B
-# shape's five weights at M = 1..16 (benchmarks/bench_linear.py shapes, 24 configs) it was the fastest or within
-# 0.5 us of it on four weights: 0.90-1.03x copy bandwidth on the large ones, 14.9 us for o_proj against
-# cuBLAS's 17.8. On q/k/v it takes 22.8 us, against 21.4 for the best config there and 21.9 for cuBLAS.
+# A config follows the weight's shape only (it sets the K order of the sums, so it must not follow M). On an H100
+# over the 8B shape's five weights at M = 1..16 (benchmarks/bench_linear.py shapes, 24 configs) DEFAULT_CONFIG was
+# the fastest or within 0.5 us of it on four weights: 0.90-1.03x copy bandwidth on the large ones, 14.9 us for
+# o_proj against cuBLAS's 17.8. On q/k/v it takes 22.8 us, against 21.4 for the best config there and 21.9 for
+# cuBLAS.
 DEFAULT_CONFIG = SkinnyConfig(block_n=32, block_k=512, num_warps=4, num_stages=4)
+# Short rows (SmolLM2: K = 576 and 1536) leave DEFAULT_CONFIG one or two K steps, nothing to pipeline, and its wide
+# programs too few for small N: narrower programs over shorter K steps. H100, `bench_linear.py shapes --smol` (72
+# configs): 3.4 / 3.3 / 4.0 / 4.3 / 22.0 us for SmolLM2's q/k/v, o, gate/up, down and LM head at M = 1 against
+# DEFAULT_CONFIG's 3.9 / 3.8 / 4.7 / 4.9 / 38.1, and within 0.11 us of the best config on each.
+SHORT_K = 2048
+
+
+def config_for(k: int) -> SkinnyConfig:
+    """The launch config of a weight with k input features."""
+    if k > SHORT_K:
+        return DEFAULT_CONFIG
+    return SkinnyConfig(block_n=16, block_k=128 if k <= 1024 else 256, num_warps=2, num_stages=4)
 
 
 @triton.jit(do_not_specialize=["M"])  # one variant for 1..16 rows: no compile when a new row count comes
@@ -63,7 +76,7 @@ def skinny_linear(
     x: torch.Tensor,  # [M, K], M <= MAX_ROWS
     weight: torch.Tensor,  # [N, K]
     bias: torch.Tensor | None = None,  # [N]
-    config: SkinnyConfig = DEFAULT_CONFIG,
+    config: SkinnyConfig | None = None,  # None: config_for(K)
 ) -> torch.Tensor:
     """x @ weight.T + bias for at most MAX_ROWS rows, in x's dtype; no host syncs."""
     m, k = x.shape
@@ -72,6 +85,7 @@ def skinny_linear(
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)  # [M, N]
     if m == 0:
         return y
+    config = config or config_for(k)
     _skinny_kernel[(triton.cdiv(n, config.block_n),)](
         x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k,

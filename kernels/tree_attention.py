@@ -61,24 +61,43 @@ class DecodeConfig:
 
     split: int  # keys per split: the absolute split grid, one per dtype for every launch (see "Batch invariance")
     block_n: int  # keys per loop step: where the online softmax rescales
+    block_m: int  # rows per tile (query tokens x padded group): sets the MMA instruction, so the sums' rounding
     num_warps: int  # sets the MMA layouts, so the order of each row's sums
     fused_stages: int  # pipeline depth per mode, speed only
     split_stages: int
 
 
-# Per cache dtype, never per batch (see "Batch invariance"). Stages: the K/V copies of a key block depend on a
-# block-table load; for that chain Triton (3.6) keeps (stages + 1) / 2 K/V buffers, so at 3 stages a block's
-# copies start only after the previous block's dots, and at 7 three blocks are in flight behind the one being
-# multiplied. Head dims over 128 take 3 stages: deeper buffers would not fit in shared memory. Candidates are
+# Per cache dtype and head size, never per batch (see "Batch invariance"). Stages: the K/V copies of a key block
+# depend on a block-table load; for that chain Triton (3.6) keeps (stages + 1) / 2 K/V buffers, so at 3 stages a
+# block's copies start only after the previous block's dots, and at 7 three blocks are in flight behind the one
+# being multiplied. Head dims over 128 take 3 stages: deeper buffers would not fit in shared memory. Candidates are
 # timed with `bench_attention.py --configs`, and one that changes warps or block_n is adoptable only once the
 # split == fused tests (parametrized over tests/test_kernels.py CONFIGS) pass with it on the GPU.
 # bf16/fp16 at 4 warps and 5 stages: 0.77x the time of 8 warps / 7 + 3 stages over the bench's 60 shapes on an
 # H200, 73-83% of copy bandwidth at batch >= 32 and context >= 2048 (RESULTS.md); fp32 keeps 8 warps (untimed).
 DECODE_CONFIGS = {
-    torch.float32: DecodeConfig(split=512, block_n=32, num_warps=8, fused_stages=7, split_stages=3),
-    torch.float16: DecodeConfig(split=512, block_n=64, num_warps=4, fused_stages=5, split_stages=5),
-    torch.bfloat16: DecodeConfig(split=512, block_n=64, num_warps=4, fused_stages=5, split_stages=5),
+    torch.float32: DecodeConfig(split=512, block_n=32, block_m=64, num_warps=8, fused_stages=7, split_stages=3),
+    torch.float16: DecodeConfig(split=512, block_n=64, block_m=64, num_warps=4, fused_stages=5, split_stages=5),
+    torch.bfloat16: DecodeConfig(split=512, block_n=64, block_m=64, num_warps=4, fused_stages=5, split_stages=5),
 }
+# Head dims up to 64 (SmolLM2-135M: 9 q over 3 kv heads) in 256-key splits of 128-key steps: at small batches a
+# program's key loop is a chain of round trips (about 0.7-0.9 us a step), so fewer, longer steps and twice the
+# programs per sequence. H100, `bench_attention.py --heads 9,3,64`: 9.3 against 14.0 us at batch 1, 512 keys;
+# 0.885x the time over 24 shapes (batch 1-32, query 1-64, context 512-2048), 12-19% slower at batch 32 only.
+SMALL_HEAD_DIM = 64
+SMALL_HEAD_CONFIGS = {
+    dtype: DecodeConfig(split=256, block_n=128, block_m=64, num_warps=4, fused_stages=5, split_stages=5)
+    for dtype in (torch.float16, torch.bfloat16)
+}
+
+
+def decode_config(dtype: torch.dtype, head_dim: int) -> DecodeConfig:
+    """The decode/verify launch config of a KV cache: it fixes the numerics, so it follows the model only."""
+    if head_dim <= SMALL_HEAD_DIM and dtype in SMALL_HEAD_CONFIGS:
+        return SMALL_HEAD_CONFIGS[dtype]
+    return DECODE_CONFIGS[dtype]
+
+
 FUSED_TILES_PER_SM = 0.75  # fused once the row tiles nearly fill the SMs: no workspace and no second kernel
 SPLIT_PROGRAMS_PER_SM = 4  # split mode groups splits into runs so that about this many programs per SM remain
 
@@ -333,7 +352,7 @@ def tree_attention(
     splits_per_program: int | None = None,  # split mode's run length; None: decode_plan's
     split_size: int | None = None,  # None: the config's split
     decode_max_q: int = DECODE_MAX_Q,
-    config: DecodeConfig | None = None,  # None: DECODE_CONFIGS of the cache dtype; benchmarks try others
+    config: DecodeConfig | None = None,  # None: decode_config of the cache; benchmarks try others
 ) -> torch.Tensor:
     """Paged tree attention (semantics of reference.paged_attention); no host syncs."""
     num_tokens, num_q_heads, head_dim = q.shape
@@ -350,7 +369,7 @@ def tree_attention(
     fp32 = q.dtype == torch.float32
     # the CPU interpreter mis-multiplies bf16 dots: there the operands are upcast after the same roundings
     upcast = q.device.type != "cuda" and k_cache.dtype == torch.bfloat16
-    config = config or DECODE_CONFIGS[k_cache.dtype]
+    config = config or decode_config(k_cache.dtype, head_dim)
     block_n, split_size = config.block_n, split_size or config.split
     assert split_size % block_n == 0, "splits start on key-block boundaries"
     common = dict(
@@ -366,8 +385,8 @@ def tree_attention(
     qk_scale = scale * LOG2E
     all_keys = 2**31 - 1  # chunk_keys of a launch whose programs take every key
 
-    # decode / verify: 64-row tiles (block_q tokens x group_p heads) over fixed splits
-    block_q = max(64 // group_p, 1)
+    # decode / verify: tiles of block_m rows (block_q tokens x group_p heads) over fixed splits
+    block_q = max(config.block_m // group_p, 1)
     q_cap = min(max_q, decode_max_q)  # workspace rows per sequence
     tiles = triton.cdiv(q_cap, block_q)
     num_splits = triton.cdiv(max_seq, split_size)

@@ -34,9 +34,9 @@ IN_PROCESS = CUDA or type(tl.zeros).__name__ == "InterpretedFunction"
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 # small splits and a low prefill threshold let small CPU shapes reach every path; CUDA runs the defaults
-SPLIT = None if CUDA else 64  # None: the dtype's DECODE_CONFIGS split
+SPLIT = None if CUDA else 64  # None: the cache's decode_config split (CPU: at least one key step)
 DECODE_MAX_Q = tree_attention.DECODE_MAX_Q if CUDA else 72
-# Decode launch configurations as overrides of the cache dtype's DECODE_CONFIGS entry; candidates are named as
+# Decode launch configurations as overrides of the cache's decode_config; candidates are named as
 # bench_attention.py --configs spells them. Warps change the MMA layouts, so a candidate must keep split == fused
 # bit for bit before it can be adopted. The interpreter ignores warps and stages: on CPU the candidates run in
 # the chain test only, to cover the plumbing.
@@ -116,13 +116,22 @@ def make_batch(seqs, *, kv_heads=2, group=2, head_dim=64, block_size=16, dtype=t
     return Batch(q.to(DEVICE), k_cache.to(DEVICE), v_cache.to(DEVICE), meta)
 
 
+def launch_config(dtype: torch.dtype, head_dim: int, config: str) -> tree_attention.DecodeConfig:
+    return dataclasses.replace(tree_attention.decode_config(dtype, head_dim), **CONFIGS[config])
+
+
+def split_of(launch: tree_attention.DecodeConfig) -> int:
+    """The split the tests run launch with: the config's on CUDA, small on CPU (every path at small shapes)."""
+    return launch.split if SPLIT is None else max(SPLIT, launch.block_n)
+
+
 def run_triton(batch: Batch, mode: str, scale: float, splits_per_program: int = 1, config: str = "default"):
     """Kernel output written over a NaN-filled buffer; `scale` has no default so that it matches the reference's."""
     out = torch.full_like(batch.q, float("nan"))
-    launch = dataclasses.replace(tree_attention.DECODE_CONFIGS[batch.k_cache.dtype], **CONFIGS[config])
+    launch = launch_config(batch.k_cache.dtype, batch.k_cache.shape[-1], config)
     tree_attention.tree_attention(batch.q, batch.k_cache, batch.v_cache, batch.meta, scale, out=out, mode=mode,
-                                  splits_per_program=splits_per_program, split_size=SPLIT, decode_max_q=DECODE_MAX_Q,
-                                  config=launch)
+                                  splits_per_program=splits_per_program, split_size=split_of(launch),
+                                  decode_max_q=DECODE_MAX_Q, config=launch)
     return out
 
 
@@ -194,7 +203,7 @@ def test_entry_point_runs_default_configuration():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chain_verify_equals_plain_decode_bitwise(dtype, config):
     """Verify rows of a chain equal plain decodes of the same tokens in other batches, bit for bit."""
-    ctx, k = 2 * (SPLIT or tree_attention.DECODE_CONFIGS[dtype].split) - 3, 6  # the chain crosses a split boundary
+    ctx, k = 2 * split_of(launch_config(dtype, 64, config)) - 3, 6  # the chain crosses a split boundary
     verify = make_batch([Seq(ctx, 1, list(range(k))), Seq(50, 1, [0, 0])], dtype=dtype, seed=5)
     verified = run_triton(verify, "split", 0.125, config=config)
     for j in range(k + 1):
@@ -284,20 +293,24 @@ def test_copy_slots_matches_reference_with_overlaps(strip, monkeypatch):
     assert torch.equal(rows[41], old[42]) and torch.equal(rows[42], old[45])  # sources read before writes
 
 
-# CUDA: every dtype and group at 32k keys; CPU: the same sequences in units of its 64-key split (64 splits)
-LONG_CASES = list(itertools.product(DTYPES, [1, 4, 8])) if CUDA else [(torch.float32, 1)]
+# CUDA: every dtype and group at 32k keys, and the small-head config (16k); CPU: the same sequences in units of its
+# 64-key split (64 splits)
+LONG_CASES = ([(dtype, group, 128) for dtype, group in itertools.product(DTYPES, [1, 4, 8])]
+              + [(torch.bfloat16, 3, 64)] if CUDA else [(torch.float32, 1, 128)])
 
 
 @pytest.mark.parametrize("config", GPU_CONFIGS)
-@pytest.mark.parametrize("dtype,group", LONG_CASES)
-def test_long_contexts(dtype, group, config):
+@pytest.mark.parametrize("dtype,group,head_dim", LONG_CASES)
+def test_long_contexts(dtype, group, head_dim, config):
     """64 splits of context, a chain and a 64-node tree at the end of it, a prefill chunk over 23 splits.
 
-    On CUDA a unit is 512 keys (contexts 32704, 20000, 8191, 12000 and 513, a 300-token chunk). Each call
+    On CUDA a unit is the config's split (512 keys at head dim 128: contexts 32704, 20000, 8191, 12000 and 513, a
+    300-token chunk). Each call
     passes the reference's scale: this test once gave the kernel run_triton's old default (0.125) and the
     reference 1/sqrt(128), an error of 1.48 that the CPU never saw because the test was CUDA-only.
     """
-    unit, chunk, kv_heads, head_dim = (512, 300, 8, 128) if CUDA else (SPLIT, DECODE_MAX_Q + 8, 1, 128)
+    unit = split_of(launch_config(dtype, head_dim, config))
+    chunk, kv_heads = (300, 8) if CUDA else (DECODE_MAX_Q + 8, 1)
     rng = random.Random(f"long{dtype}{group}")
     seqs = [Seq(64 * unit - 64, 1, random_tree(rng, 63)), Seq(39 * unit + 32, 1, list(range(15))),
             Seq(16 * unit - 1, 1), Seq(23 * unit + 224, chunk), Seq(unit + 1, 1, random_tree(rng, 20))]

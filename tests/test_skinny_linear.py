@@ -31,15 +31,22 @@ def test_matches_f_linear(dtype, m, n, k, bias):
     assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < TOL[dtype]
 
 
-def test_rows_do_not_depend_on_the_batch():
+@pytest.mark.parametrize("config,k", [(SMALL, 256), (None, 576)])  # None: the config the weight's K picks
+def test_rows_do_not_depend_on_the_batch(config, k):
     """A row's result is the same bits alone or among 16 rows (fixed K order): batch invariance."""
     gen = torch.Generator().manual_seed(7)
-    x = torch.randn(16, 256, generator=gen).to(DEV, DTYPES[-1])
-    w = torch.randn(40, 256, generator=gen).to(DEV, DTYPES[-1])
-    full = sk.skinny_linear(x, w, None, SMALL)
+    x = torch.randn(16, k, generator=gen).to(DEV, DTYPES[-1])
+    w = torch.randn(40, k, generator=gen).to(DEV, DTYPES[-1])
+    full = sk.skinny_linear(x, w, None, config)
     for i in (0, 5, 15):
-        assert torch.equal(sk.skinny_linear(x[i : i + 1], w, None, SMALL), full[i : i + 1])
-    assert torch.equal(sk.skinny_linear(x[:7], w, None, SMALL), full[:7])
+        assert torch.equal(sk.skinny_linear(x[i : i + 1], w, None, config), full[i : i + 1])
+    assert torch.equal(sk.skinny_linear(x[:7], w, None, config), full[:7])
+
+
+def test_config_follows_the_weight_not_the_rows():
+    """Short rows get narrow programs over short K steps; the 8B shape's long rows keep the default."""
+    assert sk.config_for(576) == sk.SkinnyConfig(block_n=16, block_k=128, num_warps=2, num_stages=4)
+    assert sk.config_for(1536).block_k == 256 and sk.config_for(4096) == sk.config_for(14336) == sk.DEFAULT_CONFIG
 
 
 @pytest.mark.skipif(not CUDA, reason="the backend routes to the kernel on CUDA only")
