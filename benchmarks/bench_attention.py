@@ -7,7 +7,7 @@
 
 --configs times our kernel in both modes under each decode launch configuration, spelled [p<SPLIT>][n<BLOCK_N>]
 [m<BLOCK_M>]w<warps>f<fused-mode stages>s<split-mode stages> over the bf16 default of DECODE_CONFIGS (w4f5s5;
-p256n128w4f5s5 is the engine's for head dims up to 64), and reports the best per shape. Whatever the configs, the
+p256w4f5s5 is the engine's for head dims up to 64), and reports the best per shape. Whatever the configs, the
 run checks split == fused bit for bit on a few shapes (CHECK_SHAPES) for each, which a config needs before it can
 be adopted, whether each computes the first config's bits (same numerics), and lists the registers and spilled
 bytes per thread that Triton reports for each compiled kernel. The main table shows the first config.

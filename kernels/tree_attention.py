@@ -80,13 +80,15 @@ DECODE_CONFIGS = {
     torch.float16: DecodeConfig(split=512, block_n=64, block_m=64, num_warps=4, fused_stages=5, split_stages=5),
     torch.bfloat16: DecodeConfig(split=512, block_n=64, block_m=64, num_warps=4, fused_stages=5, split_stages=5),
 }
-# Head dims up to 64 (SmolLM2-135M: 9 q over 3 kv heads) in 256-key splits of 128-key steps: at small batches a
-# program's key loop is a chain of round trips (about 0.7-0.9 us a step), so fewer, longer steps and twice the
-# programs per sequence. H100, `bench_attention.py --heads 9,3,64`: 9.3 against 14.0 us at batch 1, 512 keys;
-# 0.885x the time over 24 shapes (batch 1-32, query 1-64, context 512-2048), 12-19% slower at batch 32 only.
+# Head dims up to 64 (SmolLM2-135M: 9 q over 3 kv heads) in 256-key splits: at small batches a program's key loop
+# is a chain of round trips (0.7-0.9 us a step on an H100), and half-length splits give a sequence twice the
+# programs. H100, `bench_attention.py --heads 9,3,64`: 10.1 against 14.0 us at batch 1 and 512 keys, 11.9 against
+# 15.0 at 2048; batch 32 9-15% slower; decode at SmolLM2's short MT-bench contexts unchanged (976-981 against
+# 974-979 tok/s, RESULTS.md). 128-key steps cut batch 1 further in that bench (9.3 us) but slowed the engine's
+# short contexts (957-965 tok/s).
 SMALL_HEAD_DIM = 64
 SMALL_HEAD_CONFIGS = {
-    dtype: DecodeConfig(split=256, block_n=128, block_m=64, num_warps=4, fused_stages=5, split_stages=5)
+    dtype: DecodeConfig(split=256, block_n=64, block_m=64, num_warps=4, fused_stages=5, split_stages=5)
     for dtype in (torch.float16, torch.bfloat16)
 }
 
