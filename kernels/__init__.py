@@ -1,7 +1,7 @@
 """Attention, KV and fused layer kernels: Triton on CUDA, the torch reference on CPU.
 
-`get_backend(name)` returns the module implementing linear / silu_mul_linear / write_kv / copy_slots /
-paged_attention / rms_norm / silu_and_mul / rope_write_kv.
+`get_backend(name)` returns the module implementing linear / write_kv / copy_slots / paged_attention / rms_norm /
+silu_and_mul / rope_write_kv.
 `SPECSERVE_ATTENTION_BACKEND=torch|triton` forces either.
 """
 

@@ -37,11 +37,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The MLP's down projection of [gate | up]: linear(silu_and_mul(x), weight, bias)."""
-    return linear(silu_and_mul(x), weight, bias)
-
-
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [T, heads, head_dim] at positions [T] with fp32 tables [P, head_dim // 2], as transformers does."""
     c = cos[positions].to(x.dtype)[:, None, :]  # [T, 1, head_dim // 2]

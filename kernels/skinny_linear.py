@@ -48,11 +48,9 @@ def config_for(k: int) -> SkinnyConfig:
 @triton.jit(do_not_specialize=["M"])  # one variant for 1..16 rows: no compile when a new row count comes
 def _skinny_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-    HAS_BIAS: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """One BLOCK_N slice of output features for all (<= 16) rows; GATED: x = [gate | up], multiply silu(gate) * up
-    (fused_ops.silu_and_mul's roundings)."""
+    """One BLOCK_N slice of output features for all (<= 16) rows."""
     BLOCK_M: tl.constexpr = 16
     n0 = tl.program_id(0) * BLOCK_N
     rm = tl.arange(0, BLOCK_M)
@@ -66,11 +64,6 @@ def _skinny_kernel(
     for k0 in range(0, K, BLOCK_K):
         k_ok = (k0 + rk) < K
         x = tl.load(x_rows + (k0 + rk)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [16, BLOCK_K]
-        if GATED:
-            up = tl.load(x_rows + K + (k0 + rk)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            g = x.to(tl.float32)
-            s = (g / (1.0 + tl.exp(-g))).to(up.dtype)
-            x = (s.to(tl.float32) * up.to(tl.float32)).to(up.dtype)
         w = tl.load(w_rows + (k0 + rk)[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PREC)
     if HAS_BIAS:
@@ -84,10 +77,9 @@ def skinny_linear(
     weight: torch.Tensor,  # [N, K]
     bias: torch.Tensor | None = None,  # [N]
     config: SkinnyConfig | None = None,  # None: config_for(K)
-    gated: bool = False,  # x = [gate | up] of [M, 2 K]: multiply silu(gate) * up (one kernel for silu_and_mul + down)
 ) -> torch.Tensor:
     """x @ weight.T + bias for at most MAX_ROWS rows, in x's dtype; no host syncs."""
-    m, k = x.shape[0], x.shape[1] // 2 if gated else x.shape[1]
+    m, k = x.shape
     n = weight.shape[0]
     assert m <= MAX_ROWS and weight.shape[1] == k and x.stride(1) == 1 and weight.stride(1) == 1
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)  # [M, N]
@@ -96,7 +88,7 @@ def skinny_linear(
     config = config or config_for(k)
     _skinny_kernel[(triton.cdiv(n, config.block_n),)](
         x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, GATED=gated, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

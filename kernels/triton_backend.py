@@ -20,8 +20,7 @@ from .kv_ops import copy_slots, write_kv  # noqa: E402
 from .skinny_linear import MAX_ROWS, skinny_linear  # noqa: E402
 from .tree_attention import tree_attention  # noqa: E402
 
-__all__ = ["copy_slots", "linear", "paged_attention", "rms_norm", "rope_write_kv", "silu_and_mul", "silu_mul_linear",
-           "write_kv"]
+__all__ = ["copy_slots", "linear", "paged_attention", "rms_norm", "rope_write_kv", "silu_and_mul", "write_kv"]
 
 
 def paged_attention(
@@ -35,22 +34,9 @@ def paged_attention(
     return tree_attention(q, k_cache, v_cache, meta, scale)
 
 
-def _few_rows(x: torch.Tensor) -> int:
-    """Rows of x when the few-row Triton matmul takes it (decode/verify shapes on CUDA), else 0."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    few = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and rows <= MAX_ROWS and x.is_contiguous()
-    return rows if few else 0
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """[..., K] @ weight[N, K].T + bias: the few-row Triton matmul for decode/verify shapes, cuBLAS otherwise."""
-    if rows := _few_rows(x):
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and 0 < rows <= MAX_ROWS and x.is_contiguous():
         return skinny_linear(x.reshape(rows, -1), weight, bias).unflatten(0, x.shape[:-1])
     return F.linear(x, weight, bias)
-
-
-def silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """linear(silu_and_mul(x), weight, bias); one kernel for decode/verify shapes."""
-    if rows := _few_rows(x):
-        return skinny_linear(x.reshape(rows, -1), weight, bias, gated=True).unflatten(0, x.shape[:-1])
-    return F.linear(silu_and_mul(x), weight, bias)

@@ -43,22 +43,6 @@ def test_rows_do_not_depend_on_the_batch(config, k):
     assert torch.equal(sk.skinny_linear(x[:7], w, None, config), full[:7])
 
 
-@pytest.mark.parametrize("dtype", DTYPES[1:])  # the half dtypes the engine routes here
-@pytest.mark.parametrize("m,inter,n", [(1, 40, 24), (16, 576, 33)])
-def test_gated_equals_silu_and_mul_then_matmul(dtype, m, inter, n):
-    """x = [gate | up]: one kernel gives the bits of silu_and_mul's kernel followed by the matmul."""
-    from specserve.kernels import fused_ops
-
-    gen = torch.Generator().manual_seed(m + inter)
-    x = (torch.randn(m, 2 * inter, generator=gen) * 3).to(DEV, dtype)
-    w = torch.randn(n, inter, generator=gen).to(DEV, dtype)
-    b = torch.randn(n, generator=gen).to(DEV, dtype)
-    fused = sk.skinny_linear(x, w, b, gated=True)
-    assert torch.equal(fused, sk.skinny_linear(fused_ops.silu_and_mul(x), w, b))
-    ref = F.linear(F.silu(x[:, :inter].double()) * x[:, inter:].double(), w.double(), b.double())
-    assert ((fused.double() - ref).abs().max() / ref.abs().max()).item() < TOL[dtype]
-
-
 def test_config_follows_the_weight_not_the_rows():
     """Short rows get narrow programs over short K steps; the 8B shape's long rows keep the default."""
     assert sk.config_for(576) == sk.SkinnyConfig(block_n=16, block_k=128, num_warps=2, num_stages=4)

@@ -33,10 +33,6 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor, backend: ModuleType = reference) -> torch.Tensor:
         return backend.linear(x, self.weight, self.bias)
 
-    def forward_gated(self, x: torch.Tensor, backend: ModuleType = reference) -> torch.Tensor:
-        """This projection of silu(gate) * up from x = [gate | up]: one kernel where the backend fuses them."""
-        return backend.silu_mul_linear(x, self.weight, self.bias)
-
 
 def make_linear(in_features: int, out_features: int, bias: bool) -> nn.Module:
     """Every projection is built here: the seam for quantized and tensor-parallel linear layers."""
@@ -203,7 +199,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = make_linear(inter, hidden, bias)
 
     def forward(self, x: torch.Tensor, backend: ModuleType = reference) -> torch.Tensor:
-        return self.down_proj.forward_gated(self.gate_up_proj(x, backend), backend)
+        return self.down_proj(backend.silu_and_mul(self.gate_up_proj(x, backend)), backend)
 
 
 class LlamaDecoderLayer(nn.Module):
