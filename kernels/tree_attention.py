@@ -59,7 +59,7 @@ class DecodeConfig:
     """Decode/verify launch. split, block_n and num_warps belong to the numerics, so both modes share them; stages
     do not."""
 
-    split: int  # keys per split: the absolute split grid, one per dtype for every launch (see "Batch invariance")
+    split: int  # keys per split: the absolute split grid, one per cache for every launch (see "Batch invariance")
     block_n: int  # keys per loop step: where the online softmax rescales
     block_m: int  # rows per tile (query tokens x padded group): sets the MMA instruction, so the sums' rounding
     num_warps: int  # sets the MMA layouts, so the order of each row's sums
@@ -83,9 +83,9 @@ DECODE_CONFIGS = {
 # Head dims up to 64 (SmolLM2-135M: 9 q over 3 kv heads) in 256-key splits: at small batches a program's key loop
 # is a chain of round trips (0.7-0.9 us a step on an H100), and half-length splits give a sequence twice the
 # programs. H100, `bench_attention.py --heads 9,3,64`: 10.1 against 14.0 us at batch 1 and 512 keys, 11.9 against
-# 15.0 at 2048; batch 32 9-15% slower; decode at SmolLM2's short MT-bench contexts unchanged (976-981 against
-# 974-979 tok/s, RESULTS.md). 128-key steps cut batch 1 further in that bench (9.3 us) but slowed the engine's
-# short contexts (957-965 tok/s).
+# 15.0 at 2048; batch 32 9-15% slower; engine decode at SmolLM2's short MT-bench contexts unchanged within noise
+# (RESULTS.md, ninth session). 128-key steps cut batch 1 further in that bench (9.3 us) but slowed the engine's
+# short contexts by 1-2%.
 SMALL_HEAD_DIM = 64
 SMALL_HEAD_CONFIGS = {
     dtype: DecodeConfig(split=256, block_n=64, block_m=64, num_warps=4, fused_stages=5, split_stages=5)

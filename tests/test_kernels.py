@@ -305,9 +305,9 @@ def test_long_contexts(dtype, group, head_dim, config):
     """64 splits of context, a chain and a 64-node tree at the end of it, a prefill chunk over 23 splits.
 
     On CUDA a unit is the config's split (512 keys at head dim 128: contexts 32704, 20000, 8191, 12000 and 513, a
-    300-token chunk). Each call
-    passes the reference's scale: this test once gave the kernel run_triton's old default (0.125) and the
-    reference 1/sqrt(128), an error of 1.48 that the CPU never saw because the test was CUDA-only.
+    300-token chunk). Each call passes the reference's scale: this test once gave the kernel run_triton's old
+    default (0.125) and the reference 1/sqrt(128), an error of 1.48 that the CPU never saw because the test was
+    CUDA-only.
     """
     unit = split_of(launch_config(dtype, head_dim, config))
     chunk, kv_heads = (300, 8) if CUDA else (DECODE_MAX_Q + 8, 1)
