@@ -87,6 +87,11 @@ class TokenLayout:
         return blocks * block_size + self.logical % block_size
 
 
+def slot_of(block_ids: list[int], pos: int, block_size: int) -> int:
+    """The K/V slot of sequence position pos under a block table."""
+    return block_ids[pos // block_size] * block_size + pos % block_size
+
+
 def token_layout(context_lens: np.ndarray, num_causal: np.ndarray, num_nodes: np.ndarray,
                  trees: Iterable[tuple[int, list[int]]]) -> TokenLayout:
     """Layout of B queries of num_causal[b] causal tokens (the root last) then num_nodes[b] draft nodes, over

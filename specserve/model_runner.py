@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from specserve.attention import MAX_TREE_NODES, AttentionMetadata, token_layout
+from specserve.attention import MAX_TREE_NODES, AttentionMetadata, slot_of, token_layout
 from specserve.cuda_graphs import Buckets, CudaGraphs, StepBuffers, StepViews, fill_dummy, pad_views, step_meta
 from specserve.drafters.base import DraftProposal
 from specserve.models.llama import ModelOutput
@@ -72,7 +72,7 @@ class SlotFeatures:
     def read(self, at: list[tuple[list[int], int]]) -> torch.Tensor:
         """[N, width] the rows of (block table, position) pairs; position -1 reads zeros."""
         bs, zero = self.block_size, self.table.shape[0] - 2
-        idx = [blocks[p // bs] * bs + p % bs if p >= 0 else zero for blocks, p in at]
+        idx = [slot_of(blocks, p, bs) if p >= 0 else zero for blocks, p in at]
         return self.table[to_device(idx, torch.int64, self.table.device)]
 
 
@@ -252,8 +252,7 @@ class ModelRunner:
             self._moves = torch.empty(4 * n, dtype=torch.int64, pin_memory=self._moves.is_pinned())
         pairs = self._moves.numpy()[: 2 * n].reshape(2, n)  # [src; dst] slots
         for i, (blocks, src, dst) in enumerate(moves):
-            pairs[0, i] = blocks[src // bs] * bs + src % bs
-            pairs[1, i] = blocks[dst // bs] * bs + dst % bs
+            pairs[:, i] = slot_of(blocks, src, bs), slot_of(blocks, dst, bs)
         # the pinned buffer is rewritten only after the next step's verify has synced the stream
         slots = self._moves[: 2 * n].to(self.device, non_blocking=True)
         caches = [c for kv in self.kv_caches for c in kv]
