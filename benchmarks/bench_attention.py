@@ -152,15 +152,13 @@ def split_equals_fused(config, shapes, device) -> dict[str, bool]:
 
 def equals_first(configs: dict, shapes, device) -> dict[str, bool]:
     """Per config: on every shape its planned launch equals the first config's bit for bit (same numerics)."""
-    equal = {}
-    for name, config in configs.items():
-        same = True
-        for batch, q_len, ctx in shapes:
-            q, k_cache, v_cache, meta = make_case(batch, q_len, ctx, device, seed=ctx + 1)
-            first, out = (tree_attention.tree_attention(q, k_cache, v_cache, meta, HEAD_DIM**-0.5, config=c)
-                          for c in (next(iter(configs.values())), config))
-            same = same and torch.equal(first.view(torch.int16), out.view(torch.int16))
-        equal[name] = same
+    equal = dict.fromkeys(configs, True)
+    for batch, q_len, ctx in shapes:
+        q, k_cache, v_cache, meta = make_case(batch, q_len, ctx, device, seed=ctx + 1)
+        bits = {name: tree_attention.tree_attention(q, k_cache, v_cache, meta, HEAD_DIM**-0.5, config=c)
+                .view(torch.int16) for name, c in configs.items()}
+        first = next(iter(bits.values()))
+        equal = {name: same and torch.equal(first, bits[name]) for name, same in equal.items()}
     return equal
 
 
