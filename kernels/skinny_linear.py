@@ -8,6 +8,7 @@ the config, not by M, so a row's result does not depend on how many rows share t
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,7 @@ DEFAULT_CONFIG = SkinnyConfig(block_n=32, block_k=512, num_warps=4, num_stages=4
 SHORT_K = 2048
 
 
+@functools.cache  # every eager few-row matmul asks
 def config_for(k: int) -> SkinnyConfig:
     """The launch config of a weight with k input features."""
     if k > SHORT_K:
