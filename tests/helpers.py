@@ -1,7 +1,8 @@
-"""Test builders: tiny real HF model directories, causal attention metadata and empty KV caches."""
+"""Test builders: tiny real HF model directories, causal attention metadata, empty KV caches, poisoned buffers."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -168,3 +169,19 @@ def host_syncs(fn) -> int:
     finally:
         torch.cuda.set_sync_debug_mode(0)
     return len([w for w in caught if "synchroniz" in str(w.message)])
+
+
+@contextlib.contextmanager
+def nan_allocations():
+    """torch.empty / empty_like hand out NaN-filled floating tensors while active."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poisoned(t: torch.Tensor) -> torch.Tensor:
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    torch.empty = lambda *a, **k: poisoned(empty(*a, **k))
+    torch.empty_like = lambda *a, **k: poisoned(empty_like(*a, **k))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = empty, empty_like

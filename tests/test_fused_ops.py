@@ -6,10 +6,9 @@ forgets to write fails the comparison; untouched cache slots must stay NaN.
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
+from helpers import nan_allocations
 
 from specserve.kernels import reference
 from specserve.kernels import triton_backend as fused_ops  # sets TRITON_INTERPRET before the kernels exist
@@ -17,22 +16,6 @@ from specserve.kernels import triton_backend as fused_ops  # sets TRITON_INTERPR
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
-
-
-@contextlib.contextmanager
-def nan_allocations():
-    """torch.empty / empty_like hand out NaN-filled floating tensors while active."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poisoned(t: torch.Tensor) -> torch.Tensor:
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    torch.empty = lambda *a, **k: poisoned(empty(*a, **k))
-    torch.empty_like = lambda *a, **k: poisoned(empty_like(*a, **k))
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like = empty, empty_like
 
 
 def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:

@@ -33,6 +33,18 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor, backend: ModuleType = reference) -> torch.Tensor:
         return backend.linear(x, self.weight, self.bias)
 
+    def forward_normed(
+        self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm | None, backend: ModuleType,
+        gated: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(stream, y): stream = x + residual (x without one), y = self(norm(stream)), silu_and_mul'd if gated;
+        one launch on the backends that fuse them. norm None (EAGLE's first layer): no norm, no residual."""
+        if norm is None:
+            assert residual is None
+            y = self(x, backend)
+            return x, backend.silu_and_mul(y) if gated else y
+        return backend.norm_linear(x, residual, norm.weight, norm.eps, self.weight, self.bias, gated)
+
 
 def make_linear(in_features: int, out_features: int, bias: bool) -> nn.Module:
     """Every projection is built here: the seam for quantized and tensor-parallel linear layers."""
@@ -166,14 +178,14 @@ class LlamaAttention(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,  # [T, hidden]
+        qkv: torch.Tensor,  # [T, (num_heads + 2 num_kv_heads) head_dim]: qkv_proj's output
         positions: torch.Tensor,  # [T]
         rotary: RotaryEmbedding,
         meta: AttentionMetadata,
         kv_cache: KVCache,
         backend: ModuleType,
     ) -> torch.Tensor:
-        q, k, v = self.project_qkv(x, backend)
+        q, k, v = self.split_qkv(qkv, backend)
         k_cache, v_cache = kv_cache
         q = backend.rope_write_kv(q, k, v, positions, *rotary.tables(q.device), k_cache, v_cache, meta.slot_mapping)
         out = backend.paged_attention(q, k_cache, v_cache, meta, self.scale)  # [T, num_heads, head_dim]
@@ -181,7 +193,10 @@ class LlamaAttention(nn.Module):
 
     def project_qkv(self, x: torch.Tensor, backend: ModuleType = reference) -> tuple[torch.Tensor, ...]:
         """q [..., num_heads, head_dim], k and v [..., num_kv_heads, head_dim] (views of one matmul), before rope."""
-        q, k, v = self.qkv_proj(x, backend).split(self.qkv_sizes, dim=-1)
+        return self.split_qkv(self.qkv_proj(x, backend), backend)
+
+    def split_qkv(self, qkv: torch.Tensor, backend: ModuleType = reference) -> tuple[torch.Tensor, ...]:
+        q, k, v = qkv.split(self.qkv_sizes, dim=-1)
         q = q.unflatten(-1, (self.num_heads, self.head_dim))
         k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
         v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
@@ -213,15 +228,11 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, h, residual, positions, rotary, meta, kv_cache, backend) -> tuple[torch.Tensor, torch.Tensor]:
         """(h, residual) -> (mlp output, residual stream before it): the stream entering the next layer is their
         sum, which the next norm adds in its own kernel (residual None: h is the stream itself)."""
-        if residual is None:
-            residual = h
-            if self.input_layernorm is not None:
-                h = self.input_layernorm(h, backend=backend)
-        else:
-            residual, h = self.input_layernorm(h, residual, backend)
-        h = self.self_attn(h, positions, rotary, meta, kv_cache, backend)
-        residual, h = self.post_attention_layernorm(h, residual, backend)
-        return self.mlp(h, backend), residual
+        attn, mlp = self.self_attn, self.mlp
+        residual, qkv = attn.qkv_proj.forward_normed(h, residual, self.input_layernorm, backend)
+        h = attn(qkv, positions, rotary, meta, kv_cache, backend)
+        residual, act = mlp.gate_up_proj.forward_normed(h, residual, self.post_attention_layernorm, backend, gated=True)
+        return mlp.down_proj(act, backend), residual
 
 
 class LlamaModel(nn.Module):
