@@ -9,6 +9,9 @@ Parts (each prints a markdown table and writes DIR/<part>.json):
   step     8B shape, random weights, batch 1, context 512: plain decode ms/step and the graph-replayed decode
            forward, with the skinny kernel and with cuBLAS (engines built in turn, one process).
   kernels  device time per kernel family of one eager 8B decode step (torch.profiler), skinny vs cuBLAS.
+  fusion   the 8B shape or (--gguf) SmolLM2: engines built in turn with skinny_norm_linear (residual add,
+           RMSNorm and SiLU-and-multiply in the q/k/v and gate/up matmuls' launches) and with those ops apart,
+           two rounds: graph-replayed forward of 1 and 9 query tokens, plain decode step and tok/s at batch 1.
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ import bench_gpu_e2e as e2e  # noqa: E402
 import e2e_models as em  # noqa: E402
 
 from specserve import SamplingParams  # noqa: E402
+from specserve.kernels import fused_ops, triton_backend  # noqa: E402
 from specserve.kernels import skinny_linear as sk  # noqa: E402
-from specserve.kernels import triton_backend  # noqa: E402
+from specserve.models.loader import load_model  # noqa: E402
 
 H, INTER, V, QKV = 4096, 14336, 128256, 6144
 SHAPES = {"qkv": (QKV, H), "o": (H, H), "gate_up": (2 * INTER, H), "down": (H, INTER), "lm_head": (V, H)}
@@ -171,12 +175,77 @@ def part_kernels(args) -> dict:
     return dict(note="us per step, prefill included once (divided by the steps)", families=out)
 
 
+def ops_apart(x, residual, norm_weight, eps, weight, bias=None, gated=False):
+    """skinny_norm_linear's work one launch per op: the fusion's baseline."""
+    stream, h = ((x, fused_ops.rms_norm(x, norm_weight, eps)) if residual is None
+                 else fused_ops.rms_norm(x, norm_weight, eps, residual))
+    y = sk.skinny_linear(h, weight, bias)
+    return stream, fused_ops.silu_and_mul(y) if gated else y
+
+
+def part_fusion(args) -> dict:
+    verify_arm = {"verify8": {"method": "replay", "num_speculative_tokens": 8, "acceptance": 1.0}}
+    ns = argparse.Namespace(device=torch.device("cuda"), kv_gb=4.0, eager=False)
+    rng = random.Random(0)
+    models = {"8b": (lambda: em.dummy_model(em.write_config(os.path.join(args.work, "llama31_8b"), False),
+                                            torch.device("cuda"), torch.bfloat16, repeat=True),
+                     lambda llm: [[rng.randrange(V) for _ in range(512)]], 128, 1024)}
+    if args.gguf:
+        if not args.with_8b:
+            models.clear()
+
+        def mt_prompts(llm):
+            with open(args.mt_bench) as f:
+                turns = [json.loads(line)["turns"][0] for line in f][:8]
+            return [llm.encode_chat([{"role": "user", "content": t}]) for t in turns]
+
+        models["smollm2"] = (lambda: load_model(args.gguf, torch.bfloat16, torch.device("cuda")), mt_prompts, 256,
+                             2048)
+    fused = triton_backend.skinny_norm_linear
+    rows, tokens = [], {}
+    for name, (load, make_prompts, new_tokens, max_len) in models.items():
+        loaded, prompts = load(), None
+        params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+        for rnd in range(2):
+            for variant, fn in (("fused", fused), ("apart", ops_apart)):
+                triton_backend.skinny_norm_linear = fn
+                llm = e2e.engine(ns, loaded, verify_arm, max_model_len=max_len, max_num_batched_tokens=2048)
+                prompts = prompts or make_prompts(llm)
+                e2e.run(llm, prompts[:1], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), "none")
+                fwd = llm.engine.runner.profile([(1, 1), (1, 9)])
+                steps, toks, secs, outs = [], 0, 0.0, []
+                for p in prompts:
+                    r = e2e.run(llm, [p], params, "none")
+                    dec = [st for st in r["step_log"] if not st[3]]
+                    steps += [st[0] for st in dec]
+                    toks += sum(st[2] for st in dec)
+                    secs += sum(st[0] for st in dec)
+                    outs.append(r["outputs"])
+                tokens.setdefault(name, {})[variant] = outs
+                rows.append(dict(model=name, round=rnd, variant=variant, fwd1_ms=fwd[(1, 1)] * 1e3,
+                                 fwd9_ms=fwd[(1, 9)] * 1e3, step_ms=statistics.median(steps) * 1e3,
+                                 decode_tok_s=toks / secs))
+                print(em.markdown([rows[-1]], list(rows[-1])), flush=True)
+                del llm
+                torch.cuda.empty_cache()
+        del loaded
+        torch.cuda.empty_cache()
+    triton_backend.skinny_norm_linear = fused
+    same = {m: sum(a == b for a, b in zip(t["fused"], t["apart"], strict=True)) for m, t in tokens.items()}
+    print("outputs equal between fused and apart (of 1 / 8 prompts):", same, flush=True)
+    return dict(rows=rows, same_outputs=same)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("parts", nargs="+", choices=["shapes", "step", "kernels"])
+    p.add_argument("parts", nargs="+", choices=["shapes", "step", "kernels", "fusion"])
     p.add_argument("--out", required=True)
     p.add_argument("--work", default="/tmp/bench_linear")
     p.add_argument("--smol", action="store_true", help="shapes: SmolLM2-135M's weights (and a config grid for them)")
+    p.add_argument("--gguf", default=None, help="fusion: SmolLM2's GGUF instead of the 8B shape (both: --with-8b)")
+    p.add_argument("--with-8b", action="store_true")
+    p.add_argument("--mt-bench", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                                                      "mt_bench.jsonl"))
     args = p.parse_args()
     args.cache = {}
     os.makedirs(args.out, exist_ok=True)
