@@ -41,12 +41,10 @@ class Eagle3Layer(LlamaDecoderLayer):
         a.qkv_proj = make_linear(2 * h, sum(a.qkv_sizes), False)
 
     def forward(self, emb, hidden, positions, rotary, meta, kv_cache, backend) -> torch.Tensor:
-        attn, mlp = self.self_attn, self.mlp
         x = torch.cat((self.input_layernorm(emb, backend=backend), self.hidden_norm(hidden, backend=backend)), dim=-1)
-        out = attn(attn.qkv_proj(x, backend), positions, rotary, meta, kv_cache, backend)
-        # the residual is the raw hidden
-        h, act = mlp.gate_up_proj.forward_normed(out, hidden, self.post_attention_layernorm, backend, gated=True)
-        return h + mlp.down_proj(act, backend)
+        h, x = self.post_attention_layernorm(self.self_attn(x, positions, rotary, meta, kv_cache, backend), hidden,
+                                             backend)  # the residual is the raw hidden
+        return h + self.mlp(x, backend)
 
 
 class Eagle3Head(nn.Module):

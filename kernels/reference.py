@@ -31,19 +31,9 @@ def rms_norm(
     return out if residual is None else (x, out)
 
 
-def norm_linear(
-    x: torch.Tensor,  # [T, K]
-    residual: torch.Tensor | None,  # [T, K]
-    norm_weight: torch.Tensor,  # [K]
-    eps: float,
-    weight: torch.Tensor,  # [N, K]
-    bias: torch.Tensor | None = None,  # [N]
-    gated: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(stream, y): stream = x + residual (x without one), y = linear(rms_norm(stream)), silu_and_mul'd if gated."""
-    stream, h = (x, rms_norm(x, norm_weight, eps)) if residual is None else rms_norm(x, norm_weight, eps, residual)
-    y = linear(h, weight, bias)
-    return stream, silu_and_mul(y) if gated else y
+def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """silu_and_mul(linear(x)) for weight rows [gate; up]: [..., K] -> [..., N / 2]."""
+    return silu_and_mul(linear(x, weight, bias))
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

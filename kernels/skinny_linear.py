@@ -5,9 +5,10 @@ bandwidth unused. Each program owns BLOCK_N output features and streams their [B
 in BLOCK_K steps, against all M rows padded to one 16-row MMA tile. The K order of the fp32 sums is fixed by
 the config, not by M, so a row's result does not depend on how many rows share the launch (batch invariance).
 
-`skinny_norm_linear` folds the layer's small ops around a matmul into the same launch: the residual add and the
-RMSNorm before it (the q/k/v and gate/up projections), and SiLU-and-multiply after it (gate/up). At batch 1 each
-of those was a launch of its own, latency-bound like every op of a small model's step.
+With `gated`, the gate/up projection's launch also applies SiLU-and-multiply: each program streams matching gate
+and up rows, so the activation costs nothing but the launch it saves (at batch 1 every launch is latency-bound).
+Folding the RMSNorm before a matmul in as well was slower (see benchmarks/RESULTS.md): scaling the x tile in
+registers takes it off the asynchronous copy path into the MMAs.
 """
 
 from __future__ import annotations
@@ -53,18 +54,12 @@ def config_for(k: int) -> SkinnyConfig:
 
 @triton.jit(do_not_specialize=["M"])  # one variant for 1..16 rows: no compile when a new row count comes
 def _skinny_kernel(
-    x_ptr, r_ptr, s_ptr, g_ptr, w_ptr, b_ptr, y_ptr, M, N, K, eps,
-    stride_xm, stride_rm, stride_sm, stride_wn, stride_ym,
-    NORM: tl.constexpr, HAS_RES: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
+    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+    GATED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
-    """BLOCK_N weight rows against all (<= 16) rows of x.
-
-    HAS_RES: x is first x + r, which program 0 stores to s. NORM: then RMS-normalized with weight g: g scales x's
-    columns before the dot and 1 / rms scales the sums after it, so the one pass over K that feeds the MMAs also
-    sums the squares, and no program redoes row-wide work. GATED: the program's rows are BLOCK_N // 2 gate rows
-    and their up rows (N // 2 rows further), and it writes silu(gate) * up.
-    """
+    """BLOCK_N weight rows against all (<= 16) rows of x. GATED: the rows are BLOCK_N // 2 gate rows and their up
+    rows (N // 2 rows further), and the program writes silu(gate) * up."""
     BLOCK_M: tl.constexpr = 16
     HALF_N: tl.constexpr = BLOCK_N // 2
     pid = tl.program_id(0)
@@ -80,29 +75,13 @@ def _skinny_kernel(
         rn = pid * BLOCK_N + rj
         n_ok = rn < N
     x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
-    r_rows = r_ptr + rm[:, None].to(tl.int64) * stride_rm
-    s_rows = s_ptr + rm[:, None].to(tl.int64) * stride_sm
     w_rows = w_ptr + rn[:, None].to(tl.int64) * stride_wn
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    sum_sq = tl.zeros([BLOCK_M], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = (k0 + rk) < K
-        x_ok = m_ok[:, None] & k_ok[None, :]
-        x = tl.load(x_rows + (k0 + rk)[None, :], mask=x_ok, other=0.0)  # [16, BLOCK_K]
-        if HAS_RES:
-            r = tl.load(r_rows + (k0 + rk)[None, :], mask=x_ok, other=0.0)
-            x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)  # torch's add: fp32, rounded
-            if pid == 0:
-                tl.store(s_rows + (k0 + rk)[None, :], x, mask=x_ok)
-        if NORM:
-            xf = x.to(tl.float32)
-            sum_sq += tl.sum(xf * xf, axis=1)
-            g = tl.load(g_ptr + k0 + rk, mask=k_ok, other=0.0).to(tl.float32)
-            x = (xf * g[None, :]).to(x_ptr.dtype.element_ty)
+        x = tl.load(x_rows + (k0 + rk)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [16, BLOCK_K]
         w = tl.load(w_rows + (k0 + rk)[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PREC)
-    if NORM:
-        acc = acc * tl.rsqrt(sum_sq / K + eps)[:, None]
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     y = acc.to(y_ptr.dtype.element_ty)
@@ -116,49 +95,27 @@ def _skinny_kernel(
     tl.store(y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :], y, mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _launch(x, residual, norm_weight, eps, weight, bias, gated, config) -> tuple[torch.Tensor, torch.Tensor]:
-    m, k = x.shape
-    n = weight.shape[0]
-    assert m <= MAX_ROWS and weight.shape[1] == k and x.stride(1) == 1 and weight.stride(1) == 1
-    assert not gated or n % 2 == 0
-    stream = torch.empty_like(x) if residual is not None else x  # [M, K]
-    y = torch.empty(m, n // 2 if gated else n, device=x.device, dtype=x.dtype)  # [M, N] ([M, N / 2] gated)
-    if m == 0:
-        return stream, y
-    config = config or config_for(k)
-    res = residual if residual is not None else x
-    _skinny_kernel[(triton.cdiv(n, config.block_n),)](
-        x, res, stream, norm_weight if norm_weight is not None else weight, weight,
-        bias if bias is not None else weight, y, m, n, k, eps,
-        x.stride(0), res.stride(0), stream.stride(0), weight.stride(0), y.stride(0),
-        NORM=norm_weight is not None, HAS_RES=residual is not None, GATED=gated, HAS_BIAS=bias is not None,
-        BLOCK_N=config.block_n, BLOCK_K=config.block_k, DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
-    return stream, y
-
-
 def skinny_linear(
     x: torch.Tensor,  # [M, K], M <= MAX_ROWS
     weight: torch.Tensor,  # [N, K]
     bias: torch.Tensor | None = None,  # [N]
     config: SkinnyConfig | None = None,  # None: config_for(K)
-) -> torch.Tensor:
-    """x @ weight.T + bias for at most MAX_ROWS rows, in x's dtype; no host syncs."""
-    return _launch(x, None, None, 0.0, weight, bias, False, config)[1]
-
-
-def skinny_norm_linear(
-    x: torch.Tensor,  # [M, K], M <= MAX_ROWS
-    residual: torch.Tensor | None,  # [M, K]
-    norm_weight: torch.Tensor,  # [K]
-    eps: float,
-    weight: torch.Tensor,  # [N, K]
-    bias: torch.Tensor | None = None,  # [N]
     gated: bool = False,
-    config: SkinnyConfig | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(stream, y) in one launch: stream = x + residual (x without one), y = rms_norm(stream) @ weight.T + bias,
-    and gated: silu_and_mul(y). Not reference.norm_linear's bits: the norm scales the matmul's sums."""
-    assert norm_weight.shape == (x.shape[1],) and norm_weight.is_contiguous()
-    return _launch(x, residual, norm_weight, eps, weight, bias, gated, config)
+) -> torch.Tensor:
+    """x @ weight.T + bias for at most MAX_ROWS rows, in x's dtype; no host syncs. gated: the rows of weight are
+    [gate; up], and the result is silu_and_mul of the product ([M, N / 2])."""
+    m, k = x.shape
+    n = weight.shape[0]
+    assert m <= MAX_ROWS and weight.shape[1] == k and x.stride(1) == 1 and weight.stride(1) == 1
+    assert not gated or n % 2 == 0
+    y = torch.empty(m, n // 2 if gated else n, device=x.device, dtype=x.dtype)  # [M, N] ([M, N / 2] gated)
+    if m == 0:
+        return y
+    config = config or config_for(k)
+    _skinny_kernel[(triton.cdiv(n, config.block_n),)](
+        x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
+        GATED=gated, HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return y

@@ -17,10 +17,10 @@ from specserve.attention import AttentionMetadata  # noqa: E402
 
 from .fused_ops import rms_norm, rope_write_kv, silu_and_mul  # noqa: E402
 from .kv_ops import copy_slots, write_kv  # noqa: E402
-from .skinny_linear import MAX_ROWS, skinny_linear, skinny_norm_linear  # noqa: E402
+from .skinny_linear import MAX_ROWS, skinny_linear  # noqa: E402
 from .tree_attention import tree_attention  # noqa: E402
 
-__all__ = ["copy_slots", "linear", "norm_linear", "paged_attention", "rms_norm", "rope_write_kv", "silu_and_mul",
+__all__ = ["copy_slots", "gated_linear", "linear", "paged_attention", "rms_norm", "rope_write_kv", "silu_and_mul",
            "write_kv"]
 
 
@@ -49,20 +49,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def norm_linear(
-    x: torch.Tensor,  # [T, K]
-    residual: torch.Tensor | None,  # [T, K]
-    norm_weight: torch.Tensor,  # [K]
-    eps: float,
-    weight: torch.Tensor,  # [N, K]
-    bias: torch.Tensor | None = None,  # [N]
-    gated: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(stream, y): stream = x + residual (x without one), y = linear(rms_norm(stream)), silu_and_mul'd if gated.
-    Decode/verify shapes take one launch; the norm then scales the matmul's sums (other bits than the ops apart)."""
-    fusable = residual is None or residual.is_contiguous()
-    if x.dim() == 2 and _few_rows(x) and fusable and norm_weight.dtype == x.dtype:
-        return skinny_norm_linear(x, residual, norm_weight, eps, weight, bias, gated)
-    stream, h = (x, rms_norm(x, norm_weight, eps)) if residual is None else rms_norm(x, norm_weight, eps, residual)
-    y = linear(h, weight, bias)
-    return stream, silu_and_mul(y) if gated else y
+def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """silu_and_mul(linear(x)) for weight rows [gate; up]; one launch for decode/verify shapes."""
+    if rows := _few_rows(x):
+        return skinny_linear(x.reshape(rows, -1), weight, bias, gated=True).unflatten(0, x.shape[:-1])
+    return silu_and_mul(F.linear(x, weight, bias))

@@ -51,51 +51,30 @@ def test_config_follows_the_weight_not_the_rows():
     assert sk.config_for(1536).block_k == 256 and sk.config_for(4096) == sk.config_for(14336) == sk.DEFAULT_CONFIG
 
 
-def norm_linear_inputs(m: int, n: int, k: int, dtype: torch.dtype, seed: int, bias: bool = False):
-    gen = torch.Generator().manual_seed(seed)
-    x = (torch.randn(m, k, generator=gen) * 2).to(DEV, dtype)
-    res = torch.randn(m, k, generator=gen).to(DEV, dtype)
-    g = (1 + torch.randn(k, generator=gen) * 0.2).to(DEV, dtype)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k,bias", [(1, 48, 200, False), (6, 68, 130, True), (16, 34, 64, False)])
+def test_gated_rounds_like_silu_and_mul_after_the_matmul(dtype, m, n, k, bias):
+    """gated: the bits of the matmul followed by fused_ops.silu_and_mul, and close to the reference."""
+    gen = torch.Generator().manual_seed(m * 1000 + n + k)
+    x = torch.randn(m, k, generator=gen).to(DEV, dtype)
     w = (torch.randn(n, k, generator=gen) / k**0.5).to(DEV, dtype)
     b = torch.randn(n, generator=gen).to(DEV, dtype) if bias else None
-    return x, res, g, w, b
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,n,k,bias", [(1, 48, 200, False), (5, 34, 64, True), (16, 70, 130, False)])
-@pytest.mark.parametrize("with_residual", [False, True])
-@pytest.mark.parametrize("gated", [False, True])
-def test_norm_linear_matches_the_ops_apart(dtype, m, n, k, bias, with_residual, gated):
-    """Residual add + RMSNorm + matmul (+ SiLU-and-multiply) in one launch against reference.norm_linear."""
-    x, res, g, w, b = norm_linear_inputs(m, n, k, dtype, m * 1000 + n + k, bias)
-    res = res if with_residual else None
-    want_stream, want = reference.norm_linear(x, res, g, 1e-5, w, b, gated)
     with nan_allocations():
-        stream, got = sk.skinny_norm_linear(x, res, g, 1e-5, w, b, gated, SMALL)
-    assert got.shape == (m, n // 2 if gated else n) and got.dtype == dtype and not got.isnan().any()
-    assert ((got.double() - want.double()).abs().max() / want.double().abs().max()).item() < TOL[dtype]
-    if CUDA or dtype == torch.float32:  # the sum rounds once, like torch's add (the interpreter's casts do not round)
-        assert torch.equal(stream, want_stream)
-    assert ((stream.double() - want_stream.double()).abs().max()).item() < TOL[dtype] * 8
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_gated_epilogue_rounds_like_silu_and_mul_after_the_matmul(dtype):
-    """Without the norm, the gated launch gives the bits of the matmul, then fused_ops.silu_and_mul."""
-    x, _, _, w, b = norm_linear_inputs(6, 68, 130, dtype, 11, bias=True)
-    gate_up = sk.skinny_linear(x, w, b, SMALL)
-    with nan_allocations():
-        got = sk._launch(x, None, None, 0.0, w, b, True, SMALL)[1]
-    assert torch.equal(got, fused_ops.silu_and_mul(gate_up))
+        got = sk.skinny_linear(x, w, b, SMALL, gated=True)
+    assert got.shape == (m, n // 2) and not got.isnan().any()
+    assert torch.equal(got, fused_ops.silu_and_mul(sk.skinny_linear(x, w, b, SMALL)))
+    want = reference.gated_linear(x.double(), w.double(), None if b is None else b.double())
+    assert ((got.double() - want).abs().max() / want.abs().max()).item() < TOL[dtype]
 
 
 @pytest.mark.parametrize("config,k", [(SMALL, 256), (None, 576)])
-def test_norm_linear_rows_do_not_depend_on_the_batch(config, k):
-    x, res, g, w, _ = norm_linear_inputs(16, 40, k, DTYPES[-1], 5)
-    stream, full = sk.skinny_norm_linear(x, res, g, 1e-6, w, None, True, config)
+def test_gated_rows_do_not_depend_on_the_batch(config, k):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(16, k, generator=gen).to(DEV, DTYPES[-1])
+    w = torch.randn(40, k, generator=gen).to(DEV, DTYPES[-1])
+    full = sk.skinny_linear(x, w, None, config, gated=True)
     for rows in (slice(0, 1), slice(5, 6), slice(15, 16), slice(0, 7)):
-        s, y = sk.skinny_norm_linear(x[rows], res[rows], g, 1e-6, w, None, True, config)
-        assert torch.equal(y, full[rows]) and torch.equal(s, stream[rows])
+        assert torch.equal(sk.skinny_linear(x[rows], w, None, config, gated=True), full[rows])
 
 
 @pytest.mark.skipif(not CUDA, reason="the backend routes to the kernel on CUDA only")

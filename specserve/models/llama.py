@@ -8,7 +8,8 @@ fp32, rope as q * cos + rotate_half(q) * sin) so fp32 logits match it to roundin
 q/k/v and gate/up run as one matmul each (`qkv_proj`, `gate_up_proj`); state_dict() and load_state_dict()
 still speak the checkpoint's names (q_proj, k_proj, ...), and the loader fills the merged weights part by part.
 The small ops between the matmuls (RMSNorm + residual add, rope + K/V store, SiLU-and-multiply) come from the
-attention backend: fused Triton kernels on CUDA, their torch references on CPU.
+attention backend: fused Triton kernels on CUDA (SiLU-and-multiply inside gate_up's matmul at decode shapes),
+their torch references on CPU.
 """
 
 from __future__ import annotations
@@ -33,17 +34,9 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor, backend: ModuleType = reference) -> torch.Tensor:
         return backend.linear(x, self.weight, self.bias)
 
-    def forward_normed(
-        self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm | None, backend: ModuleType,
-        gated: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(stream, y): stream = x + residual (x without one), y = self(norm(stream)), silu_and_mul'd if gated;
-        one launch on the backends that fuse them. norm None (EAGLE's first layer): no norm, no residual."""
-        if norm is None:
-            assert residual is None
-            y = self(x, backend)
-            return x, backend.silu_and_mul(y) if gated else y
-        return backend.norm_linear(x, residual, norm.weight, norm.eps, self.weight, self.bias, gated)
+    def forward_gated(self, x: torch.Tensor, backend: ModuleType = reference) -> torch.Tensor:
+        """silu_and_mul(self(x)) for rows [gate; up] (one launch on CUDA at decode shapes)."""
+        return backend.gated_linear(x, self.weight, self.bias)
 
 
 def make_linear(in_features: int, out_features: int, bias: bool) -> nn.Module:
@@ -178,14 +171,14 @@ class LlamaAttention(nn.Module):
 
     def forward(
         self,
-        qkv: torch.Tensor,  # [T, (num_heads + 2 num_kv_heads) head_dim]: qkv_proj's output
+        x: torch.Tensor,  # [T, hidden]
         positions: torch.Tensor,  # [T]
         rotary: RotaryEmbedding,
         meta: AttentionMetadata,
         kv_cache: KVCache,
         backend: ModuleType,
     ) -> torch.Tensor:
-        q, k, v = self.split_qkv(qkv, backend)
+        q, k, v = self.project_qkv(x, backend)
         k_cache, v_cache = kv_cache
         q = backend.rope_write_kv(q, k, v, positions, *rotary.tables(q.device), k_cache, v_cache, meta.slot_mapping)
         out = backend.paged_attention(q, k_cache, v_cache, meta, self.scale)  # [T, num_heads, head_dim]
@@ -193,10 +186,7 @@ class LlamaAttention(nn.Module):
 
     def project_qkv(self, x: torch.Tensor, backend: ModuleType = reference) -> tuple[torch.Tensor, ...]:
         """q [..., num_heads, head_dim], k and v [..., num_kv_heads, head_dim] (views of one matmul), before rope."""
-        return self.split_qkv(self.qkv_proj(x, backend), backend)
-
-    def split_qkv(self, qkv: torch.Tensor, backend: ModuleType = reference) -> tuple[torch.Tensor, ...]:
-        q, k, v = qkv.split(self.qkv_sizes, dim=-1)
+        q, k, v = self.qkv_proj(x, backend).split(self.qkv_sizes, dim=-1)
         q = q.unflatten(-1, (self.num_heads, self.head_dim))
         k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
         v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
@@ -214,7 +204,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = make_linear(inter, hidden, bias)
 
     def forward(self, x: torch.Tensor, backend: ModuleType = reference) -> torch.Tensor:
-        return self.down_proj(backend.silu_and_mul(self.gate_up_proj(x, backend)), backend)
+        return self.down_proj(self.gate_up_proj.forward_gated(x, backend), backend)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -228,11 +218,15 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, h, residual, positions, rotary, meta, kv_cache, backend) -> tuple[torch.Tensor, torch.Tensor]:
         """(h, residual) -> (mlp output, residual stream before it): the stream entering the next layer is their
         sum, which the next norm adds in its own kernel (residual None: h is the stream itself)."""
-        attn, mlp = self.self_attn, self.mlp
-        residual, qkv = attn.qkv_proj.forward_normed(h, residual, self.input_layernorm, backend)
-        h = attn(qkv, positions, rotary, meta, kv_cache, backend)
-        residual, act = mlp.gate_up_proj.forward_normed(h, residual, self.post_attention_layernorm, backend, gated=True)
-        return mlp.down_proj(act, backend), residual
+        if residual is None:
+            residual = h
+            if self.input_layernorm is not None:
+                h = self.input_layernorm(h, backend=backend)
+        else:
+            residual, h = self.input_layernorm(h, residual, backend)
+        h = self.self_attn(h, positions, rotary, meta, kv_cache, backend)
+        residual, h = self.post_attention_layernorm(h, residual, backend)
+        return self.mlp(h, backend), residual
 
 
 class LlamaModel(nn.Module):
