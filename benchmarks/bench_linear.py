@@ -9,9 +9,10 @@ Parts (each prints a markdown table and writes DIR/<part>.json):
   step     8B shape, random weights, batch 1, context 512: plain decode ms/step and the graph-replayed decode
            forward, with the skinny kernel and with cuBLAS (engines built in turn, one process).
   kernels  device time per kernel family of one eager 8B decode step (torch.profiler), skinny vs cuBLAS.
-  fusion   the 8B shape or (--gguf) SmolLM2: engines built in turn with skinny_norm_linear (residual add,
-           RMSNorm and SiLU-and-multiply in the q/k/v and gate/up matmuls' launches) and with those ops apart,
-           two rounds: graph-replayed forward of 1 and 9 query tokens, plain decode step and tok/s at batch 1.
+  fusion   the 8B shape or (--gguf) SmolLM2: engines built in turn with SiLU-and-multiply inside gate_up's launch
+           (gated_linear), with it apart, and (SmolLM2) with 128-key splits of 32-key steps for its head dim, two
+           rounds: graph-replayed forward at batch 1 and 8, plain decode step and tok/s at batch 1, tok/s of all
+           prompts at once.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ import bench_gpu_e2e as e2e  # noqa: E402
 import e2e_models as em  # noqa: E402
 
 from specserve import SamplingParams  # noqa: E402
-from specserve.kernels import fused_ops, triton_backend  # noqa: E402
 from specserve.kernels import skinny_linear as sk  # noqa: E402
+from specserve.kernels import tree_attention, triton_backend  # noqa: E402
 from specserve.models.loader import load_model  # noqa: E402
 
 H, INTER, V, QKV = 4096, 14336, 128256, 6144
@@ -175,16 +176,15 @@ def part_kernels(args) -> dict:
     return dict(note="us per step, prefill included once (divided by the steps)", families=out)
 
 
-def ops_apart(x, residual, norm_weight, eps, weight, bias=None, gated=False):
-    """skinny_norm_linear's work one launch per op: the fusion's baseline."""
-    stream, h = ((x, fused_ops.rms_norm(x, norm_weight, eps)) if residual is None
-                 else fused_ops.rms_norm(x, norm_weight, eps, residual))
-    y = sk.skinny_linear(h, weight, bias)
-    return stream, fused_ops.silu_and_mul(y) if gated else y
+def silu_apart(x, weight, bias=None):
+    """gated_linear's work in two launches: the fusion's baseline."""
+    return triton_backend.silu_and_mul(triton_backend.linear(x, weight, bias))
+
+
+P128 = tree_attention.DecodeConfig(split=128, block_n=32, block_m=64, num_warps=4, fused_stages=5, split_stages=5)
 
 
 def part_fusion(args) -> dict:
-    verify_arm = {"verify8": {"method": "replay", "num_speculative_tokens": 8, "acceptance": 1.0}}
     ns = argparse.Namespace(device=torch.device("cuda"), kv_gb=4.0, eager=False)
     rng = random.Random(0)
     models = {"8b": (lambda: em.dummy_model(em.write_config(os.path.join(args.work, "llama31_8b"), False),
@@ -201,18 +201,23 @@ def part_fusion(args) -> dict:
 
         models["smollm2"] = (lambda: load_model(args.gguf, torch.bfloat16, torch.device("cuda")), mt_prompts, 256,
                              2048)
-    fused = triton_backend.skinny_norm_linear
+    gated, small_heads = triton_backend.gated_linear, dict(tree_attention.SMALL_HEAD_CONFIGS)
+    variants = {"gated": (gated, small_heads), "apart": (silu_apart, small_heads),
+                "gated+p128n32": (gated, dict.fromkeys(small_heads, P128))}
     rows, tokens = [], {}
     for name, (load, make_prompts, new_tokens, max_len) in models.items():
         loaded, prompts = load(), None
         params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
         for rnd in range(2):
-            for variant, fn in (("fused", fused), ("apart", ops_apart)):
-                triton_backend.skinny_norm_linear = fn
-                llm = e2e.engine(ns, loaded, verify_arm, max_model_len=max_len, max_num_batched_tokens=2048)
+            for variant, (fn, heads) in variants.items():
+                if name == "8b" and variant != "gated" and variant != "apart":
+                    continue  # head dim 128: the small-head configs do not apply
+                triton_backend.gated_linear = fn
+                tree_attention.SMALL_HEAD_CONFIGS.update(heads)
+                llm = e2e.engine(ns, loaded, {}, max_model_len=max_len, max_num_batched_tokens=2048)
                 prompts = prompts or make_prompts(llm)
-                e2e.run(llm, prompts[:1], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), "none")
-                fwd = llm.engine.runner.profile([(1, 1), (1, 9)])
+                e2e.run(llm, prompts, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), "none")
+                fwd = llm.engine.runner.profile([(1, 1), (8, 8)])
                 steps, toks, secs, outs = [], 0, 0.0, []
                 for p in prompts:
                     r = e2e.run(llm, [p], params, "none")
@@ -221,18 +226,20 @@ def part_fusion(args) -> dict:
                     toks += sum(st[2] for st in dec)
                     secs += sum(st[0] for st in dec)
                     outs.append(r["outputs"])
+                batch = e2e.run(llm, prompts, params, "none")  # all prompts at once (8 for SmolLM2)
                 tokens.setdefault(name, {})[variant] = outs
-                rows.append(dict(model=name, round=rnd, variant=variant, fwd1_ms=fwd[(1, 1)] * 1e3,
-                                 fwd9_ms=fwd[(1, 9)] * 1e3, step_ms=statistics.median(steps) * 1e3,
-                                 decode_tok_s=toks / secs))
+                rows.append(dict(model=name, round=rnd, variant=variant, fwd_b1_ms=fwd[(1, 1)] * 1e3,
+                                 fwd_b8_ms=fwd[(8, 8)] * 1e3, step_b1_ms=statistics.median(steps) * 1e3,
+                                 decode_b1_tok_s=toks / secs, batch_tok_s=batch["tok_s"]))
                 print(em.markdown([rows[-1]], list(rows[-1])), flush=True)
                 del llm
                 torch.cuda.empty_cache()
         del loaded
         torch.cuda.empty_cache()
-    triton_backend.skinny_norm_linear = fused
-    same = {m: sum(a == b for a, b in zip(t["fused"], t["apart"], strict=True)) for m, t in tokens.items()}
-    print("outputs equal between fused and apart (of 1 / 8 prompts):", same, flush=True)
+    triton_backend.gated_linear = gated
+    tree_attention.SMALL_HEAD_CONFIGS.update(small_heads)
+    same = {m: {v: sum(a == b for a, b in zip(t[v], t["gated"], strict=True)) for v in t} for m, t in tokens.items()}
+    print("outputs equal to the gated variant's (of 1 / 8 prompts):", same, flush=True)
     return dict(rows=rows, same_outputs=same)
 
 
