@@ -80,15 +80,15 @@ DECODE_CONFIGS = {
     torch.float16: DecodeConfig(split=512, block_n=64, block_m=64, num_warps=4, fused_stages=5, split_stages=5),
     torch.bfloat16: DecodeConfig(split=512, block_n=64, block_m=64, num_warps=4, fused_stages=5, split_stages=5),
 }
-# Head dims up to 64 (SmolLM2-135M: 9 q over 3 kv heads) in 256-key splits: at small batches a program's key loop
-# is a chain of round trips (0.7-0.9 us a step on an H100), and half-length splits give a sequence twice the
-# programs. H100, `bench_attention.py --heads 9,3,64`: 10.1 against 14.0 us at batch 1 and 512 keys, 11.9 against
-# 15.0 at 2048; batch 32 9-15% slower; engine decode at SmolLM2's short MT-bench contexts unchanged within noise
-# (RESULTS.md, ninth session). 128-key steps cut batch 1 further in that bench (9.3 us) but slowed the engine's
-# short contexts by 1-2%.
+# Head dims up to 64 (SmolLM2-135M: 9 q over 3 kv heads) in 128-key splits of 32-key steps: at small batches a
+# program's key loop is a chain of round trips (0.7-0.9 us a step on an H100), so shorter splits give a sequence more
+# programs with shorter chains. H100, `bench_attention.py --heads 9,3,64`: 8.0 / 9.0 / 10.2 us at batch 1 and 256 /
+# 512 / 1024 keys against 10.1 / 10.3 / 10.8 for 256-key splits of 64-key steps (the ninth session's, which beat 512-
+# key splits by 4 us); batch 32 0-18% slower. Engine A/B (`bench_linear.py fusion --gguf`, SmolLM2 plain decode of 8
+# MT-bench turns): forward 0.82 against 0.87 ms, 1,080 against 1,040 tok/s at batch 1, 7,600 against 7,270 at 8.
 SMALL_HEAD_DIM = 64
 SMALL_HEAD_CONFIGS = {
-    dtype: DecodeConfig(split=256, block_n=64, block_m=64, num_warps=4, fused_stages=5, split_stages=5)
+    dtype: DecodeConfig(split=128, block_n=32, block_m=64, num_warps=4, fused_stages=5, split_stages=5)
     for dtype in (torch.float16, torch.bfloat16)
 }
 

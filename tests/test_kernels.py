@@ -293,7 +293,7 @@ def test_copy_slots_matches_reference_with_overlaps(strip, monkeypatch):
     assert torch.equal(rows[41], old[42]) and torch.equal(rows[42], old[45])  # sources read before writes
 
 
-# CUDA: every dtype and group at 32k keys, and the small-head config (16k); CPU: the same sequences in units of its
+# CUDA: every dtype and group at 32k keys, and the small-head config (8k); CPU: the same sequences in units of its
 # 64-key split (64 splits)
 LONG_CASES = ([(dtype, group, 128) for dtype, group in itertools.product(DTYPES, [1, 4, 8])]
               + [(torch.bfloat16, 3, 64)] if CUDA else [(torch.float32, 1, 128)])
