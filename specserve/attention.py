@@ -102,11 +102,11 @@ def token_layout(context_lens: np.ndarray, num_causal: np.ndarray, num_nodes: np
     seq = np.repeat(np.arange(len(q_len)), q_len)
     qidx = np.arange(int(qsl[-1])) - qsl[seq]  # [T] index within its sequence's query
     node = qidx - (num_causal - 1)[seq]
-    depth = np.maximum(node, 0)  # a chain's node j sits at depth j
     masks = CHAIN_MASKS[np.maximum(node + 1, 0)]
+    logical = context_lens[seq] + qidx
+    positions = logical.copy()  # causal tokens and chain nodes sit at their slot's index; tree nodes at root + depth
     for b, parents in trees:
         root = qsl[b] + num_causal[b] - 1
-        depth[root : qsl[b + 1]] = tree_depths(parents)
+        positions[root : qsl[b + 1]] = context_lens[b] + num_causal[b] - 1 + np.asarray(tree_depths(parents))
         masks[root : qsl[b + 1]] = ancestor_masks(parents)
-    positions = context_lens[seq] + np.minimum(qidx, (num_causal - 1)[seq]) + depth
-    return TokenLayout(qsl, seq, node, positions, context_lens[seq] + qidx, masks)
+    return TokenLayout(qsl, seq, node, positions, logical, masks)

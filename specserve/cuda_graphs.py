@@ -82,6 +82,7 @@ class StepBuffers:
         self._device_views = functools.lru_cache(maxsize=1024)(
             functools.partial(_views, self.dev64, self.dev32, width=width)
         )
+        self.step_inputs = functools.lru_cache(maxsize=1024)(self._step_inputs)
 
     def host(self, num_seqs: int, num_tokens: int, num_rows: int) -> StepViews[np.ndarray]:
         """Numpy views to fill, once the previous upload has left the pinned memory."""
@@ -101,17 +102,30 @@ class StepBuffers:
             self._pending = True
         return self._device_views(num_seqs, num_tokens, num_rows)
 
+    def _step_inputs(self, b_cap: int, t_cap: int, num_rows: int, num_seqs: int, num_tokens: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(input_ids, positions, AttentionMetadata's tensors) of a step of num_seqs sequences and num_tokens tokens
+        uploaded at the padded shape (b_cap, t_cap, num_rows); step_inputs caches them per shape, since on CUDA
+        every slice costs an op's host time."""
+        d = self._device_views(b_cap, t_cap, num_rows)
+        return d.input_ids[:num_tokens], d.positions[:num_tokens], meta_tensors(d, num_seqs, num_tokens)
+
+
+def meta_tensors(d: StepViews[torch.Tensor], num_seqs: int, num_tokens: int) -> dict[str, torch.Tensor]:
+    """AttentionMetadata's tensors over device views: their first num_seqs sequences and num_tokens tokens."""
+    return dict(
+        query_start_loc=d.query_start_loc[: num_seqs + 1], seq_lens=d.seq_lens[:num_seqs],
+        context_lens=d.context_lens[:num_seqs], block_tables=d.block_tables[:num_seqs],
+        slot_mapping=d.slot_mapping[:num_tokens], tree_offsets=d.tree_offsets[:num_seqs],
+        tree_mask=d.tree_mask[:num_tokens],
+    )
+
 
 def step_meta(d: StepViews[torch.Tensor], num_seqs: int, num_tokens: int, block_size: int, *, max_query_len: int,
               max_seq_len: int) -> AttentionMetadata:
     """Attention metadata over device views: their first num_seqs sequences and num_tokens tokens."""
-    return AttentionMetadata(
-        query_start_loc=d.query_start_loc[: num_seqs + 1], seq_lens=d.seq_lens[:num_seqs],
-        context_lens=d.context_lens[:num_seqs], block_tables=d.block_tables[:num_seqs],
-        slot_mapping=d.slot_mapping[:num_tokens], tree_offsets=d.tree_offsets[:num_seqs],
-        tree_mask=d.tree_mask[:num_tokens], max_query_len=max_query_len, max_seq_len=max_seq_len,
-        block_size=block_size,
-    )
+    return AttentionMetadata(**meta_tensors(d, num_seqs, num_tokens), max_query_len=max_query_len,
+                             max_seq_len=max_seq_len, block_size=block_size)
 
 
 def pad_views(h: StepViews[np.ndarray], num_seqs: int, num_tokens: int) -> None:

@@ -397,17 +397,19 @@ class LLMEngine:
 
     def _append(self, req: Request, tokens: list[int]) -> int:
         """Append tokens one by one until a stop condition; returns how many were kept."""
-        p = req.params
+        ids, stop_ids, detokenize = req.token_ids, req.params.stop_token_ids, req.detokenizer.append
+        # the length limit as a token count: max_tokens outputs or max_model_len tokens, whichever comes first
+        limit = min(req.num_prompt_tokens + req.max_tokens, self.max_model_len)
         for n, tok in enumerate(tokens, start=1):
-            req.token_ids.append(tok)
-            stop_str = req.detokenizer.append(req.token_ids)
+            ids.append(tok)
+            stop_str = detokenize(ids)
             if tok in req.eos_token_ids:
                 reason, stop_reason = "stop", None
-            elif tok in p.stop_token_ids:
+            elif tok in stop_ids:
                 reason, stop_reason = "stop", tok
             elif stop_str is not None:
                 reason, stop_reason = "stop", stop_str
-            elif req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
+            elif len(ids) >= limit:
                 reason, stop_reason = "length", None
             else:
                 continue
@@ -427,13 +429,15 @@ class LLMEngine:
         m.num_accepted_tokens += len(res.accepted_nodes) - 1
         if self.spec_policy is not None:
             self.spec_policy.observe(req, res)
-        depth = res.draft_depth
-        while len(m.drafts_per_position) < depth:
-            m.drafts_per_position.append(0)
-            m.accepted_per_position.append(0)
+        depth, accepted = res.draft_depth, len(res.accepted_nodes) - 1
+        if len(m.drafts_per_position) < depth:
+            grow = depth - len(m.drafts_per_position)
+            m.drafts_per_position += [0] * grow
+            m.accepted_per_position += [0] * grow
         for d in range(depth):
             m.drafts_per_position[d] += 1
-            m.accepted_per_position[d] += d < len(res.accepted_nodes) - 1
+        for d in range(min(accepted, depth)):
+            m.accepted_per_position[d] += 1
         if req.finished:
             m.finished_time = now
 
@@ -452,9 +456,11 @@ class LLMEngine:
                 req.cumulative_logprob += next(iter(entry.values())).logprob
 
     def _observe(self, scheduled: list[ScheduledRequest], results: dict[int, VerifyResult], out: ForwardOutput):
+        by_arm: dict[str, list[Request]] = {}
+        for s in scheduled:
+            by_arm.setdefault(s.request.spec_arm, []).append(s.request)
         for arm, drafter in self.drafters.items():
-            reqs = [s.request for s in scheduled if s.request.spec_arm == arm]
-            if reqs:
+            if reqs := by_arm.get(arm):
                 drafter.observe(reqs, [results.get(id(r)) for r in reqs], out)
 
     def _outputs(self, group_ids: set[str], finished_only: bool) -> list[RequestOutput]:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from specserve.attention import MAX_TREE_NODES, AttentionMetadata, slot_of, token_layout
-from specserve.cuda_graphs import Buckets, CudaGraphs, StepBuffers, StepViews, fill_dummy, pad_views, step_meta
+from specserve.cuda_graphs import Buckets, CudaGraphs, StepBuffers, StepViews, fill_dummy, pad_views
 from specserve.drafters.base import DraftProposal
 from specserve.models.llama import ModelOutput
 from specserve.sampler import to_device
@@ -133,20 +133,24 @@ class ModelRunner:
     # ---- inputs -----------------------------------------------------------------------------------
 
     def prepare(self, scheduled: list[ScheduledRequest], proposals: list[DraftProposal | None]) -> StepBatch:
-        reqs = [s.request for s in scheduled]
         num_seqs = len(scheduled)
-        n_new = np.fromiter((s.num_new_tokens for s in scheduled), np.int64, num_seqs)  # [B] committed tokens
-        n_draft = np.fromiter((len(p.tokens) if p else 0 for p in proposals), np.int64, num_seqs)  # [B]
-        ctx = np.fromiter((r.num_computed_tokens for r in reqs), np.int64, num_seqs)  # [B] cached tokens
-        produces = np.fromiter((s.produces_token for s in scheduled), bool, num_seqs)  # [B]
+        # one pass over the sequences: their counts into one array, and each one's first logits row (-1: none)
+        per_seq, row_starts, num_rows = [], [], 0
+        for s, p in zip(scheduled, proposals, strict=True):
+            drafts, produces = len(p.tokens) if p else 0, s.produces_token
+            per_seq.append((s.num_new_tokens, drafts, s.request.num_computed_tokens, produces))
+            row_starts.append(num_rows if produces else -1)
+            num_rows += drafts + 1 if produces else 0
+        counts = np.array(per_seq, np.int64)  # [B, 4]
+        n_new, n_draft, ctx = counts[:, 0], counts[:, 1], counts[:, 2]  # committed tokens, draft nodes, cached
+        produces = counts[:, 3] == 1
         if (longest := int(n_draft.max())) >= MAX_TREE_NODES:
             raise ValueError(f"a draft tree has at most {MAX_TREE_NODES - 1} nodes, got {longest}")
         q_len = n_new + n_draft
+        seq_lens = ctx + q_len
         trees = [(b, p.parents) for b, p in enumerate(proposals) if p is not None and not _is_chain(p.parents)]
         lay = token_layout(ctx, n_new, n_draft, trees)
         qsl, num_tokens = lay.query_start_loc, len(lay.seq)
-        rows = produces[lay.seq] & (lay.node >= 0)  # [T] tokens whose logits verification reads
-        num_rows = int(rows.sum())
 
         key = None
         if self.graphs is not None and (n_new == 1).all() and produces.all():
@@ -154,23 +158,21 @@ class ModelRunner:
         b_cap, t_cap = key or (num_seqs, num_tokens)
         h = self.buffers.host(b_cap, t_cap, num_rows)
         tables = h.block_tables  # [b_cap, W]
-        for b, r in enumerate(reqs):
-            tables[b, : len(r.block_ids)] = r.block_ids
-            tables[b, len(r.block_ids) :] = 0
+        tables[:num_seqs] = 0
+        for b, s in enumerate(scheduled):
+            tables[b, : len(s.request.block_ids)] = s.request.block_ids
         h.input_ids[:num_tokens] = [t for s, p in zip(scheduled, proposals, strict=True) for t in _query(s, p)]
         h.tree_mask[:num_tokens] = lay.tree_mask
         h.positions[:num_tokens] = lay.positions
         h.slot_mapping[:num_tokens] = lay.slots(tables, self.block_size)
-        h.logits_indices[:] = np.flatnonzero(rows)
+        h.logits_indices[:] = np.flatnonzero(produces[lay.seq] & (lay.node >= 0))  # the rows verification reads
         h.query_start_loc[: num_seqs + 1] = qsl
-        h.seq_lens[:num_seqs] = ctx + q_len
+        h.seq_lens[:num_seqs] = seq_lens
         h.context_lens[:num_seqs] = ctx
         h.tree_offsets[:num_seqs] = n_new - 1
         pad_views(h, num_seqs, num_tokens)
-        row_counts = np.where(produces, n_draft + 1, 0)
-        row_starts = np.where(produces, np.cumsum(row_counts) - row_counts, -1)
-        return self._upload(b_cap, t_cap, num_rows, num_seqs, num_tokens, key, row_starts.tolist(), qsl.tolist(),
-                            max_query_len=int(q_len.max()), max_seq_len=int((ctx + q_len).max()))
+        return self._upload(b_cap, t_cap, num_rows, num_seqs, num_tokens, key, row_starts, qsl.tolist(),
+                            max_query_len=int(q_len.max()), max_seq_len=int(seq_lens.max()))
 
     def make_dummy(self, num_seqs: int, num_tokens: int) -> StepBatch:
         """A harmless step of this shape: causal chunks with no K/V writes, every token a logits row.
@@ -187,9 +189,9 @@ class ModelRunner:
 
     def _upload(self, b_cap, t_cap, num_rows, num_seqs, num_tokens, key, row_starts, qsl, **maxima) -> StepBatch:
         d: StepViews[torch.Tensor] = self.buffers.upload(b_cap, t_cap, num_rows)
-        meta = step_meta(d, num_seqs, num_tokens, self.block_size, **maxima)
-        return StepBatch(d.input_ids[:num_tokens], d.positions[:num_tokens], meta, d.logits_indices, row_starts,
-                         qsl, key)
+        input_ids, positions, tensors = self.buffers.step_inputs(b_cap, t_cap, num_rows, num_seqs, num_tokens)
+        meta = AttentionMetadata(**tensors, block_size=self.block_size, **maxima)
+        return StepBatch(input_ids, positions, meta, d.logits_indices, row_starts, qsl, key)
 
     def feed_tokens(self, batch: StepBatch, dst: list[int], tokens: torch.Tensor, src: list[int]) -> None:
         """Async scheduling: input positions dst take tokens[src], sampled by a step still on the device."""
@@ -220,7 +222,9 @@ class ModelRunner:
         else:
             out = self.graphs.replay(batch.graph_key)  # padded to the bucket: keep the real tokens' rows
             t = batch.input_ids.shape[0]
-            hidden, aux = out.hidden_states[:t], [a[:t] for a in out.aux_hidden_states]
+            hidden, aux = out.hidden_states, list(out.aux_hidden_states)
+            if t < batch.graph_key[1]:  # a slice is an op (host time on CUDA): only where there is padding
+                hidden, aux = hidden[:t], [a[:t] for a in aux]
             # graphs run decode/verify steps: every token is a row
             logits = self.model.compute_logits(hidden, self.backend)
         return ForwardOutput(logits, hidden, aux, batch)

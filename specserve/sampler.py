@@ -54,13 +54,23 @@ def _apply_row_processors(logits: torch.Tensor, rows: list[RowContext]) -> None:
             logits[i, list(ctx.banned_until_min_tokens)] = float("-inf")
 
 
+def has_processors(params: SamplingParams, num_output_tokens: int) -> bool:
+    """Whether a row with this many output tokens gets penalties, logit_bias or the min_tokens mask."""
+    return params.has_penalties or bool(params.logit_bias) or num_output_tokens < params.min_tokens
+
+
 def process_logits(logits: torch.Tensor, rows: list[RowContext]) -> torch.Tensor:
     """Penalties, logit_bias and min_tokens applied to a copy of logits ([N, vocab] float32); logits itself when
     no row has any (callers never write to the result)."""
-    if any(r.params.has_penalties or r.params.logit_bias or r.num_output_tokens < r.params.min_tokens for r in rows):
+    if any(has_processors(r.params, r.num_output_tokens) for r in rows):
         logits = logits.float().clone()
         _apply_row_processors(logits, rows)
-    return logits.float()
+    return as_float(logits)
+
+
+def as_float(logits: torch.Tensor) -> torch.Tensor:
+    """logits in float32, without an op when they are already (on CUDA every op costs host time)."""
+    return logits if logits.dtype == torch.float32 else logits.float()
 
 
 def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

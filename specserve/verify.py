@@ -23,7 +23,15 @@ import torch
 from specserve.attention import tree_depths
 from specserve.drafters.base import DraftProposal
 from specserve.request import Request
-from specserve.sampler import RowContext, process_logits, sample_from, sample_rows, target_probs, to_device
+from specserve.sampler import (
+    RowContext,
+    has_processors,
+    process_logits,
+    sample_from,
+    sample_rows,
+    target_probs,
+    to_device,
+)
 
 
 @dataclass
@@ -62,6 +70,13 @@ class VerifyItem:
             kids[p].append(j + 1)
         return kids
 
+    @property
+    def needs_rows(self) -> bool:
+        """Whether verification reads its row contexts: it samples, or a filter applies to its rows (the root's row
+        has the fewest output tokens, so min_tokens applies to some row only if it applies to the root's)."""
+        params = self.request.params
+        return not params.greedy or has_processors(params, self.request.num_output_tokens)
+
     def row_contexts(self) -> list[RowContext]:
         req = self.request
         banned = frozenset(req.params.stop_token_ids) | req.eos_token_ids  # eos ids: empty under ignore_eos
@@ -72,8 +87,13 @@ class VerifyItem:
 
 
 def _walk_greedy(item: VerifyItem, argmax: list[int]) -> VerifyResult:
-    kids, node, nodes = item.children(), 0, [0]
     tokens = item.proposal.tokens if item.proposal else []
+    if item.proposal is None or item.proposal.is_chain:  # the same walk, without building the children lists
+        a, root = 0, item.row_start
+        while a < len(tokens) and tokens[a] == argmax[root + a]:
+            a += 1
+        return item.result(list(range(a + 1)), tokens[:a] + [argmax[root + a]])
+    kids, node, nodes = item.children(), 0, [0]
     while True:
         target = argmax[item.row_start + node]
         nxt = next((c for c in kids[node] if tokens[c - 1] == target), None)
@@ -182,6 +202,12 @@ def _walk_chains(items: Sequence[VerifyItem], probs: torch.Tensor) -> list[Verif
     return results
 
 
+def _row_contexts(items: Sequence[VerifyItem]) -> list[RowContext]:
+    """Every logits row's context, in row order; none when no row reads them (greedy without filters, the common
+    case: a context per tree node is Python work on the step's critical path)."""
+    return [ctx for it in items for ctx in it.row_contexts()] if any(it.needs_rows for it in items) else []
+
+
 def sample_roots(items: Sequence[VerifyItem], logits: torch.Tensor) -> torch.Tensor:
     """The next token of requests that drafted nothing, left on the device ([len(items)] int64).
 
@@ -189,7 +215,7 @@ def sample_roots(items: Sequence[VerifyItem], logits: torch.Tensor) -> torch.Ten
     picks for the same items, drawing the same uniforms.
     """
     idx = [it.row_start for it in items]
-    rows = [ctx for it in items for ctx in it.row_contexts()]
+    rows = _row_contexts(items)
     picked = logits[: len(idx)] if idx == list(range(len(idx))) else logits[idx]  # a slice uploads no index
     picked = process_logits(picked, rows)
     tokens = picked.argmax(dim=-1)  # [n]
@@ -207,7 +233,7 @@ def sample_roots(items: Sequence[VerifyItem], logits: torch.Tensor) -> torch.Ten
 
 def verify(items: Sequence[VerifyItem], logits: torch.Tensor) -> list[VerifyResult]:
     """Verify every request's tree against its logits rows ([num_rows, vocab]); one host sync for greedy."""
-    rows = [ctx for it in items for ctx in it.row_contexts()]
+    rows = _row_contexts(items)
     logits = process_logits(logits, rows)
     greedy = [it for it in items if it.request.params.greedy]
     results: dict[int, VerifyResult] = {}
