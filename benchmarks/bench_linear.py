@@ -9,10 +9,10 @@ Parts (each prints a markdown table and writes DIR/<part>.json):
   step     8B shape, random weights, batch 1, context 512: plain decode ms/step and the graph-replayed decode
            forward, with the skinny kernel and with cuBLAS (engines built in turn, one process).
   kernels  device time per kernel family of one eager 8B decode step (torch.profiler), skinny vs cuBLAS.
-  fusion   the 8B shape or (--gguf) SmolLM2: engines built in turn with SiLU-and-multiply inside gate_up's launch
-           (gated_linear), with it apart, and (SmolLM2) with 128-key splits of 32-key steps for its head dim, two
-           rounds: graph-replayed forward at batch 1 and 8, plain decode step and tok/s at batch 1, tok/s of all
-           prompts at once.
+  fusion   the 8B shape or (--gguf) SmolLM2: engines built in turn with rope + K/V store inside the q/k/v launch and
+           SiLU-and-multiply inside gate_up's (the defaults), with rope apart, and with both apart, two rounds:
+           graph-replayed forward at batch 1 and 8, plain decode step and tok/s at batch 1, tok/s of all prompts
+           at once.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ import bench_gpu_e2e as e2e  # noqa: E402
 import e2e_models as em  # noqa: E402
 
 from specserve import SamplingParams  # noqa: E402
+from specserve.kernels import reference, triton_backend  # noqa: E402
 from specserve.kernels import skinny_linear as sk  # noqa: E402
-from specserve.kernels import tree_attention, triton_backend  # noqa: E402
 from specserve.models.loader import load_model  # noqa: E402
 
 H, INTER, V, QKV = 4096, 14336, 128256, 6144
@@ -177,11 +177,14 @@ def part_kernels(args) -> dict:
 
 
 def silu_apart(x, weight, bias=None):
-    """gated_linear's work in two launches: the fusion's baseline."""
+    """gated_linear's work in two launches: a fusion's baseline."""
     return triton_backend.silu_and_mul(triton_backend.linear(x, weight, bias))
 
 
-P128 = tree_attention.DecodeConfig(split=128, block_n=32, block_m=64, num_warps=4, fused_stages=5, split_stages=5)
+def rope_apart(x, weight, bias, num_q_heads, *rope_args):
+    """qkv_rope_write_kv's work in two launches: a fusion's baseline."""
+    return reference.qkv_rope_write_kv(x, weight, bias, num_q_heads, *rope_args, linear_op=triton_backend.linear,
+                                       rope_op=triton_backend.rope_write_kv)
 
 
 def part_fusion(args) -> dict:
@@ -201,19 +204,17 @@ def part_fusion(args) -> dict:
 
         models["smollm2"] = (lambda: load_model(args.gguf, torch.bfloat16, torch.device("cuda")), mt_prompts, 256,
                              2048)
-    gated, small_heads = triton_backend.gated_linear, dict(tree_attention.SMALL_HEAD_CONFIGS)
-    variants = {"gated": (gated, small_heads), "apart": (silu_apart, small_heads),
-                "gated+p128n32": (gated, dict.fromkeys(small_heads, P128))}
+    defaults = {name: getattr(triton_backend, name) for name in ("gated_linear", "qkv_rope_write_kv")}
+    variants = {"fused": {}, "rope apart": {"qkv_rope_write_kv": rope_apart},
+                "rope and silu apart": {"qkv_rope_write_kv": rope_apart, "gated_linear": silu_apart}}
     rows, tokens = [], {}
     for name, (load, make_prompts, new_tokens, max_len) in models.items():
         loaded, prompts = load(), None
         params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
         for rnd in range(2):
-            for variant, (fn, heads) in variants.items():
-                if name == "8b" and variant != "gated" and variant != "apart":
-                    continue  # head dim 128: the small-head configs do not apply
-                triton_backend.gated_linear = fn
-                tree_attention.SMALL_HEAD_CONFIGS.update(heads)
+            for variant, patches in variants.items():
+                for attr, fn in {**defaults, **patches}.items():
+                    setattr(triton_backend, attr, fn)
                 llm = e2e.engine(ns, loaded, {}, max_model_len=max_len, max_num_batched_tokens=2048)
                 prompts = prompts or make_prompts(llm)
                 e2e.run(llm, prompts, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), "none")
@@ -236,10 +237,10 @@ def part_fusion(args) -> dict:
                 torch.cuda.empty_cache()
         del loaded
         torch.cuda.empty_cache()
-    triton_backend.gated_linear = gated
-    tree_attention.SMALL_HEAD_CONFIGS.update(small_heads)
-    same = {m: {v: sum(a == b for a, b in zip(t[v], t["gated"], strict=True)) for v in t} for m, t in tokens.items()}
-    print("outputs equal to the gated variant's (of 1 / 8 prompts):", same, flush=True)
+    for attr, fn in defaults.items():
+        setattr(triton_backend, attr, fn)
+    same = {m: {v: sum(a == b for a, b in zip(t[v], t["fused"], strict=True)) for v in t} for m, t in tokens.items()}
+    print("outputs equal to the fused variant's (of 1 / 8 prompts):", same, flush=True)
     return dict(rows=rows, same_outputs=same)
 
 

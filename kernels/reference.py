@@ -67,6 +67,27 @@ def rope_write_kv(
     return apply_rope(q, positions, cos, sin)
 
 
+def qkv_rope_write_kv(
+    x: torch.Tensor,  # [T, K]
+    weight: torch.Tensor,  # [(num_q_heads + 2 num_kv_heads) head_dim, K]: rows [q; k; v]
+    bias: torch.Tensor | None,
+    num_q_heads: int,
+    positions: torch.Tensor,  # [T] int64
+    cos: torch.Tensor,  # [max_positions, head_dim // 2] fp32
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [T] int64
+    linear_op=linear,  # the Triton backend's, when it runs the ops apart
+    rope_op=rope_write_kv,
+) -> torch.Tensor:
+    """rope_write_kv of the q/k/v projection linear(x, weight, bias): rotated q [T, num_q_heads, head_dim]."""
+    num_kv, head_dim = k_cache.shape[2], k_cache.shape[3]
+    q, k, v = linear_op(x, weight, bias).split([num_q_heads * head_dim, num_kv * head_dim, num_kv * head_dim], -1)
+    q, k, v = (t.unflatten(-1, (-1, head_dim)) for t in (q, k, v))
+    return rope_op(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping)
+
+
 def write_kv(
     k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]

@@ -77,6 +77,42 @@ def test_gated_rows_do_not_depend_on_the_batch(config, k):
         assert torch.equal(sk.skinny_linear(x[rows], w, None, config, gated=True), full[rows])
 
 
+def rope_tables(head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    freqs = torch.arange(4096)[:, None].float() * inv[None, :]  # [4096, head_dim // 2]
+    return freqs.cos().to(DEV), freqs.sin().to(DEV)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,heads,kv_heads,head_dim,bias", [(1, 9, 3, 32, False), (6, 4, 2, 16, True),
+                                                            (16, 2, 2, 64, False)])
+def test_qkv_rope_is_the_projection_then_rope_write_kv(dtype, m, heads, kv_heads, head_dim, bias):
+    """One launch gives the bits of skinny_linear then fused_ops.rope_write_kv: rotated q, rotated k and plain v in
+    their slots, padding slots and every other slot untouched (caches start as NaN)."""
+    gen = torch.Generator().manual_seed(m * 100 + heads + head_dim)
+    k_in, n = 48, (heads + 2 * kv_heads) * head_dim
+    x = torch.randn(m, k_in, generator=gen).to(DEV, dtype)
+    w = (torch.randn(n, k_in, generator=gen) / k_in**0.5).to(DEV, dtype)
+    b = torch.randn(n, generator=gen).to(DEV, dtype) if bias else None
+    positions = torch.randint(0, 4096, (m,), generator=gen).to(DEV)
+    slots = torch.randperm(4 * 16, generator=gen)[:m].to(DEV)
+    slots[m // 2] = -1  # padding: written nowhere
+    cos, sin = rope_tables(head_dim)
+    caches = [[torch.full((4, 16, kv_heads, head_dim), float("nan"), dtype=dtype, device=DEV) for _ in "kv"]
+              for _ in range(2)]
+    apart = dict(linear_op=lambda *a: sk.skinny_linear(*a, SMALL), rope_op=fused_ops.rope_write_kv)
+    want = reference.qkv_rope_write_kv(x, w, b, heads, positions, cos, sin, *caches[0], slots, **apart)
+    with nan_allocations():
+        got = sk.skinny_qkv_rope(x, w, b, heads, positions, cos, sin, *caches[1], slots, SMALL)
+    assert got.shape == (m, heads, head_dim) and torch.equal(got, want)
+    for want_c, got_c in zip(*caches, strict=True):
+        assert torch.equal(got_c.nan_to_num(7.0), want_c.nan_to_num(7.0))
+        assert got_c.isnan().sum() == want_c.isnan().sum() == (4 * 16 - (m - 1)) * kv_heads * head_dim
+    exact = reference.qkv_rope_write_kv(x.double(), w.double(), None if b is None else b.double(), heads, positions,
+                                        cos, sin, *(c.double() for c in caches[0]), slots)
+    assert ((got.double() - exact).abs().max() / exact.abs().max()).item() < TOL[dtype]
+
+
 @pytest.mark.skipif(not CUDA, reason="the backend routes to the kernel on CUDA only")
 def test_backend_routes_few_rows_to_the_kernel(monkeypatch):
     from specserve.kernels import triton_backend

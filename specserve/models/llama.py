@@ -8,8 +8,8 @@ fp32, rope as q * cos + rotate_half(q) * sin) so fp32 logits match it to roundin
 q/k/v and gate/up run as one matmul each (`qkv_proj`, `gate_up_proj`); state_dict() and load_state_dict()
 still speak the checkpoint's names (q_proj, k_proj, ...), and the loader fills the merged weights part by part.
 The small ops between the matmuls (RMSNorm + residual add, rope + K/V store, SiLU-and-multiply) come from the
-attention backend: fused Triton kernels on CUDA (SiLU-and-multiply inside gate_up's matmul at decode shapes),
-their torch references on CPU.
+attention backend: fused Triton kernels on CUDA (at decode shapes rope + K/V store inside the q/k/v matmul and
+SiLU-and-multiply inside gate_up's), their torch references on CPU.
 """
 
 from __future__ import annotations
@@ -37,6 +37,11 @@ class Linear(nn.Linear):
     def forward_gated(self, x: torch.Tensor, backend: ModuleType = reference) -> torch.Tensor:
         """silu_and_mul(self(x)) for rows [gate; up] (one launch on CUDA at decode shapes)."""
         return backend.gated_linear(x, self.weight, self.bias)
+
+    def forward_rope(self, x: torch.Tensor, backend: ModuleType, num_q_heads: int, *rope_write_kv_args) -> torch.Tensor:
+        """backend.rope_write_kv of self(x) for rows [q; k; v] (positions, cos, sin, caches, slot mapping): rotated q
+        (one launch on CUDA at decode shapes)."""
+        return backend.qkv_rope_write_kv(x, self.weight, self.bias, num_q_heads, *rope_write_kv_args)
 
 
 def make_linear(in_features: int, out_features: int, bias: bool) -> nn.Module:
@@ -178,9 +183,12 @@ class LlamaAttention(nn.Module):
         kv_cache: KVCache,
         backend: ModuleType,
     ) -> torch.Tensor:
-        q, k, v = self.project_qkv(x, backend)
         k_cache, v_cache = kv_cache
-        q = backend.rope_write_kv(q, k, v, positions, *rotary.tables(q.device), k_cache, v_cache, meta.slot_mapping)
+        rope_args = (positions, *rotary.tables(x.device), k_cache, v_cache, meta.slot_mapping)
+        if hasattr(self, "q_norm"):  # Qwen3 norms q and k between the projection and rope
+            q = backend.rope_write_kv(*self.project_qkv(x, backend), *rope_args)
+        else:
+            q = self.qkv_proj.forward_rope(x, backend, self.num_heads, *rope_args)
         out = backend.paged_attention(q, k_cache, v_cache, meta, self.scale)  # [T, num_heads, head_dim]
         return self.o_proj(out.flatten(1), backend)
 
