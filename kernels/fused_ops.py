@@ -165,5 +165,6 @@ def rope_write_kv(
             q_out.stride(0), q_out.stride(1), cos.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3],
             NUM_Q=num_q, NUM_KV=num_kv, QH_P=triton.next_power_of_2(num_q), KVH_P=triton.next_power_of_2(num_kv),
             HALF=half, HALF_P=triton.next_power_of_2(half), BLOCK_SIZE=k_cache.shape[1],
+            enable_fp_fusion=False,  # no FMA contraction: skinny_qkv_rope's rope rounds alike
         )
     return q_out

@@ -226,6 +226,7 @@ def skinny_qkv_rope(
         NUM_Q=num_q_heads, NUM_KV=num_kv, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1], HAS_BIAS=bias is not None,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
+        enable_fp_fusion=False,  # rope rounds like fused_ops.rope_write_kv, which does not contract either
     )
     return q
 
