@@ -6,10 +6,15 @@ medusa_lm_head.safetensors (or .pt) keyed `{head}.{layer}.linear.weight/bias` fo
 in config.json the heads have no LM head of their own and use the target's.
 
 The hidden state h_t (after the final norm) at the last accepted node gives the bonus token through the
-LM head; head i on h_t guesses the token at depth i + 1 below it. The draft is a static tree of top-k ranks
-(`SpeculativeConfig.tree`, Medusa's mc_sim paths, or tree.default_tree sized to num_speculative_tokens: from
-the checkpoint's measured per-rank accuracies when its config.json has them, `specserve_rank_accuracy`, else
-from a prior), so it is deterministic: verification takes q as one-hot, which stays exact for sampled requests.
+LM head; head i on h_t guesses the token at depth i + 1 below it. The draft is a static tree of top-k ranks,
+so it is deterministic (verification takes q as one-hot, which stays exact for sampled requests): the paths of
+`SpeculativeConfig.tree` (Medusa's mc_sim lists) when given; else the first num_speculative_tokens of the
+checkpoint's `specserve_medusa_choices` when its config.json has them; else tree.default_tree from a prior.
+
+`specserve_medusa_choices` (benchmarks/medusa_accuracy.py --write): rank paths like Medusa's mc_sim lists, most
+often fully accepted first, each after its parent path. A path counts on an answer position when it is a prefix of
+the ranks (r1, r2, ...) of the true next tokens under heads 0, 1, ...; greedy verification accepts exactly the tree
+paths that do, so the first n paths are the n-node tree of most accepted tokens on the calibration answers.
 """
 
 from __future__ import annotations
@@ -25,12 +30,12 @@ from specserve.attention import MAX_TREE_NODES
 from specserve.config import SpeculativeConfig
 from specserve.drafters.base import DraftProposal
 from specserve.drafters.checkpoint import check_dim, load_module, read_config, read_tensors
-from specserve.drafters.tree import default_tree, static_tree
+from specserve.drafters.tree import choices_tree, default_tree, static_tree
 from specserve.model_runner import SlotFeatures
 
 WEIGHT_FILES = ("medusa_lm_head.safetensors", "medusa_lm_head.pt")
-# config.json: per head, how often its rank-r token was right on held-out answers (benchmarks/medusa_accuracy.py)
-RANK_ACCURACY_KEY = "specserve_rank_accuracy"
+# config.json: the default tree's paths, best first (module docstring; benchmarks/medusa_accuracy.py writes them)
+CHOICES_KEY = "specserve_medusa_choices"
 
 
 class ResBlock(nn.Module):
@@ -83,16 +88,19 @@ class MedusaDrafter:
     def __init__(self, spec: SpeculativeConfig, target):
         self.heads, share = load_medusa(spec.model, target)
         self.lm_head = functools.partial(target.model.compute_logits, backend=target.backend) if share else None
-        num_heads = len(self.heads)
-        accuracy = read_config(spec.model).get(RANK_ACCURACY_KEY)
-        if accuracy is not None and len(accuracy) != num_heads:
-            raise ValueError(f"Medusa checkpoint {spec.model!r}: {RANK_ACCURACY_KEY} has {len(accuracy)} rows for "
-                             f"{num_heads} heads")
-        self.tree = (static_tree(spec.tree) if spec.tree
-                     else default_tree(spec.num_speculative_tokens, num_heads, accuracy))
+        num_heads, choices = len(self.heads), read_config(spec.model).get(CHOICES_KEY)
+        source = "speculative_config.tree" if spec.tree or choices is None else f"{CHOICES_KEY} of {spec.model!r}"
+        if spec.tree:
+            self.tree = static_tree(spec.tree)
+        elif choices is None:
+            self.tree = default_tree(spec.num_speculative_tokens, num_heads)
+        else:
+            try:
+                self.tree = choices_tree(choices, spec.num_speculative_tokens)
+            except ValueError as e:
+                raise ValueError(f"Medusa checkpoint {spec.model!r}: {CHOICES_KEY}: {e}") from None
         if self.tree.depth > num_heads:
-            raise ValueError(f"speculative_config.tree is {self.tree.depth} deep, but the checkpoint has "
-                             f"{num_heads} Medusa heads")
+            raise ValueError(f"{source} is {self.tree.depth} deep, but the checkpoint has {num_heads} Medusa heads")
         if self.tree.num_nodes >= MAX_TREE_NODES:
             raise ValueError(f"speculative_config.tree has {self.tree.num_nodes} nodes; at most "
                              f"{MAX_TREE_NODES - 1} fit a verify tree")

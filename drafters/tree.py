@@ -28,7 +28,7 @@ TOP1_ACCURACY = 0.6
 
 @dataclass(frozen=True)
 class StaticTree:
-    """A fixed tree of top-k ranks; node j + 1 is paths[j] (sorted by depth, then ranks)."""
+    """A fixed tree of top-k ranks; node j + 1 is paths[j] (sorted by depth, then ranks, or best first)."""
 
     paths: tuple[tuple[int, ...], ...]
     parents: tuple[int, ...]
@@ -55,26 +55,41 @@ class StaticTree:
         return [ranked[len(p) - 1][p[-1]] for p in self.paths]
 
 
-def static_tree(paths: list[list[int]] | list[tuple[int, ...]]) -> StaticTree:
-    """Validate Medusa-style paths (non-empty, ranks >= 0, each parent path present) and order them."""
+def static_tree(paths: list[list[int]] | list[tuple[int, ...]], keep_order: bool = False) -> StaticTree:
+    """Validate Medusa-style paths (non-empty, ranks >= 0, each parent path present) and order them.
+
+    keep_order: keep the given order (best first, as a checkpoint's stored choices are), which must put each
+    path after its parent path, so that every prefix of the nodes is the tree of that size; else sort the paths.
+    """
     if not paths:
         raise ValueError("a draft tree needs at least one path")
-    seen = set()
+    seen: dict[tuple[int, ...], None] = {}  # an ordered set
     for p in paths:
         path = tuple(p)
         if not path or any(not isinstance(r, int) or r < 0 for r in path):
             raise ValueError(f"tree path {list(p)!r} must be a non-empty list of ranks >= 0")
         if path in seen:
             raise ValueError(f"tree path {list(p)!r} appears twice")
-        seen.add(path)
-    ordered = sorted(seen, key=lambda p: (len(p), p))
-    index = {p: j + 1 for j, p in enumerate(ordered)}  # path -> node number
+        seen[path] = None
+    ordered = list(seen) if keep_order else sorted(seen, key=lambda p: (len(p), p))
+    index: dict[tuple[int, ...], int] = {}  # path -> node number, of the paths so far
     parents = []
     for p in ordered:
         if len(p) > 1 and p[:-1] not in index:
-            raise ValueError(f"tree path {list(p)!r} has no parent path {list(p[:-1])!r}")
+            how = "comes before its" if p[:-1] in seen else "has no"
+            raise ValueError(f"tree path {list(p)!r} {how} parent path {list(p[:-1])!r}")
         parents.append(index[p[:-1]] if len(p) > 1 else 0)
+        index[p] = len(index) + 1
     return StaticTree(tuple(ordered), tuple(parents))
+
+
+def choices_tree(choices: list[list[int]], num_nodes: int) -> StaticTree:
+    """The first num_nodes of stored Medusa choices: paths best first, each after its parent path (so that the
+    first n are the best n-node tree), as benchmarks/medusa_accuracy.py writes them into a checkpoint."""
+    tree = static_tree(choices, keep_order=True)
+    if num_nodes > tree.num_nodes:
+        raise ValueError(f"{tree.num_nodes} paths cannot make a {num_nodes}-node tree")
+    return tree.prefix(num_nodes)
 
 
 def default_tree(num_nodes: int, max_depth: int, accuracy: list[list[float]] | None = None) -> StaticTree:

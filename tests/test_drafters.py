@@ -203,17 +203,23 @@ def test_medusa_static_tree_from_config(target, plain, tmp_path):
     assert llm.engine.drafters[llm.engine.default_arm].max_num_tokens == 5
 
 
-def test_medusa_tree_from_checkpoint_accuracy(target, plain, tmp_path):
-    """A config.json with measured rank accuracies sizes the default tree from them; lossless either way."""
-    accuracy = [[0.4, 0.2, 0.1, 0.05], [0.1, 0.05], [0.05]]
-    path = write_medusa(str(tmp_path / "medusa"), target, heads=3, specserve_rank_accuracy=accuracy)
-    llm, outs = generate(target, {"method": "medusa", "model": path, "num_speculative_tokens": 7})
+def test_medusa_tree_from_checkpoint_choices(target, plain, tmp_path):
+    """A config.json with stored choices gives the default tree: their first num_speculative_tokens, in their
+    order (best first), so a shorter budget's prefix is the best smaller tree; lossless either way."""
+    choices = [[1], [0], [1, 0], [0, 0], [1, 0, 0], [2]]
+    path = write_medusa(str(tmp_path / "medusa"), target, heads=3, specserve_medusa_choices=choices)
+    llm, outs = generate(target, {"method": "medusa", "model": path, "num_speculative_tokens": 5})
     assert token_ids(outs) == plain
     tree = llm.engine.drafters[llm.engine.default_arm].tree
-    assert tree.paths == ((0,), (1,), (2,), (3,), (0, 0), (0, 1), (1, 0))  # the prior would go 3 deep
-    bad = write_medusa(str(tmp_path / "bad"), target, heads=3, specserve_rank_accuracy=accuracy[:2])
-    with pytest.raises(ValueError, match="specserve_rank_accuracy has 2 rows for 3 heads"):
-        LLM(model=target, speculative_config={"method": "medusa", "model": bad}, **ENGINE)
+    assert tree.paths == ((1,), (0,), (1, 0), (0, 0), (1, 0, 0)) and tree.parents == (0, 0, 1, 2, 3)
+    cases = [(3, [[0], [0, 0, 0], [0, 0]], 1, r"choices: tree path \[0, 0, 0\] comes before its parent path \[0, 0\]"),
+             (3, choices, 7, "specserve_medusa_choices: 6 paths cannot make a 7-node tree"),
+             (2, choices, 5, "specserve_medusa_choices of .* is 3 deep, but the checkpoint has 2 Medusa heads")]
+    for i, (heads, stored, k, message) in enumerate(cases):
+        bad = write_medusa(str(tmp_path / f"bad{i}"), target, heads=heads, specserve_medusa_choices=stored)
+        with pytest.raises(ValueError, match=message):
+            LLM(model=target, speculative_config={"method": "medusa", "model": bad, "num_speculative_tokens": k},
+                **ENGINE)
 
 
 # ---- sampling -------------------------------------------------------------------------------------

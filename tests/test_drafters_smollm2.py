@@ -8,11 +8,13 @@ are committed.
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 
 import specserve.drafters
+from specserve.drafters.medusa import CHOICES_KEY
 from specserve.llm import LLM
 from specserve.sampling_params import SamplingParams
 
@@ -48,3 +50,18 @@ def test_trained_drafters_are_lossless_on_smollm2(request):
         steps = sum(o.metrics.num_steps for o in outs)
         tokens = sum(o.metrics.num_generated_tokens for o in outs)
         assert tokens / steps > MIN_TOKENS_PER_STEP, f"{arm} emits {tokens / steps:.2f} tokens per step"
+
+
+@pytest.mark.slow
+def test_committed_medusa_default_tree_is_its_stored_choices(request):
+    """The committed heads' 63-node default tree is the first 63 of their stored choices, in that order."""
+    path = os.path.join(WEIGHTS, "medusa")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        pytest.skip(f"no Medusa heads under {WEIGHTS}")
+    with open(os.path.join(path, "config.json")) as f:
+        choices = json.load(f)[CHOICES_KEY]
+    llm = LLM(device="cpu", dtype="float32", loaded_model=request.getfixturevalue("smollm2"),
+              speculative_config={"method": "medusa", "model": path, "num_speculative_tokens": 63})
+    tree = llm.engine.drafters[llm.engine.default_arm].tree
+    assert tree.paths == tuple(tuple(p) for p in choices[:63])
+    assert all(tree.paths[parent - 1] == p[:-1] for p, parent in zip(tree.paths, tree.parents, strict=True) if parent)

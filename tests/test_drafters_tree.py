@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from specserve.drafters.draft_kv import DraftKVCache, DraftQuery, plan_chunks
-from specserve.drafters.tree import default_tree, expand_level, rerank, static_tree
+from specserve.drafters.tree import choices_tree, default_tree, expand_level, rerank, static_tree
 
 MC_SIM_PREFIX = [(0,), (0, 0), (1,), (0, 1), (2,), (0, 0, 0), (1, 0), (0, 2)]  # Medusa's mc_sim_7b_63 start
 
@@ -31,6 +31,29 @@ def test_static_tree_orders_paths_and_derives_parents():
 def test_static_tree_rejects_bad_paths(paths, message):
     with pytest.raises(ValueError, match=message):
         static_tree(paths)
+
+
+def test_choices_tree_keeps_the_stored_order():
+    """Stored choices are best first: the first n are the n-node tree, in that order, parents before children."""
+    choices = [[0], [0, 0], [1], [0, 1], [0, 0, 0], [2]]
+    tree = choices_tree(choices, 6)
+    assert tree.paths == ((0,), (0, 0), (1,), (0, 1), (0, 0, 0), (2,))
+    assert tree.parents == (0, 1, 0, 1, 2, 0)
+    assert choices_tree(choices, 4) == tree.prefix(4)
+    assert choices_tree(choices, 4).paths == ((0,), (0, 0), (1,), (0, 1)) and tree.prefix(4).parents == (0, 1, 0, 1)
+    assert tree.tokens([[10, 11, 12], [20, 21], [30]]) == [10, 20, 11, 21, 30, 12]
+
+
+@pytest.mark.parametrize(
+    "choices, num_nodes, message",
+    [([[0], [0, 0, 0], [0, 0]], 1, r"tree path \[0, 0, 0\] comes before its parent path \[0, 0\]"),  # all checked
+     ([[0], [1, 0]], 1, r"tree path \[1, 0\] has no parent path \[1\]"),
+     ([[0], [0]], 1, "appears twice"),
+     ([[0], [1]], 3, "2 paths cannot make a 3-node tree")],
+)
+def test_choices_tree_rejects_bad_choices(choices, num_nodes, message):
+    with pytest.raises(ValueError, match=message):
+        choices_tree(choices, num_nodes)
 
 
 def test_default_tree_is_best_first():
