@@ -83,6 +83,11 @@ class StepBuffers:
             functools.partial(_views, self.dev64, self.dev32, width=width)
         )
         self.step_inputs = functools.lru_cache(maxsize=1024)(self._step_inputs)
+        self._filled = functools.lru_cache(maxsize=1024)(self._prefixes)
+
+    def _prefixes(self, n64: int, n32: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """(device, host) prefixes of both buffers that a step fills, cached per length like the views."""
+        return (self.dev64[:n64], self.host64[:n64]), (self.dev32[:n32], self.host32[:n32])
 
     def host(self, num_seqs: int, num_tokens: int, num_rows: int) -> StepViews[np.ndarray]:
         """Numpy views to fill, once the previous upload has left the pinned memory."""
@@ -94,10 +99,8 @@ class StepBuffers:
     def upload(self, num_seqs: int, num_tokens: int, num_rows: int) -> StepViews[torch.Tensor]:
         """Copy the filled prefix of both buffers to the device (async); device views of the same shape."""
         if self.cuda:
-            n64 = 4 * num_tokens + num_rows
-            n32 = 4 * num_seqs + 1 + num_seqs * self.width
-            self.dev64[:n64].copy_(self.host64[:n64], non_blocking=True)
-            self.dev32[:n32].copy_(self.host32[:n32], non_blocking=True)
+            for dst, src in self._filled(4 * num_tokens + num_rows, 4 * num_seqs + 1 + num_seqs * self.width):
+                dst.copy_(src, non_blocking=True)
             self._copied.record()
             self._pending = True
         return self._device_views(num_seqs, num_tokens, num_rows)
