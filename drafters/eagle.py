@@ -40,7 +40,7 @@ from specserve.drafters.draft_kv import DraftKVCache, DraftQuery, plan_chunks
 from specserve.drafters.draft_runner import DraftRunner
 from specserve.drafters.eagle_tree import Candidates, TreeGrower
 from specserve.drafters.tree import rerank
-from specserve.model_runner import SlotFeatures
+from specserve.model_runner import HIDDEN_STATES, SlotFeatures, hidden_state_rows
 from specserve.models.config import ModelConfig
 from specserve.models.llama import LlamaDecoderLayer, RotaryEmbedding
 
@@ -72,9 +72,7 @@ class Eagle1Head(nn.Module):
         self.rotary = RotaryEmbedding(cfg)
         self._target_logits = target_logits  # a bound method: the target's LM head stays out of this module
 
-    def fuse(self, out) -> torch.Tensor:
-        """[T, H] inputs of the entries after a target forward's tokens."""
-        return out.hidden_states
+    fuse = staticmethod(hidden_state_rows)  # [T, H] inputs of the entries after a target forward's tokens
 
     def forward(self, emb, hidden, positions, meta, kv_layers, backend) -> torch.Tensor:
         """Draft outputs [T, H] from token embeddings and input features/hiddens, both [T, H]."""
@@ -146,7 +144,7 @@ class EagleDrafter:
 
     def feature_key(self, spec: SpeculativeConfig) -> tuple:
         """EAGLE-1's features are the target's last hidden states."""
-        return ("hidden_states",)
+        return HIDDEN_STATES
 
     # ---- following the target -----------------------------------------------------------------------
 

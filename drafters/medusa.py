@@ -31,7 +31,7 @@ from specserve.config import SpeculativeConfig
 from specserve.drafters.base import DraftProposal
 from specserve.drafters.checkpoint import check_dim, load_module, read_config, read_tensors
 from specserve.drafters.tree import choices_tree, default_tree, static_tree
-from specserve.model_runner import SlotFeatures
+from specserve.model_runner import HIDDEN_STATES, SlotFeatures, hidden_state_rows
 
 WEIGHT_FILES = ("medusa_lm_head.safetensors", "medusa_lm_head.pt")
 # config.json: the default tree's paths, best first (module docstring; benchmarks/medusa_accuracy.py writes them)
@@ -106,8 +106,7 @@ class MedusaDrafter:
                              f"{MAX_TREE_NODES - 1} fit a verify tree")
         self.max_num_tokens = self.tree.num_nodes
         # the target's hidden state of each position, by KV slot, filled by the target's forwards
-        self.hidden = SlotFeatures.get(target, ("hidden_states",), target.model.config.hidden_size,
-                                       lambda out: out.hidden_states)
+        self.hidden = SlotFeatures.get(target, HIDDEN_STATES, target.model.config.hidden_size, hidden_state_rows)
 
     @torch.inference_mode()
     def propose(self, requests: Sequence, max_tokens: Sequence[int]) -> list[DraftProposal | None]:

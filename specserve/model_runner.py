@@ -76,6 +76,14 @@ class SlotFeatures:
         return self.table[to_device(idx, torch.int64, self.table.device)]
 
 
+def hidden_state_rows(out: ModelOutput) -> torch.Tensor:
+    """[T, hidden] the target's last hidden states of a forward: what EAGLE-1 and Medusa read."""
+    return out.hidden_states
+
+
+HIDDEN_STATES = ("hidden_states",)  # the SlotFeatures key of hidden_state_rows: one table for EAGLE-1 and Medusa
+
+
 class HostCopy:
     """A device tensor's copy into pinned host memory, started now (behind the work queued so far) and waited
     for later: async scheduling reads a step's tokens after it has queued the next step."""
