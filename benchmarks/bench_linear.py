@@ -9,8 +9,9 @@ Parts (each prints a markdown table and writes DIR/<part>.json):
   step     8B shape, random weights, batch 1, context 512: plain decode ms/step and the graph-replayed decode
            forward, with the skinny kernel and with cuBLAS (engines built in turn, one process).
   kernels  device time per kernel family of one eager 8B decode step (torch.profiler), skinny vs cuBLAS.
-  fusion   the 8B shape or (--gguf) SmolLM2: engines built in turn with rope + K/V store inside the q/k/v launch and
-           SiLU-and-multiply inside gate_up's (the defaults), with rope apart, and with both apart, two rounds:
+  fusion   the 8B shape or (--gguf) SmolLM2: engines built in turn with rope + K/V store inside the q/k/v launch,
+           SiLU-and-multiply inside gate_up's and programmatic dependent launch (the defaults), without PDL, and
+           without PDL with both ops apart, two rounds:
            graph-replayed forward at batch 1 and 8, plain decode step and tok/s at batch 1, tok/s of all prompts
            at once.
 """
@@ -35,7 +36,7 @@ import bench_gpu_e2e as e2e  # noqa: E402
 import e2e_models as em  # noqa: E402
 
 from specserve import SamplingParams  # noqa: E402
-from specserve.kernels import reference, triton_backend  # noqa: E402
+from specserve.kernels import pdl, reference, triton_backend  # noqa: E402
 from specserve.kernels import skinny_linear as sk  # noqa: E402
 from specserve.models.loader import load_model  # noqa: E402
 
@@ -204,17 +205,21 @@ def part_fusion(args) -> dict:
 
         models["smollm2"] = (lambda: load_model(args.gguf, torch.bfloat16, torch.device("cuda")), mt_prompts, 256,
                              2048)
-    defaults = {name: getattr(triton_backend, name) for name in ("gated_linear", "qkv_rope_write_kv")}
-    variants = {"fused": {}, "rope apart": {"qkv_rope_write_kv": rope_apart},
-                "rope and silu apart": {"qkv_rope_write_kv": rope_apart, "gated_linear": silu_apart}}
+    targets = [(triton_backend, "gated_linear"), (triton_backend, "qkv_rope_write_kv"), (pdl, "ENABLED"),
+               (pdl, "LAUNCH")]
+    defaults = {(mod, attr): getattr(mod, attr) for mod, attr in targets}
+    no_pdl = {(pdl, "ENABLED"): False, (pdl, "LAUNCH"): {}}
+    variants = {"fused": {}, "fused, no PDL": no_pdl,
+                "rope and silu apart, no PDL": {**no_pdl, (triton_backend, "qkv_rope_write_kv"): rope_apart,
+                                                (triton_backend, "gated_linear"): silu_apart}}
     rows, tokens = [], {}
     for name, (load, make_prompts, new_tokens, max_len) in models.items():
         loaded, prompts = load(), None
         params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
         for rnd in range(2):
             for variant, patches in variants.items():
-                for attr, fn in {**defaults, **patches}.items():
-                    setattr(triton_backend, attr, fn)
+                for (mod, attr), value in {**defaults, **patches}.items():
+                    setattr(mod, attr, value)
                 llm = e2e.engine(ns, loaded, {}, max_model_len=max_len, max_num_batched_tokens=2048)
                 prompts = prompts or make_prompts(llm)
                 e2e.run(llm, prompts, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), "none")
@@ -237,8 +242,8 @@ def part_fusion(args) -> dict:
                 torch.cuda.empty_cache()
         del loaded
         torch.cuda.empty_cache()
-    for attr, fn in defaults.items():
-        setattr(triton_backend, attr, fn)
+    for (mod, attr), value in defaults.items():
+        setattr(mod, attr, value)
     same = {m: {v: sum(a == b for a, b in zip(t[v], t["fused"], strict=True)) for v in t} for m, t in tokens.items()}
     print("outputs equal to the fused variant's (of 1 / 8 prompts):", same, flush=True)
     return dict(rows=rows, same_outputs=same)

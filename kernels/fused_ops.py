@@ -14,13 +14,17 @@ import torch
 import triton
 import triton.language as tl
 
+from specserve.kernels import pdl
+
 
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r, stride_o, stride_ro, n_cols, eps,
-    HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
     """One row: optionally x += residual (stored, rounded to the dtype), then weight * rmsnorm(x)."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -54,7 +58,7 @@ def rms_norm(
         _rms_norm_kernel[(x2.shape[0],)](
             x2, res2, weight, out, res_out, x2.stride(0), res2.stride(0), out.stride(0), res_out.stride(0),
             shape[-1], eps, HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(shape[-1]),
-            num_warps=4 if shape[-1] <= 4096 else 8,
+            num_warps=4 if shape[-1] <= 4096 else 8, PDL=pdl.ENABLED, **pdl.LAUNCH,
         )
     if residual is None:
         return out.view(shape)
@@ -62,8 +66,10 @@ def rms_norm(
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """silu(gate) * up for one row of x = [gate | up], rounded like torch's two ops."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -82,7 +88,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     block = min(triton.next_power_of_2(n), 2048)
     if x2.shape[0]:
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(n, block))](x2, o2, x2.stride(0), o2.stride(0), n,
-                                                                   BLOCK=block)
+                                                                   BLOCK=block, PDL=pdl.ENABLED, **pdl.LAUNCH)
     return out
 
 
@@ -106,9 +112,11 @@ def _rope_write_kv_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_cos,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, QH_P: tl.constexpr, KVH_P: tl.constexpr,
-    HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK_SIZE: tl.constexpr, PDL: tl.constexpr,
 ):
     """One token: rotate its q heads into q_out, and its rotated k and its v into its cache slot."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t)
     d = tl.arange(0, HALF_P)
@@ -166,5 +174,6 @@ def rope_write_kv(
             NUM_Q=num_q, NUM_KV=num_kv, QH_P=triton.next_power_of_2(num_q), KVH_P=triton.next_power_of_2(num_kv),
             HALF=half, HALF_P=triton.next_power_of_2(half), BLOCK_SIZE=k_cache.shape[1],
             enable_fp_fusion=False,  # no FMA contraction: skinny_qkv_rope's rope rounds alike
+            PDL=pdl.ENABLED, **pdl.LAUNCH,
         )
     return q_out

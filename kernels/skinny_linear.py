@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from specserve.kernels import pdl
+
 MAX_ROWS = 16  # one MMA tile of rows; more rows go to cuBLAS, where the weight read is shared by enough rows
 
 
@@ -85,10 +87,12 @@ def _halves(y, BLOCK_N: tl.constexpr):
 def _skinny_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
     GATED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, PDL: tl.constexpr,
 ):
     """BLOCK_N weight rows against all (<= 16) rows of x. GATED: the rows are BLOCK_N // 2 gate rows and their up
     rows (N // 2 rows further), and the program writes silu(gate) * up."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     HALF_N: tl.constexpr = BLOCK_N // 2
     pid = tl.program_id(0)
     rm = tl.arange(0, 16)
@@ -133,9 +137,12 @@ def _qkv_rope_kernel(
     stride_xm, stride_wn, stride_qm, stride_cos, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """The q/k/v projection of all (<= 16) rows for BLOCK_N / 2 rope pairs (d, d + HEAD_DIM / 2) of one head, then
     rope_write_kv's work on them: rotated q to q_ptr, rotated k and plain v to their cache slots."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     HALF_N: tl.constexpr = BLOCK_N // 2
     PER_HEAD: tl.constexpr = HEAD_DIM // BLOCK_N  # programs per head
     pid = tl.program_id(0)
@@ -191,7 +198,7 @@ def skinny_linear(
         x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
         GATED=gated, HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages, PDL=pdl.ENABLED, **pdl.LAUNCH,
     )
     return y
 
@@ -227,6 +234,7 @@ def skinny_qkv_rope(
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
         enable_fp_fusion=False,  # rope rounds like fused_ops.rope_write_kv, which does not contract either
+        PDL=pdl.ENABLED, **pdl.LAUNCH,
     )
     return q
 

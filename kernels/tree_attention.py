@@ -49,6 +49,7 @@ import triton
 import triton.language as tl
 
 from specserve.attention import AttentionMetadata
+from specserve.kernels import pdl
 
 DECODE_MAX_Q = 128  # longer queries are prefill chunks: the big-tile fused launch takes them
 LOG2E = 1.4426950408889634
@@ -173,12 +174,14 @@ def _tree_attn_kernel(
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
-    SPLIT: tl.constexpr, MODE: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    SPLIT: tl.constexpr, MODE: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, PDL: tl.constexpr,
 ):
     """One (query-row tile, run of chunk_keys keys, sequence x kv head) of tree attention; MODE: split|fused|whole.
 
     Split mode's runs are whole splits; fused and whole mode take every key in one run (chunk_keys covers them).
     """
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_P
     tile = tl.program_id(0)
     b = tl.program_id(2) // NUM_KV_HEADS
@@ -294,9 +297,11 @@ def _fold_splits_kernel(
     out_ptr, ws_o, ws_lse, query_start_loc, context_lens, q_max, ws_rows_per_seq, ws_splits,
     stride_ot, stride_oh,
     NUM_Q_HEADS: tl.constexpr, HEADS_P: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, PDL: tl.constexpr,
 ):
     """Fold the split results of one query token (all heads) left to right and store its output."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0)
     b = row // ws_rows_per_seq
     t = row % ws_rows_per_seq
@@ -377,7 +382,7 @@ def tree_attention(
     common = dict(
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_P=group_p, BLOCK_N=block_n, BLOCK_SIZE=block_size,
         HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p, SPLIT=split_size, UPCAST=upcast,
-        DOT_PREC="ieee" if fp32 else "tf32",
+        DOT_PREC="ieee" if fp32 else "tf32", PDL=pdl.ENABLED, **pdl.LAUNCH,
         enable_fp_fusion=False,  # fused and split mode must round alike (see "Work split")
     )
     tables = meta.block_tables
@@ -413,7 +418,8 @@ def tree_attention(
         _fold_splits_kernel[(num_seqs * q_cap,)](
             out, ws_o, ws_lse, meta.query_start_loc, meta.context_lens, decode_max_q, q_cap, num_splits,
             out.stride(0), out.stride(1), NUM_Q_HEADS=num_q_heads, HEADS_P=triton.next_power_of_2(num_q_heads),
-            HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p, SPLIT=split_size, enable_fp_fusion=False,
+            HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p, SPLIT=split_size, enable_fp_fusion=False, PDL=pdl.ENABLED,
+            **pdl.LAUNCH,
         )
 
     # prefill chunks: bigger tiles, one softmax over all keys of the tile
