@@ -205,10 +205,9 @@ def part_fusion(args) -> dict:
 
         models["smollm2"] = (lambda: load_model(args.gguf, torch.bfloat16, torch.device("cuda")), mt_prompts, 256,
                              2048)
-    targets = [(triton_backend, "gated_linear"), (triton_backend, "qkv_rope_write_kv"), (pdl, "ENABLED"),
-               (pdl, "LAUNCH")]
+    targets = [(triton_backend, "gated_linear"), (triton_backend, "qkv_rope_write_kv"), (pdl, "ENABLED")]
     defaults = {(mod, attr): getattr(mod, attr) for mod, attr in targets}
-    no_pdl = {(pdl, "ENABLED"): False, (pdl, "LAUNCH"): {}}
+    no_pdl = {(pdl, "ENABLED"): False}
     variants = {"fused": {}, "fused, no PDL": no_pdl,
                 "rope and silu apart, no PDL": {**no_pdl, (triton_backend, "qkv_rope_write_kv"): rope_apart,
                                                 (triton_backend, "gated_linear"): silu_apart}}

@@ -58,7 +58,7 @@ def rms_norm(
         _rms_norm_kernel[(x2.shape[0],)](
             x2, res2, weight, out, res_out, x2.stride(0), res2.stride(0), out.stride(0), res_out.stride(0),
             shape[-1], eps, HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(shape[-1]),
-            num_warps=4 if shape[-1] <= 4096 else 8, PDL=pdl.ENABLED, **pdl.LAUNCH,
+            num_warps=4 if shape[-1] <= 4096 else 8, **pdl.flags(),
         )
     if residual is None:
         return out.view(shape)
@@ -88,7 +88,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     block = min(triton.next_power_of_2(n), 2048)
     if x2.shape[0]:
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(n, block))](x2, o2, x2.stride(0), o2.stride(0), n,
-                                                                   BLOCK=block, PDL=pdl.ENABLED, **pdl.LAUNCH)
+                                                                   BLOCK=block, **pdl.flags())
     return out
 
 
@@ -174,6 +174,6 @@ def rope_write_kv(
             NUM_Q=num_q, NUM_KV=num_kv, QH_P=triton.next_power_of_2(num_q), KVH_P=triton.next_power_of_2(num_kv),
             HALF=half, HALF_P=triton.next_power_of_2(half), BLOCK_SIZE=k_cache.shape[1],
             enable_fp_fusion=False,  # no FMA contraction: skinny_qkv_rope's rope rounds alike
-            PDL=pdl.ENABLED, **pdl.LAUNCH,
+            **pdl.flags(),
         )
     return q_out

@@ -4,8 +4,10 @@ predecessors write before they are done. In a CUDA graph of a small model's step
 part of every node's launch latency: 0.71 against 1.02 us a node for trivial kernels on an H100 (RESULTS.md, tenth
 session).
 
-Each kernel on the decode path takes `PDL: tl.constexpr` (ENABLED) and starts with `if PDL: gdc_wait()`; its launch
-passes `**LAUNCH`. SPECSERVE_PDL=0 turns it off; the CPU interpreter never uses it.
+Each kernel on the decode path takes `PDL: tl.constexpr` and starts with `if PDL: gdc_wait()`; its launch passes
+`**flags()`. Only launches captured into CUDA graphs use it: on SmolLM2 the graph forward took 0.74 against 0.78 ms
+with it, but 8 prompts at once (eager prefill included) ran at 6,300-6,700 against 7,900 tok/s with it on every
+launch (not understood). SPECSERVE_PDL=0 turns it off; the CPU interpreter never uses it.
 """
 
 from __future__ import annotations
@@ -16,4 +18,10 @@ import torch
 
 ENABLED = (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
            and os.environ.get("SPECSERVE_PDL", "1") != "0")
-LAUNCH = {"launch_pdl": True} if ENABLED else {}
+
+
+def flags() -> dict:
+    """A launch's PDL constexpr and launch option: on while a CUDA graph is being captured."""
+    if ENABLED and torch.cuda.is_current_stream_capturing():
+        return {"PDL": True, "launch_pdl": True}
+    return {"PDL": False}

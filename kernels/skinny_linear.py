@@ -198,7 +198,7 @@ def skinny_linear(
         x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
         GATED=gated, HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=config.num_warps, num_stages=config.num_stages, PDL=pdl.ENABLED, **pdl.LAUNCH,
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl.flags(),
     )
     return y
 
@@ -234,7 +234,7 @@ def skinny_qkv_rope(
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
         enable_fp_fusion=False,  # rope rounds like fused_ops.rope_write_kv, which does not contract either
-        PDL=pdl.ENABLED, **pdl.LAUNCH,
+        **pdl.flags(),
     )
     return q
 

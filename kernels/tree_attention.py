@@ -382,7 +382,7 @@ def tree_attention(
     common = dict(
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_P=group_p, BLOCK_N=block_n, BLOCK_SIZE=block_size,
         HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p, SPLIT=split_size, UPCAST=upcast,
-        DOT_PREC="ieee" if fp32 else "tf32", PDL=pdl.ENABLED, **pdl.LAUNCH,
+        DOT_PREC="ieee" if fp32 else "tf32", **pdl.flags(),
         enable_fp_fusion=False,  # fused and split mode must round alike (see "Work split")
     )
     tables = meta.block_tables
@@ -418,8 +418,7 @@ def tree_attention(
         _fold_splits_kernel[(num_seqs * q_cap,)](
             out, ws_o, ws_lse, meta.query_start_loc, meta.context_lens, decode_max_q, q_cap, num_splits,
             out.stride(0), out.stride(1), NUM_Q_HEADS=num_q_heads, HEADS_P=triton.next_power_of_2(num_q_heads),
-            HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p, SPLIT=split_size, enable_fp_fusion=False, PDL=pdl.ENABLED,
-            **pdl.LAUNCH,
+            HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p, SPLIT=split_size, enable_fp_fusion=False, **pdl.flags(),
         )
 
     # prefill chunks: bigger tiles, one softmax over all keys of the tile
