@@ -9,9 +9,9 @@ Parts (each prints a markdown table and writes DIR/<part>.json):
   step     8B shape, random weights, batch 1, context 512: plain decode ms/step and the graph-replayed decode
            forward, with the skinny kernel and with cuBLAS (engines built in turn, one process).
   kernels  device time per kernel family of one eager 8B decode step (torch.profiler), skinny vs cuBLAS.
-  fusion   the 8B shape or (--gguf) SmolLM2: engines built in turn with rope + K/V store inside the q/k/v launch,
-           SiLU-and-multiply inside gate_up's and programmatic dependent launch (the defaults), without PDL, and
-           without PDL with both ops apart, two rounds:
+  fusion   the 8B shape or (--gguf) SmolLM2: engines built in turn with rope + K/V store inside the q/k/v launch and
+           SiLU-and-multiply inside gate_up's (the defaults), the same with programmatic dependent launch in the
+           graphs (kernels/pdl.py), and with both ops apart, two rounds:
            graph-replayed forward at batch 1 and 8, plain decode step and tok/s at batch 1, tok/s of all prompts
            at once.
 """
@@ -208,9 +208,9 @@ def part_fusion(args) -> dict:
     targets = [(triton_backend, "gated_linear"), (triton_backend, "qkv_rope_write_kv"), (pdl, "ENABLED")]
     defaults = {(mod, attr): getattr(mod, attr) for mod, attr in targets}
     no_pdl = {(pdl, "ENABLED"): False}
-    variants = {"fused": {}, "fused, no PDL": no_pdl,
-                "rope and silu apart, no PDL": {**no_pdl, (triton_backend, "qkv_rope_write_kv"): rope_apart,
-                                                (triton_backend, "gated_linear"): silu_apart}}
+    variants = {"fused": no_pdl, "fused, PDL in graphs": {(pdl, "ENABLED"): True},
+                "rope and silu apart": {**no_pdl, (triton_backend, "qkv_rope_write_kv"): rope_apart,
+                                        (triton_backend, "gated_linear"): silu_apart}}
     rows, tokens = [], {}
     for name, (load, make_prompts, new_tokens, max_len) in models.items():
         loaded, prompts = load(), None
