@@ -65,11 +65,8 @@ def process_logits(logits: torch.Tensor, rows: list[RowContext]) -> torch.Tensor
     if any(has_processors(r.params, r.num_output_tokens) for r in rows):
         logits = logits.float().clone()
         _apply_row_processors(logits, rows)
-    return as_float(logits)
-
-
-def as_float(logits: torch.Tensor) -> torch.Tensor:
-    """logits in float32, without an op when they are already (on CUDA every op costs host time)."""
+        return logits
+    # .float() of float32 logits is still an op, and on CUDA every op costs host time
     return logits if logits.dtype == torch.float32 else logits.float()
 
 
