@@ -5,9 +5,10 @@
     python benchmarks/bench_attention.py --baseline old_tree_attention.py --out a.json  # before/after, one run
     python benchmarks/bench_attention.py --configs w8f7s3,w4f5s5 --no-flex --out a.json  # 2 configs, ~1 min
 
---configs times our kernel in both modes under each decode launch configuration, spelled [p<SPLIT>][n<BLOCK_N>]
-[m<BLOCK_M>]w<warps>f<fused-mode stages>s<split-mode stages> over the bf16 default of DECODE_CONFIGS (w4f5s5;
-p256w4f5s5 is the engine's for head dims up to 64), and reports the best per shape. Whatever the configs, the
+--configs times our kernel in both modes under each decode launch configuration, spelled [r<FIRST_KEYS>q<FIRST_SPLIT>]
+[p<SPLIT>][n<BLOCK_N>][m<BLOCK_M>]w<warps>f<fused-mode stages>s<split-mode stages> over the bf16 default of
+DECODE_CONFIGS (r2048q128w4f5s5: the first 2048 keys in 128-key splits, then 512-key ones; r0 a uniform grid;
+p128n32w4f5s5 is the engine's for head dims up to 64), and reports the best per shape. Whatever the configs, the
 run checks split == fused bit for bit on a few shapes (CHECK_SHAPES) for each, which a config needs before it can
 be adopted, whether each computes the first config's bits (same numerics), and lists the registers and spilled
 bytes per thread that Triton reports for each compiled kernel. The main table shows the first config.
@@ -103,26 +104,31 @@ def copy_bandwidth(device: torch.device, cuda: bool) -> float:
 
 
 def parse_config(spec: str) -> tree_attention.DecodeConfig:
-    """A --configs entry, e.g. w4f5s5, n32w4f5s5 or p128w4f5s5 (128-key splits), over the bf16 default."""
-    match = re.fullmatch(r"(?:p(\d+))?(?:n(\d+))?(?:m(\d+))?w(\d+)f(\d+)s(\d+)", spec)
+    """A --configs entry, e.g. w4f5s5, n32w4f5s5, p128w4f5s5 (128-key splits) or r0w4f5s5 (no first region), over
+    the bf16 default."""
+    match = re.fullmatch(r"(?:r(\d+)(?:q(\d+))?)?(?:p(\d+))?(?:n(\d+))?(?:m(\d+))?w(\d+)f(\d+)s(\d+)", spec)
     if match is None:
-        raise argparse.ArgumentTypeError(
-            f"{spec!r}: expected [p<SPLIT>][n<BLOCK_N>][m<BLOCK_M>]w<warps>f<fused stages>s<split stages>"
-        )
-    split, block_n, block_m, warps, fused, split_stages = (None if g is None else int(g) for g in match.groups())
+        raise argparse.ArgumentTypeError(f"{spec!r}: expected [r<FIRST_KEYS>q<FIRST_SPLIT>][p<SPLIT>][n<BLOCK_N>]"
+                                         "[m<BLOCK_M>]w<warps>f<fused stages>s<split stages>")
+    first_keys, first_split, split, block_n, block_m, warps, fused, split_stages = (
+        None if g is None else int(g) for g in match.groups())
     default = tree_attention.DECODE_CONFIGS[torch.bfloat16]
+    first = {} if first_keys is None else dict(first_keys=first_keys, first_split=first_split or 0)
     return dataclasses.replace(default, split=split or default.split, block_n=block_n or default.block_n,
                                block_m=block_m or default.block_m, num_warps=warps, fused_stages=fused,
-                               split_stages=split_stages)
+                               split_stages=split_stages, **first)
 
 
 def config_name(config: tree_attention.DecodeConfig) -> str:
     """The --configs spelling of config."""
     default = tree_attention.DECODE_CONFIGS[torch.bfloat16]
+    region = (config.first_keys, config.first_split)
+    first = "" if region == (default.first_keys, default.first_split) else f"r{config.first_keys}"
+    first += f"q{config.first_split}" if config.first_keys else ""
     split = "" if config.split == default.split else f"p{config.split}"
     block_n = "" if config.block_n == default.block_n else f"n{config.block_n}"
     block_m = "" if config.block_m == default.block_m else f"m{config.block_m}"
-    return f"{split}{block_n}{block_m}w{config.num_warps}f{config.fused_stages}s{config.split_stages}"
+    return f"{first}{split}{block_n}{block_m}w{config.num_warps}f{config.fused_stages}s{config.split_stages}"
 
 
 def new_kernels(fn) -> list:
@@ -228,8 +234,8 @@ def run_case(batch, q_len, ctx, device, cuda, copy_bw, flex, started, baseline, 
     for name, config in configs.items():
         times = row["configs"][name] = {}
         tiles = triton.cdiv(q_len, max(config.block_m // triton.next_power_of_2(Q_HEADS // KV_HEADS), 1))
-        times["mode"], _ = tree_attention.decode_plan(tiles * batch * KV_HEADS,
-                                                      triton.cdiv(meta.max_seq_len, config.split), device)
+        times["mode"], _ = tree_attention.decode_plan(tiles * batch * KV_HEADS, config.num_splits(meta.max_seq_len),
+                                                      device)
         for m in MODES:
             def fn(k, v, m=m, config=config):
                 return tree_attention.tree_attention(q, k, v, meta, scale, mode=m, config=config)

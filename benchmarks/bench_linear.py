@@ -13,7 +13,8 @@ Parts (each prints a markdown table and writes DIR/<part>.json):
            SiLU-and-multiply inside gate_up's (the defaults), the same with programmatic dependent launch in the
            graphs (kernels/pdl.py), and with both ops apart, two rounds:
            graph-replayed forward at batch 1 and 8, plain decode step and tok/s at batch 1, tok/s of all prompts
-           at once.
+           at once. --attention-configs adds a variant per decode attention config (bench_attention.py's
+           spelling, e.g. r0w4f5s5 for the uniform 512-key grid); --variants keeps only the named variants.
 """
 
 from __future__ import annotations
@@ -32,11 +33,12 @@ import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_attention  # noqa: E402
 import bench_gpu_e2e as e2e  # noqa: E402
 import e2e_models as em  # noqa: E402
 
 from specserve import SamplingParams  # noqa: E402
-from specserve.kernels import pdl, reference, triton_backend  # noqa: E402
+from specserve.kernels import pdl, reference, tree_attention, triton_backend  # noqa: E402
 from specserve.kernels import skinny_linear as sk  # noqa: E402
 from specserve.models.loader import load_model  # noqa: E402
 
@@ -205,12 +207,19 @@ def part_fusion(args) -> dict:
 
         models["smollm2"] = (lambda: load_model(args.gguf, torch.bfloat16, torch.device("cuda")), mt_prompts, 256,
                              2048)
-    targets = [(triton_backend, "gated_linear"), (triton_backend, "qkv_rope_write_kv"), (pdl, "ENABLED")]
+    targets = [(triton_backend, "gated_linear"), (triton_backend, "qkv_rope_write_kv"), (pdl, "ENABLED"),
+               (tree_attention, "DECODE_CONFIGS")]
     defaults = {(mod, attr): getattr(mod, attr) for mod, attr in targets}
     no_pdl = {(pdl, "ENABLED"): False}
     variants = {"fused": no_pdl, "fused, PDL in graphs": {(pdl, "ENABLED"): True},
                 "rope and silu apart": {**no_pdl, (triton_backend, "qkv_rope_write_kv"): rope_apart,
                                         (triton_backend, "gated_linear"): silu_apart}}
+    for spec in args.attention_configs.split(",") if args.attention_configs else []:
+        config = bench_attention.parse_config(spec)  # the 16-bit caches' config; fp32 keeps its own
+        configs = {**tree_attention.DECODE_CONFIGS, torch.bfloat16: config, torch.float16: config}
+        variants[f"attention {spec}"] = {**no_pdl, (tree_attention, "DECODE_CONFIGS"): configs}
+    if args.variants:
+        variants = {name: variants[name] for name in args.variants.split(",")}
     rows, tokens = [], {}
     for name, (load, make_prompts, new_tokens, max_len) in models.items():
         loaded, prompts = load(), None
@@ -256,6 +265,8 @@ def main() -> int:
     p.add_argument("--smol", action="store_true", help="shapes: SmolLM2-135M's weights (and a config grid for them)")
     p.add_argument("--gguf", default=None, help="fusion: SmolLM2's GGUF instead of the 8B shape (both: --with-8b)")
     p.add_argument("--with-8b", action="store_true")
+    p.add_argument("--attention-configs", help="fusion: a variant per decode attention config, e.g. r0w4f5s5")
+    p.add_argument("--variants", help="fusion: the variants to run, comma-separated (default: all)")
     p.add_argument("--mt-bench", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
                                                       "mt_bench.jsonl"))
     args = p.parse_args()

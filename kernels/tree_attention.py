@@ -60,12 +60,30 @@ class DecodeConfig:
     """Decode/verify launch. split, block_n and num_warps belong to the numerics, so both modes share them; stages
     do not."""
 
-    split: int  # keys per split: the absolute split grid, one per cache for every launch (see "Batch invariance")
+    split: int  # keys per split past first_keys: the absolute split grid, one per cache (see "Batch invariance")
     block_n: int  # keys per loop step: where the online softmax rescales
     block_m: int  # rows per tile (query tokens x padded group): sets the MMA instruction, so the sums' rounding
     num_warps: int  # sets the MMA layouts, so the order of each row's sums
     fused_stages: int  # pipeline depth per mode, speed only
     split_stages: int
+    first_split: int = 0  # keys per split among the first first_keys keys (0: no such region)
+    first_keys: int = 0
+
+    def __post_init__(self):
+        assert self.split % self.block_n == 0, "splits start on key-block boundaries"
+        assert self.first_keys == 0 or self.first_split % self.block_n == self.first_keys % self.first_split == 0
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """(SPLIT, FIRST_SPLIT, FIRST_KEYS) as the kernels take them: a uniform grid is all SPLIT."""
+        return self.split, self.first_split or self.split, self.first_keys
+
+    def num_splits(self, keys: int) -> int:
+        """Splits that cover keys [0, keys)."""
+        first_split, first_keys = self.grid[1:]
+        if keys <= first_keys:
+            return -(-keys // first_split)
+        return first_keys // first_split + -(-(keys - first_keys) // self.split)
 
 
 # Per cache dtype and head size, never per batch (see "Batch invariance"). Stages: the K/V copies of a key block
@@ -136,6 +154,19 @@ def _row_ptrs(base, row, head, stride_t, stride_h, HEAD_DIM_P: tl.constexpr):
 
 
 @triton.jit
+def _split_start(s, SPLIT: tl.constexpr, FIRST_SPLIT: tl.constexpr, FIRST_KEYS: tl.constexpr):
+    """First key of split s of the grid (DecodeConfig.grid)."""
+    first_splits: tl.constexpr = FIRST_KEYS // FIRST_SPLIT
+    return tl.where(s < first_splits, s * FIRST_SPLIT, FIRST_KEYS + (s - first_splits) * SPLIT)
+
+
+@triton.jit
+def _split_of(key, SPLIT: tl.constexpr, FIRST_SPLIT: tl.constexpr, FIRST_KEYS: tl.constexpr):
+    """The split holding key (>= 0)."""
+    return tl.where(key < FIRST_KEYS, key // FIRST_SPLIT, FIRST_KEYS // FIRST_SPLIT + (key - FIRST_KEYS) // SPLIT)
+
+
+@triton.jit
 def _close_split(m, l_sum, acc, ws_o):
     """(o, lse) of the split that just ended, o in the workspace dtype: both modes apply that rounding."""
     o, lse = _normalize(m, l_sum, acc)
@@ -145,10 +176,12 @@ def _close_split(m, l_sum, acc, ws_o):
 @triton.jit
 def _store_split(
     o, lse, s, row_lim, ws_o, ws_lse, ws_row, out_ptr, out_row, head, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, SPLIT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, SPLIT: tl.constexpr, FIRST_SPLIT: tl.constexpr,
+    FIRST_KEYS: tl.constexpr,
 ):
     """Split mode: hand split s of a row tile to the fold kernel; rows that see split 0 only are final here."""
-    todo = (row_lim >= SPLIT) & (row_lim >= s * SPLIT)  # the fold kernel takes splits 0..row_lim // SPLIT
+    # the fold kernel takes splits 0.._split_of(row_lim) of rows past split 0 (which is FIRST_SPLIT keys)
+    todo = (row_lim >= FIRST_SPLIT) & (row_lim >= _split_start(s, SPLIT, FIRST_SPLIT, FIRST_KEYS))
     d = tl.arange(0, HEAD_DIM_P)
     tl.store(ws_lse + ws_row + s, lse, mask=todo)
     tl.store(ws_o + (ws_row + s)[:, None] * HEAD_DIM_P + d[None, :], o, mask=todo[:, None])
@@ -158,27 +191,28 @@ def _store_split(
         # count on Triton's approximate fp32 divide being exact by 1
         _, den, num = _fold(tl.full(lse.shape, float("-inf"), tl.float32), tl.zeros(lse.shape, tl.float32),
                             tl.zeros(o.shape, tl.float32), lse, o)
-        done = ((row_lim >= 0) & (row_lim < SPLIT))[:, None] & (d < HEAD_DIM)[None, :]  # -1: pad rows
+        done = ((row_lim >= 0) & (row_lim < FIRST_SPLIT))[:, None] & (d < HEAD_DIM)[None, :]  # -1: pad rows
         tl.store(_row_ptrs(out_ptr, out_row, head, stride_ot, stride_oh, HEAD_DIM_P),
                  _finish(num, den).to(out_ptr.dtype.element_ty), mask=done)
 
 
 # the ints that follow the batch's shape are not specialized (== 1, multiple of 16): each new combination would
 # compile another variant in the middle of serving, seconds of stall
-@triton.jit(do_not_specialize=["q_min", "q_max", "ws_rows_per_seq", "ws_splits", "chunk_keys"])
+@triton.jit(do_not_specialize=["q_min", "q_max", "ws_rows_per_seq", "ws_splits", "run_splits"])
 def _tree_attn_kernel(
     q_ptr, k_cache, v_cache, out_ptr, ws_o, ws_lse,
     query_start_loc, seq_lens, context_lens, block_tables, tree_offsets, tree_mask,
-    qk_scale, q_min, q_max, ws_rows_per_seq, ws_splits, chunk_keys,
+    qk_scale, q_min, q_max, ws_rows_per_seq, ws_splits, run_splits,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
-    SPLIT: tl.constexpr, MODE: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, PDL: tl.constexpr,
+    SPLIT: tl.constexpr, FIRST_SPLIT: tl.constexpr, FIRST_KEYS: tl.constexpr, MODE: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, PDL: tl.constexpr,
 ):
-    """One (query-row tile, run of chunk_keys keys, sequence x kv head) of tree attention; MODE: split|fused|whole.
+    """One (query-row tile, run of keys, sequence x kv head) of tree attention; MODE: split|fused|whole.
 
-    Split mode's runs are whole splits; fused and whole mode take every key in one run (chunk_keys covers them).
+    Split mode's runs are run_splits whole splits; fused and whole mode take every key in one run.
     """
     if PDL:
         tl.extra.cuda.gdc_wait()
@@ -194,10 +228,15 @@ def _tree_attn_kernel(
     ctx = tl.load(context_lens + b)
     tree_base = ctx + tl.load(tree_offsets + b)  # sequence position of the root
     kv_end = tl.minimum(tl.load(seq_lens + b), ctx + tl.minimum(t0 + BLOCK_Q, q_len))  # past every row's limit
-    lo = tl.program_id(1) * chunk_keys
-    if lo >= kv_end:  # split mode: no row of the tile reaches this run
-        return
-    hi = tl.minimum(lo + chunk_keys, kv_end)
+    if MODE == "split":
+        run = tl.program_id(1) * run_splits
+        lo = _split_start(run, SPLIT, FIRST_SPLIT, FIRST_KEYS)
+        if lo >= kv_end:  # no row of the tile reaches this run
+            return
+        hi = tl.minimum(_split_start(run + run_splits, SPLIT, FIRST_SPLIT, FIRST_KEYS), kv_end)
+    else:
+        lo = 0
+        hi = kv_end
 
     r = tl.arange(0, BLOCK_M)
     t = t0 + r // GROUP_P  # [BLOCK_M] query index within the sequence
@@ -231,13 +270,15 @@ def _tree_attn_kernel(
     for start in range(lo, hi, BLOCK_N):
         if MODE != "whole":
             # a split ends: close it inside the one loop, so the K/V pipeline never drains
-            if (start % SPLIT == 0) & (start > lo):
+            at_split = tl.where(start < FIRST_KEYS, start % FIRST_SPLIT == 0, (start - FIRST_KEYS) % SPLIT == 0)
+            if at_split & (start > lo):
                 o, lse = _close_split(m, l_sum, acc, ws_o)
                 if MODE == "fused":
                     mx, den, num = _fold(mx, den, num, lse, o)
                 else:  # split mode carries no fold state through the loop (it spilled registers at 4 warps)
-                    _store_split(o, lse, start // SPLIT - 1, row_lim, ws_o, ws_lse, ws_row, out_ptr, tok, head,
-                                 stride_ot, stride_oh, HEAD_DIM, HEAD_DIM_P, SPLIT)
+                    _store_split(o, lse, _split_of(start - 1, SPLIT, FIRST_SPLIT, FIRST_KEYS), row_lim, ws_o, ws_lse,
+                                 ws_row, out_ptr, tok, head, stride_ot, stride_oh, HEAD_DIM, HEAD_DIM_P, SPLIT,
+                                 FIRST_SPLIT, FIRST_KEYS)
                 m = tl.full([BLOCK_M], float("-inf"), tl.float32)
                 l_sum = tl.zeros([BLOCK_M], tl.float32)
                 acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
@@ -288,8 +329,8 @@ def _tree_attn_kernel(
         mx, den, num = _fold(mx, den, num, lse, o)
         tl.store(out_ptrs, _finish(num, den).to(out_ptr.dtype.element_ty), mask=io_mask)
     else:
-        _store_split(o, lse, (hi - 1) // SPLIT, row_lim, ws_o, ws_lse, ws_row, out_ptr, tok, head, stride_ot,
-                     stride_oh, HEAD_DIM, HEAD_DIM_P, SPLIT)
+        _store_split(o, lse, _split_of(hi - 1, SPLIT, FIRST_SPLIT, FIRST_KEYS), row_lim, ws_o, ws_lse, ws_row,
+                     out_ptr, tok, head, stride_ot, stride_oh, HEAD_DIM, HEAD_DIM_P, SPLIT, FIRST_SPLIT, FIRST_KEYS)
 
 
 @triton.jit(do_not_specialize=["q_max", "ws_rows_per_seq", "ws_splits"])
@@ -297,7 +338,7 @@ def _fold_splits_kernel(
     out_ptr, ws_o, ws_lse, query_start_loc, context_lens, q_max, ws_rows_per_seq, ws_splits,
     stride_ot, stride_oh,
     NUM_Q_HEADS: tl.constexpr, HEADS_P: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
-    SPLIT: tl.constexpr, PDL: tl.constexpr,
+    SPLIT: tl.constexpr, FIRST_SPLIT: tl.constexpr, FIRST_KEYS: tl.constexpr, PDL: tl.constexpr,
 ):
     """Fold the split results of one query token (all heads) left to right and store its output."""
     if PDL:
@@ -308,7 +349,7 @@ def _fold_splits_kernel(
     q_start = tl.load(query_start_loc + b)
     q_len = tl.load(query_start_loc + b + 1) - q_start
     row_lim = tl.load(context_lens + b) + t
-    if (q_len > q_max) | (t >= q_len) | (row_lim < SPLIT):  # not ours, or finished by the split kernel
+    if (q_len > q_max) | (t >= q_len) | (row_lim < FIRST_SPLIT):  # not ours, or finished by the split kernel
         return
     h = tl.arange(0, HEADS_P)
     d = tl.arange(0, HEAD_DIM_P)
@@ -317,7 +358,7 @@ def _fold_splits_kernel(
     mx = tl.full([HEADS_P], float("-inf"), tl.float32)
     den = tl.zeros([HEADS_P], tl.float32)
     num = tl.zeros([HEADS_P, HEAD_DIM_P], tl.float32)
-    for s in range(0, row_lim // SPLIT + 1):
+    for s in range(0, _split_of(row_lim, SPLIT, FIRST_SPLIT, FIRST_KEYS) + 1):
         lse = tl.load(ws_lse + ws_row + s, mask=h_ok, other=float("-inf"))
         o = tl.load(ws_o + (ws_row + s)[:, None] * HEAD_DIM_P + d[None, :], mask=h_ok[:, None], other=0.0)
         mx, den, num = _fold(mx, den, num, lse, o)
@@ -357,7 +398,6 @@ def tree_attention(
     out: torch.Tensor | None = None,  # [num_tokens, num_q_heads, head_dim]; rows of empty queries untouched
     mode: str = "auto",  # "split" | "fused" | "auto": numerically identical, only speed differs
     splits_per_program: int | None = None,  # split mode's run length; None: decode_plan's
-    split_size: int | None = None,  # None: the config's split
     decode_max_q: int = DECODE_MAX_Q,
     config: DecodeConfig | None = None,  # None: decode_config of the cache; benchmarks try others
 ) -> torch.Tensor:
@@ -377,11 +417,11 @@ def tree_attention(
     # the CPU interpreter mis-multiplies bf16 dots: there the operands are upcast after the same roundings
     upcast = q.device.type != "cuda" and k_cache.dtype == torch.bfloat16
     config = config or decode_config(k_cache.dtype, head_dim)
-    block_n, split_size = config.block_n, split_size or config.split
-    assert split_size % block_n == 0, "splits start on key-block boundaries"
+    split, first_split, first_keys = config.grid
     common = dict(
-        NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_P=group_p, BLOCK_N=block_n, BLOCK_SIZE=block_size,
-        HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p, SPLIT=split_size, UPCAST=upcast,
+        NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_P=group_p, BLOCK_N=config.block_n, BLOCK_SIZE=block_size,
+        HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p, SPLIT=split, FIRST_SPLIT=first_split, FIRST_KEYS=first_keys,
+        UPCAST=upcast,
         DOT_PREC="ieee" if fp32 else "tf32", **pdl.flags(),
         enable_fp_fusion=False,  # fused and split mode must round alike (see "Work split")
     )
@@ -390,13 +430,12 @@ def tree_attention(
     strides = (q.stride(0), q.stride(1), out.stride(0), out.stride(1), *k_cache.stride()[:3],
                *v_cache.stride()[:3], tables.stride(0))
     qk_scale = scale * LOG2E
-    all_keys = 2**31 - 1  # chunk_keys of a launch whose programs take every key
 
     # decode / verify: tiles of block_m rows (block_q tokens x group_p heads) over fixed splits
     block_q = max(config.block_m // group_p, 1)
     q_cap = min(max_q, decode_max_q)  # workspace rows per sequence
     tiles = triton.cdiv(q_cap, block_q)
-    num_splits = triton.cdiv(max_seq, split_size)
+    num_splits = config.num_splits(max_seq)
     planned, per_program = decode_plan(tiles * num_seqs * num_kv_heads, num_splits, q.device)
     mode = planned if mode == "auto" else mode
     per_program = min(splits_per_program or per_program, num_splits)
@@ -411,14 +450,15 @@ def tree_attention(
     num_stages = (config.fused_stages if fused else config.split_stages) if head_dim_p <= 128 else 3
     _tree_attn_kernel[(tiles, runs, num_seqs * num_kv_heads)](
         q, k_cache, v_cache, out, ws_o, ws_lse, *args, qk_scale, 1, decode_max_q, q_cap, num_splits,
-        all_keys if fused else per_program * split_size, *strides,
+        per_program, *strides,
         BLOCK_Q=block_q, MODE=mode, num_warps=config.num_warps, num_stages=num_stages, **common,
     )
     if not fused:
         _fold_splits_kernel[(num_seqs * q_cap,)](
             out, ws_o, ws_lse, meta.query_start_loc, meta.context_lens, decode_max_q, q_cap, num_splits,
             out.stride(0), out.stride(1), NUM_Q_HEADS=num_q_heads, HEADS_P=triton.next_power_of_2(num_q_heads),
-            HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p, SPLIT=split_size, enable_fp_fusion=False, **pdl.flags(),
+            HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p, SPLIT=split, FIRST_SPLIT=first_split, FIRST_KEYS=first_keys,
+            enable_fp_fusion=False, **pdl.flags(),
         )
 
     # prefill chunks: bigger tiles, one softmax over all keys of the tile
@@ -426,7 +466,7 @@ def tree_attention(
         block_q = max((64 if fp32 else 128) // group_p, 1)  # fp32 at 128 rows spills registers
         grid = (triton.cdiv(max_q, block_q), 1, num_seqs * num_kv_heads)
         _tree_attn_kernel[grid](
-            q, k_cache, v_cache, out, out, out, *args, qk_scale, decode_max_q + 1, 2**31 - 1, 0, 0, all_keys,
+            q, k_cache, v_cache, out, out, out, *args, qk_scale, decode_max_q + 1, 2**31 - 1, 0, 0, 1,
             *strides, BLOCK_Q=block_q, MODE="whole", num_warps=8, num_stages=3, **common,
         )
     return out

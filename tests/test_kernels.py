@@ -34,13 +34,14 @@ IN_PROCESS = CUDA or type(tl.zeros).__name__ == "InterpretedFunction"
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 # small splits and a low prefill threshold let small CPU shapes reach every path; CUDA runs the defaults
-SPLIT = None if CUDA else 64  # None: the cache's decode_config split (CPU: at least one key step)
+CPU_SPLIT = 64  # the CPU's split (at least one key step)
 DECODE_MAX_Q = tree_attention.DECODE_MAX_Q if CUDA else 72
 # Decode launch configurations as overrides of the cache's decode_config; candidates are named as
 # bench_attention.py --configs spells them. Warps change the MMA layouts, so a candidate must keep split == fused
 # bit for bit before it can be adopted. The interpreter ignores warps and stages: on CPU the candidates run in
-# the chain test only, to cover the plumbing.
-CONFIGS = {"default": {}, "w8f7s3": dict(num_warps=8, fused_stages=7, split_stages=3), "p128": dict(split=128)}
+# the chain test only, to cover the plumbing, and "first" (a grid of two split sizes) in the long-context test too.
+CONFIGS = {"default": {}, "w8f7s3": dict(num_warps=8, fused_stages=7, split_stages=3), "p128": dict(split=128),
+           "first": dict(first_split=128, first_keys=2048)}
 GPU_CONFIGS = list(CONFIGS) if CUDA else ["default"]
 
 
@@ -117,12 +118,14 @@ def make_batch(seqs, *, kv_heads=2, group=2, head_dim=64, block_size=16, dtype=t
 
 
 def launch_config(dtype: torch.dtype, head_dim: int, config: str) -> tree_attention.DecodeConfig:
-    return dataclasses.replace(tree_attention.decode_config(dtype, head_dim), **CONFIGS[config])
-
-
-def split_of(launch: tree_attention.DecodeConfig) -> int:
-    """The split the tests run launch with: the config's on CUDA, small on CPU (every path at small shapes)."""
-    return launch.split if SPLIT is None else max(SPLIT, launch.block_n)
+    """The cache's decode_config with config's overrides; on CPU with small splits (every path at small shapes)."""
+    launch = dataclasses.replace(tree_attention.decode_config(dtype, head_dim), **CONFIGS[config])
+    if CUDA:
+        return launch
+    step = launch.block_n
+    if launch.first_keys:  # one-step splits, then two-step ones: [0, n), [n, 2n), [2n, 4n), ...
+        return dataclasses.replace(launch, first_split=step, first_keys=2 * step, split=2 * step)
+    return dataclasses.replace(launch, split=max(CPU_SPLIT, step))
 
 
 def run_triton(batch: Batch, mode: str, scale: float, splits_per_program: int = 1, config: str = "default"):
@@ -130,8 +133,7 @@ def run_triton(batch: Batch, mode: str, scale: float, splits_per_program: int = 
     out = torch.full_like(batch.q, float("nan"))
     launch = launch_config(batch.k_cache.dtype, batch.k_cache.shape[-1], config)
     tree_attention.tree_attention(batch.q, batch.k_cache, batch.v_cache, batch.meta, scale, out=out, mode=mode,
-                                  splits_per_program=splits_per_program, split_size=split_of(launch),
-                                  decode_max_q=DECODE_MAX_Q, config=launch)
+                                  splits_per_program=splits_per_program, decode_max_q=DECODE_MAX_Q, config=launch)
     return out
 
 
@@ -203,7 +205,7 @@ def test_entry_point_runs_default_configuration():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chain_verify_equals_plain_decode_bitwise(dtype, config):
     """Verify rows of a chain equal plain decodes of the same tokens in other batches, bit for bit."""
-    ctx, k = 2 * split_of(launch_config(dtype, 64, config)) - 3, 6  # the chain crosses a split boundary
+    ctx, k = 2 * launch_config(dtype, 64, config).split - 3, 6  # the chain crosses a split boundary
     verify = make_batch([Seq(ctx, 1, list(range(k))), Seq(50, 1, [0, 0])], dtype=dtype, seed=5)
     verified = run_triton(verify, "split", 0.125, config=config)
     for j in range(k + 1):
@@ -299,7 +301,7 @@ LONG_CASES = ([(dtype, group, 128) for dtype, group in itertools.product(DTYPES,
               + [(torch.bfloat16, 3, 64)] if CUDA else [(torch.float32, 1, 128)])
 
 
-@pytest.mark.parametrize("config", GPU_CONFIGS)
+@pytest.mark.parametrize("config", GPU_CONFIGS if CUDA else ["default", "first"])
 @pytest.mark.parametrize("dtype,group,head_dim", LONG_CASES)
 def test_long_contexts(dtype, group, head_dim, config):
     """64 splits of context, a chain and a 64-node tree at the end of it, a prefill chunk over 23 splits.
@@ -309,7 +311,7 @@ def test_long_contexts(dtype, group, head_dim, config):
     default (0.125) and the reference 1/sqrt(128), an error of 1.48 that the CPU never saw because the test was
     CUDA-only.
     """
-    unit = split_of(launch_config(dtype, head_dim, config))
+    unit = launch_config(dtype, head_dim, config).split
     chunk, kv_heads = (300, 8) if CUDA else (DECODE_MAX_Q + 8, 1)
     rng = random.Random(f"long{dtype}{group}")
     seqs = [Seq(64 * unit - 64, 1, random_tree(rng, 63)), Seq(39 * unit + 32, 1, list(range(15))),
