@@ -66,26 +66,12 @@ def load_model(
     shared_tensors: the target's `model.embed_tokens.weight` (and `lm_head.weight`), used by a checkpoint that
     declares SHARED_EMBEDDINGS_KEY (in dtype on device, they are not copied); ignored by one that stores its own.
     """
-    from transformers import AutoConfig
-
     if load_format not in ("auto", "dummy"):
         raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
     path = path or default_model_path()
     device = torch.device(device)
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"model path {path!r} does not exist: pass an HF model directory (config.json + *.safetensors) "
-            "or a .gguf file; specserve never downloads models"
-        )
-    gguf = os.path.isfile(path) and path.endswith(".gguf")
-    if gguf:
-        model_dir, gguf_name = os.path.split(os.path.abspath(path))
-        hf_config = AutoConfig.from_pretrained(model_dir, gguf_file=gguf_name)
-    elif os.path.isfile(os.path.join(path, "config.json")):
-        model_dir, gguf_name = path, None
-        hf_config = AutoConfig.from_pretrained(model_dir)
-    else:
-        raise FileNotFoundError(f"{path!r} is neither a .gguf file nor a directory with a config.json")
+    hf_config, model_dir, gguf_name = _hf_config(path)
+    gguf = gguf_name is not None
     config = ModelConfig.from_hf(hf_config)
     shared = _shared(path, hf_config, config, shared_tensors or {})
 
@@ -107,6 +93,28 @@ def load_model(
         kwargs = {"gguf_file": gguf_name} if gguf else {}
         tokenizer = AutoTokenizer.from_pretrained(model_dir, **kwargs)
     return LoadedModel(model, config, hf_config, tokenizer, path)
+
+
+def model_config(path: str) -> ModelConfig:
+    """The ModelConfig of the model at path (an HF directory or a .gguf file), read without its weights."""
+    return ModelConfig.from_hf(_hf_config(path)[0])
+
+
+def _hf_config(path: str) -> tuple[Any, str, str | None]:
+    """(transformers config, model directory, GGUF file name or None) of an HF directory or a .gguf file."""
+    from transformers import AutoConfig
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"model path {path!r} does not exist: pass an HF model directory (config.json + *.safetensors) "
+            "or a .gguf file; specserve never downloads models"
+        )
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        model_dir, gguf_name = os.path.split(os.path.abspath(path))
+        return AutoConfig.from_pretrained(model_dir, gguf_file=gguf_name), model_dir, gguf_name
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return AutoConfig.from_pretrained(path), path, None
+    raise FileNotFoundError(f"{path!r} is neither a .gguf file nor a directory with a config.json")
 
 
 def _shared(path: str, hf_config: Any, config: ModelConfig, given: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
