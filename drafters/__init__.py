@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib
 
 from specserve.config import SpeculativeConfig
+from specserve.drafters.base import DraftMemory
+from specserve.models.config import ModelConfig
 
 # method -> "module:Class" under specserve.drafters, imported on first use
 DRAFTERS = {
@@ -20,9 +22,23 @@ DRAFTERS = {
 }
 
 
-def build_drafter(spec: SpeculativeConfig, target):
-    """Instantiate the drafter for spec.method; `target` is the engine's TargetContext."""
+def _module_and_class(spec: SpeculativeConfig):
     if spec.method not in DRAFTERS:
         raise ValueError(f"speculative method {spec.method!r} is not available; have {sorted(DRAFTERS)}")
     module, cls = DRAFTERS[spec.method].split(":")
-    return getattr(importlib.import_module(f"specserve.drafters.{module}"), cls)(spec, target)
+    return importlib.import_module(f"specserve.drafters.{module}"), cls
+
+
+def build_drafter(spec: SpeculativeConfig, target):
+    """Instantiate the drafter for spec.method; `target` is the engine's TargetContext."""
+    module, cls = _module_and_class(spec)
+    return getattr(module, cls)(spec, target)
+
+
+def draft_memory(spec: SpeculativeConfig, target_config: ModelConfig, block_size: int, elem_size: int,
+                 max_num_seqs: int) -> DraftMemory:
+    """What spec's drafter will allocate beside the target's KV pool, from its checkpoint's config (no weights)."""
+    module, _ = _module_and_class(spec)
+    # modules without draft_memory (n-gram, replay) allocate no K/V and read no per-slot table
+    sizes = getattr(module, "draft_memory", None)
+    return DraftMemory() if sizes is None else sizes(spec, target_config, block_size, elem_size, max_num_seqs)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -37,6 +37,18 @@ class DraftProposal:
     @property
     def is_chain(self) -> bool:
         return all(p == j for j, p in enumerate(self.parents))
+
+
+@dataclass
+class DraftMemory:
+    """What a drafter allocates beside the target's KV pool, in bytes: per pool block, and fixed (scratch blocks).
+
+    slot_tables: the SlotFeatures it reads, key -> row width; arms asking for one key share its table.
+    """
+
+    per_block: int = 0
+    fixed: int = 0
+    slot_tables: dict[tuple, int] = field(default_factory=dict)
 
 
 class Drafter(Protocol):

@@ -26,13 +26,22 @@ import torch
 from specserve.attention import MAX_TREE_NODES, AttentionMetadata
 from specserve.config import SpeculativeConfig
 from specserve.cuda_graphs import BatchGraphs, StaticRows, batch_buckets
-from specserve.drafters.base import DraftProposal
+from specserve.drafters.base import DraftMemory, DraftProposal
 from specserve.drafters.draft_kv import DraftKVCache, DraftQuery, plan_chunks
 from specserve.drafters.draft_runner import DraftRunner
-from specserve.models.loader import load_model
+from specserve.kv_cache import kv_block_bytes
+from specserve.models.config import ModelConfig
+from specserve.models.loader import load_model, model_config
 from specserve.sampler import RowContext, target_probs
 
 CATCHUP_TOKENS = 2048  # entries per catch-up forward
+
+
+def draft_memory(spec: SpeculativeConfig, target_config: ModelConfig, block_size: int, elem_size: int,
+                 max_num_seqs: int) -> DraftMemory:
+    """The draft model's K/V per pool block: all its layers, shaped by its config."""
+    cfg = model_config(spec.model)
+    return DraftMemory(per_block=kv_block_bytes(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, block_size, elem_size))
 
 
 class DraftModelDrafter:

@@ -34,12 +34,13 @@ from torch import nn
 
 from specserve.attention import MAX_TREE_NODES
 from specserve.config import SpeculativeConfig
-from specserve.drafters.base import DraftProposal
+from specserve.drafters.base import DraftMemory, DraftProposal
 from specserve.drafters.checkpoint import check_dim, load_module, read_config, read_tensors
 from specserve.drafters.draft_kv import DraftKVCache, DraftQuery, plan_chunks
 from specserve.drafters.draft_runner import DraftRunner
 from specserve.drafters.eagle_tree import Candidates, TreeGrower
 from specserve.drafters.tree import rerank
+from specserve.kv_cache import kv_block_bytes
 from specserve.model_runner import HIDDEN_STATES, SlotFeatures, hidden_state_rows
 from specserve.models.config import ModelConfig
 from specserve.models.llama import LlamaDecoderLayer, RotaryEmbedding
@@ -48,16 +49,42 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 CATCHUP_TOKENS = 2048  # entries per catch-up forward
 
 
-def draft_config(cfg: dict, target, what: str) -> ModelConfig:
-    """The draft layer's ModelConfig from a Llama-spelled config.json, checked against the target."""
+def head_config(cfg: dict) -> ModelConfig:
+    """The draft layers' ModelConfig from a Llama-spelled config.json."""
     from transformers import LlamaConfig
 
     known = {k: v for k, v in cfg.items() if k not in ("model_type", "architectures")}
-    mcfg = ModelConfig.from_hf(LlamaConfig(**known))
+    return ModelConfig.from_hf(LlamaConfig(**known))
+
+
+def draft_config(cfg: dict, target, what: str) -> ModelConfig:
+    """The draft layer's ModelConfig from a Llama-spelled config.json, checked against the target."""
+    mcfg = head_config(cfg)
     tcfg = target.model.config
     check_dim(what, mcfg.hidden_size, tcfg.hidden_size, "hidden_size")
     check_dim(what, mcfg.vocab_size, tcfg.vocab_size, "vocab_size")
     return mcfg
+
+
+def scratch_blocks(max_num_seqs: int, block_size: int) -> int:
+    """Draft KV blocks past the pool: a tree reaches MAX_TREE_NODES past its root, at most this many blocks past a
+    request's own, for every sequence of a batch."""
+    return max_num_seqs * (MAX_TREE_NODES // block_size + 2)
+
+
+def tree_draft_memory(head: ModelConfig, num_kv_layers: int, feature_key: tuple, target_config: ModelConfig,
+                      block_size: int, elem_size: int, max_num_seqs: int) -> DraftMemory:
+    """An EAGLE head's K/V layers per pool block, its scratch blocks, and its feature table (target hidden wide)."""
+    per_block = kv_block_bytes(num_kv_layers, head.num_kv_heads, head.head_dim, block_size, elem_size)
+    return DraftMemory(per_block, scratch_blocks(max_num_seqs, block_size) * per_block,
+                       {feature_key: target_config.hidden_size})
+
+
+def draft_memory(spec: SpeculativeConfig, target_config: ModelConfig, block_size: int, elem_size: int,
+                 max_num_seqs: int) -> DraftMemory:
+    """EAGLE-1's allocations: every decoder layer of its config.json has K/V; it reads the target's hidden states."""
+    head = head_config(read_config(spec.model))
+    return tree_draft_memory(head, head.num_layers, HIDDEN_STATES, target_config, block_size, elem_size, max_num_seqs)
 
 
 class Eagle1Head(nn.Module):
@@ -126,9 +153,8 @@ class EagleDrafter:
                              f"{MAX_TREE_NODES}; got top_k {spec.top_k}, depth {spec.depth}")
         attn = self.head.layers[0].self_attn
         self.num_kv_layers = len(self.head.layers)
-        # a tree reaches MAX_TREE_NODES past its root: at most this many blocks past a request's own
-        scratch = target.max_num_seqs * (MAX_TREE_NODES // target.block_size + 2)
-        self.kv = DraftKVCache(target, self.num_kv_layers, attn.num_kv_heads, attn.head_dim, scratch)
+        self.kv = DraftKVCache(target, self.num_kv_layers, attn.num_kv_heads, attn.head_dim,
+                               scratch_blocks(target.max_num_seqs, target.block_size))
         self.backend = target.backend
         self.max_num_tokens = spec.num_speculative_tokens
         # the fused target feature of each position, by KV slot, filled by the target's forwards
@@ -142,7 +168,8 @@ class EagleDrafter:
     def load_head(self, path: str, target) -> tuple[nn.Module, nn.Embedding | None]:
         return load_eagle1(path, target)
 
-    def feature_key(self, spec: SpeculativeConfig) -> tuple:
+    @staticmethod
+    def feature_key(spec: SpeculativeConfig) -> tuple:
         """EAGLE-1's features are the target's last hidden states."""
         return HIDDEN_STATES
 

@@ -23,8 +23,16 @@ import torch
 from torch import nn
 
 from specserve.config import SpeculativeConfig
+from specserve.drafters.base import DraftMemory
 from specserve.drafters.checkpoint import check_dim, load_module, read_config, read_tensors
-from specserve.drafters.eagle import WEIGHT_FILES, EagleDrafter, _own_embedding, draft_config
+from specserve.drafters.eagle import (
+    WEIGHT_FILES,
+    EagleDrafter,
+    _own_embedding,
+    draft_config,
+    head_config,
+    tree_draft_memory,
+)
 from specserve.models.config import ModelConfig
 from specserve.models.llama import LlamaDecoderLayer, RMSNorm, RotaryEmbedding, make_linear
 
@@ -128,6 +136,15 @@ class Eagle3Drafter(EagleDrafter):
         target.model.aux_layers = layers  # from now on every target forward returns these features
         return head, embed
 
-    def feature_key(self, spec: SpeculativeConfig) -> tuple:
+    @staticmethod
+    def feature_key(spec: SpeculativeConfig) -> tuple:
         """EAGLE-3's features come through its checkpoint's fc: arms of one checkpoint share them."""
         return ("eagle3", os.path.realpath(spec.model))
+
+
+def draft_memory(spec: SpeculativeConfig, target_config: ModelConfig, block_size: int, elem_size: int,
+                 max_num_seqs: int) -> DraftMemory:
+    """EAGLE-3's allocations: the midlayer is its one K/V layer; its fused features get a table of their own."""
+    head = head_config(read_config(spec.model))
+    return tree_draft_memory(head, 1, Eagle3Drafter.feature_key(spec), target_config, block_size, elem_size,
+                             max_num_seqs)

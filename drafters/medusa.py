@@ -28,10 +28,11 @@ from torch import nn
 
 from specserve.attention import MAX_TREE_NODES
 from specserve.config import SpeculativeConfig
-from specserve.drafters.base import DraftProposal
+from specserve.drafters.base import DraftMemory, DraftProposal
 from specserve.drafters.checkpoint import check_dim, load_module, read_config, read_tensors
 from specserve.drafters.tree import choices_tree, default_tree, static_tree
 from specserve.model_runner import HIDDEN_STATES, SlotFeatures, hidden_state_rows
+from specserve.models.config import ModelConfig
 
 WEIGHT_FILES = ("medusa_lm_head.safetensors", "medusa_lm_head.pt")
 # config.json: the default tree's paths, best first (module docstring; benchmarks/medusa_accuracy.py writes them)
@@ -78,6 +79,12 @@ def load_medusa(path: str, target) -> tuple[nn.ModuleList, bool]:
     heads.to(device=target.device, dtype=target.dtype)
     load_module(heads, tensors, what)
     return heads.requires_grad_(False).eval(), share
+
+
+def draft_memory(spec: SpeculativeConfig, target_config: ModelConfig, block_size: int, elem_size: int,
+                 max_num_seqs: int) -> DraftMemory:
+    """Medusa has no K/V: only the table of the target's hidden states its heads read."""
+    return DraftMemory(slot_tables={HIDDEN_STATES: target_config.hidden_size})
 
 
 class MedusaDrafter:

@@ -18,6 +18,11 @@ from dataclasses import dataclass
 from specserve.request import Request
 
 
+def kv_block_bytes(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, elem_size: int) -> int:
+    """Bytes of one block's K and V over num_layers layers."""
+    return 2 * num_layers * block_size * num_kv_heads * head_dim * elem_size
+
+
 def block_hash(parent: int | None, tokens: list[int]) -> int:
     """Chained hash of one full block: equal hashes mean equal token prefixes up to this block's end."""
     return hash((parent, tuple(tokens)))

@@ -61,6 +61,11 @@ class SlotFeatures:
         self.table = torch.zeros(num_slots + 2, width, device=target.device, dtype=target.dtype)
         self.rows = rows
 
+    @staticmethod
+    def table_bytes(width: int, block_size: int, elem_size: int) -> tuple[int, int]:
+        """(bytes per pool block, fixed bytes) of a table `width` wide: a row per slot, plus the two above."""
+        return block_size * width * elem_size, 2 * width * elem_size
+
     @classmethod
     def get(cls, target, key: tuple, width: int, rows: Callable[[ModelOutput], torch.Tensor]) -> SlotFeatures:
         """The table stored under key in target.slot_features, made on first use (before graph capture); rows:
