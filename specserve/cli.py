@@ -19,7 +19,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--kv-cache-memory-gb", type=float, default=1.0,
-                   help="GiB for the target's KV blocks (drafters' KV layers and per-slot tables come on top)")
+                   help="GiB for the KV blocks: the target's K/V plus the drafters' K/V layers and per-slot tables")
     p.add_argument("--attention-backend", default=None, choices=["torch", "triton"])
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")

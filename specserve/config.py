@@ -78,7 +78,8 @@ class EngineConfig:
     max_model_len: int | None = None
     block_size: int = 16
     num_kv_blocks: int | None = None  # overrides kv_cache_memory_gb
-    kv_cache_memory_gb: float = 1.0  # the target's K/V; drafters' KV layers and per-slot tables come on top
+    # GiB for the KV pool: the target's K/V, the arms' draft K/V layers (EAGLE's scratch blocks too) and per-slot tables
+    kv_cache_memory_gb: float = 1.0
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True

@@ -17,10 +17,10 @@ import torch
 from specserve.adaptive import IdleGaps, build_policy
 from specserve.config import EngineConfig, SpeculativeConfig
 from specserve.detokenizer import IncrementalDetokenizer
-from specserve.drafters import build_drafter
+from specserve.drafters import build_drafter, draft_memory
 from specserve.drafters.base import DraftProposal
 from specserve.kernels import get_backend, triton_backend
-from specserve.kv_cache import KVCacheManager
+from specserve.kv_cache import KVCacheManager, kv_block_bytes
 from specserve.model_runner import ForwardOutput, HostCopy, ModelRunner, SlotFeatures, StepBatch
 from specserve.models.loader import LoadedModel, load_model
 from specserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -106,7 +106,12 @@ class LLMEngine:
         mcfg = loaded.config
         self.max_model_len = min(config.max_model_len or mcfg.max_model_len, mcfg.max_model_len)
         self.eos_token_ids = frozenset(mcfg.eos_token_ids)
-        num_blocks = config.num_kv_blocks or self._blocks_for_budget(mcfg)
+        arms: dict[str, SpeculativeConfig] = dict(config.speculative_arms)
+        self.default_arm = NO_SPEC
+        if config.speculative_config is not None:
+            self.default_arm = config.speculative_config.arm_name
+            arms[self.default_arm] = config.speculative_config
+        num_blocks = config.num_kv_blocks or self._blocks_for_budget(mcfg, arms)
         capacity = num_blocks * config.block_size
         if self.max_model_len > capacity:  # a longer sequence could never be scheduled, even alone
             if config.max_model_len:
@@ -128,11 +133,6 @@ class LLMEngine:
             config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, not eager,
             self.runner.slot_features,
         )
-        arms: dict[str, SpeculativeConfig] = dict(config.speculative_arms)
-        self.default_arm = NO_SPEC
-        if config.speculative_config is not None:
-            self.default_arm = config.speculative_config.arm_name
-            arms[self.default_arm] = config.speculative_config
         self.drafters = {name: build_drafter(spec, target) for name, spec in arms.items()}
         self.spec_configs = arms
         if not eager:
@@ -155,10 +155,26 @@ class LLMEngine:
         self.groups: dict[str, list[Request]] = {}
         self.prompts: dict[str, str | None] = {}
 
-    def _blocks_for_budget(self, mcfg) -> int:
-        elem = torch.tensor([], dtype=self.dtype).element_size()
-        per_block = 2 * mcfg.num_layers * self.config.block_size * mcfg.num_kv_heads * mcfg.head_dim * elem
-        return max(int(self.config.kv_cache_memory_gb * 2**30) // per_block, 1)
+    def _blocks_for_budget(self, mcfg, arms: dict[str, SpeculativeConfig]) -> int:
+        """The most blocks whose target K/V, drafters' K/V layers and per-slot tables fit kv_cache_memory_gb, after
+        the fixed extras (EAGLE's scratch blocks, each table's two spare rows)."""
+        bs, elem = self.config.block_size, self.dtype.itemsize
+        per_block = kv_block_bytes(mcfg.num_layers, mcfg.num_kv_heads, mcfg.head_dim, bs, elem)
+        fixed, tables = 0, {}
+        for spec in arms.values():
+            memory = draft_memory(spec, mcfg, bs, elem, self.config.max_num_seqs)
+            per_block, fixed = per_block + memory.per_block, fixed + memory.fixed
+            tables.update(memory.slot_tables)
+        for width in tables.values():  # once per key: arms reading the same rows share one table
+            table_per_block, table_fixed = SlotFeatures.table_bytes(width, bs, elem)
+            per_block, fixed = per_block + table_per_block, fixed + table_fixed
+        budget = int(self.config.kv_cache_memory_gb * 2**30)
+        if budget - fixed < per_block:
+            raise ValueError(
+                f"kv_cache_memory_gb {self.config.kv_cache_memory_gb} holds no KV block: one takes {per_block} bytes "
+                f"(target and drafters' K/V, per-slot tables) after {fixed} fixed bytes (drafters' scratch blocks)"
+            )
+        return (budget - fixed) // per_block
 
     @property
     def spec_arms(self) -> list[str]:
