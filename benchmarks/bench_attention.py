@@ -234,8 +234,7 @@ def run_case(batch, q_len, ctx, device, cuda, copy_bw, flex, started, baseline, 
     for name, config in configs.items():
         times = row["configs"][name] = {}
         tiles = triton.cdiv(q_len, max(config.block_m // triton.next_power_of_2(Q_HEADS // KV_HEADS), 1))
-        times["mode"], _ = tree_attention.decode_plan(tiles * batch * KV_HEADS, config.num_splits(meta.max_seq_len),
-                                                      device)
+        times["mode"], *_ = tree_attention.decode_plan(tiles * batch * KV_HEADS, meta.max_seq_len, config, device)
         for m in MODES:
             def fn(k, v, m=m, config=config):
                 return tree_attention.tree_attention(q, k, v, meta, scale, mode=m, config=config)

@@ -4,10 +4,11 @@ Work split
     A program owns one (tile of query rows, sequence, kv head) and a run of keys. A row is a (query token, q head
     of the kv head's group) pair, so the GROUP q heads that share a kv head read each K/V block once: verifying
     16 tokens with GQA 4 is one 64-row tile, the same K/V traffic as decoding one token.
-    Keys are cut into splits of SPLIT keys at absolute positions [0, SPLIT), [SPLIT, 2 SPLIT), ... Each split
+    Keys are cut into splits at absolute positions: the first FIRST_KEYS keys into splits of FIRST_SPLIT (short
+    splits give a small batch more programs), the rest into splits of SPLIT (fewer folds). Each split
     runs a fresh online softmax (fp32, log2 domain) and yields (o_s, lse_s); splits are folded left to right:
         M' = max(M, lse_s);  num = num * 2^(M - M') + 2^(lse_s - M') * o_s;  den likewise with 1 for o_s.
-    "split" mode gives each program a run of `splits_per_program` splits, writes every split's (o_s, lse_s) to
+    "split" mode gives each program a run of whole splits (decode_plan), writes every split's (o_s, lse_s) to
     a workspace and folds them in a second kernel (parallelism for small batches); "fused" mode walks all
     splits in one program and folds at each boundary in registers (no workspace, for batches that fill the
     GPU). Either way a split closes inside the one pipelined key loop, and both modes do the same operations in
@@ -42,6 +43,7 @@ Masking, worked example: 100 cached tokens, query [c0 | r d1 d2 d3], tree_offset
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -120,6 +122,7 @@ def decode_config(dtype: torch.dtype, head_dim: int) -> DecodeConfig:
 
 
 FUSED_TILES_PER_SM = 0.75  # fused once the row tiles nearly fill the SMs: no workspace and no second kernel
+FOLD_BATCH = 16  # splits whose workspace rows the fold kernel loads at once
 SPLIT_PROGRAMS_PER_SM = 4  # split mode groups splits into runs so that about this many programs per SM remain
 
 
@@ -198,11 +201,11 @@ def _store_split(
 
 # the ints that follow the batch's shape are not specialized (== 1, multiple of 16): each new combination would
 # compile another variant in the middle of serving, seconds of stall
-@triton.jit(do_not_specialize=["q_min", "q_max", "ws_rows_per_seq", "ws_splits", "run_splits"])
+@triton.jit(do_not_specialize=["q_min", "q_max", "ws_rows_per_seq", "ws_splits", "first_run", "rest_run"])
 def _tree_attn_kernel(
     q_ptr, k_cache, v_cache, out_ptr, ws_o, ws_lse,
     query_start_loc, seq_lens, context_lens, block_tables, tree_offsets, tree_mask,
-    qk_scale, q_min, q_max, ws_rows_per_seq, ws_splits, run_splits,
+    qk_scale, q_min, q_max, ws_rows_per_seq, ws_splits, first_run, rest_run,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_Q: tl.constexpr,
@@ -212,7 +215,8 @@ def _tree_attn_kernel(
 ):
     """One (query-row tile, run of keys, sequence x kv head) of tree attention; MODE: split|fused|whole.
 
-    Split mode's runs are run_splits whole splits; fused and whole mode take every key in one run.
+    Split mode's runs are first_run keys long among the first FIRST_KEYS, rest_run keys past them (whole splits);
+    fused and whole mode take every key in one run.
     """
     if PDL:
         tl.extra.cuda.gdc_wait()
@@ -229,11 +233,11 @@ def _tree_attn_kernel(
     tree_base = ctx + tl.load(tree_offsets + b)  # sequence position of the root
     kv_end = tl.minimum(tl.load(seq_lens + b), ctx + tl.minimum(t0 + BLOCK_Q, q_len))  # past every row's limit
     if MODE == "split":
-        run = tl.program_id(1) * run_splits
-        lo = _split_start(run, SPLIT, FIRST_SPLIT, FIRST_KEYS)
+        run, first_runs = tl.program_id(1), FIRST_KEYS // first_run
+        lo = tl.where(run < first_runs, run * first_run, FIRST_KEYS + (run - first_runs) * rest_run)
         if lo >= kv_end:  # no row of the tile reaches this run
             return
-        hi = tl.minimum(_split_start(run + run_splits, SPLIT, FIRST_SPLIT, FIRST_KEYS), kv_end)
+        hi = tl.minimum(lo + tl.where(run < first_runs, first_run, rest_run), kv_end)
     else:
         lo = 0
         hi = kv_end
@@ -337,13 +341,18 @@ def _tree_attn_kernel(
 def _fold_splits_kernel(
     out_ptr, ws_o, ws_lse, query_start_loc, context_lens, q_max, ws_rows_per_seq, ws_splits,
     stride_ot, stride_oh,
-    NUM_Q_HEADS: tl.constexpr, HEADS_P: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
-    SPLIT: tl.constexpr, FIRST_SPLIT: tl.constexpr, FIRST_KEYS: tl.constexpr, PDL: tl.constexpr,
+    NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, SPLIT: tl.constexpr,
+    FIRST_SPLIT: tl.constexpr, FIRST_KEYS: tl.constexpr, FOLD_BATCH: tl.constexpr, PDL: tl.constexpr,
 ):
-    """Fold the split results of one query token (all heads) left to right and store its output."""
+    """Fold the split results of one (query token, q head) left to right and store its output.
+
+    The loads of FOLD_BATCH splits at a time do not wait on each other's folds, so a batch costs one memory round
+    trip, not one per split; splits past the row's last fold in as exact no-ops, as in fused mode.
+    """
     if PDL:
         tl.extra.cuda.gdc_wait()
     row = tl.program_id(0)
+    h = tl.program_id(1)
     b = row // ws_rows_per_seq
     t = row % ws_rows_per_seq
     q_start = tl.load(query_start_loc + b)
@@ -351,20 +360,21 @@ def _fold_splits_kernel(
     row_lim = tl.load(context_lens + b) + t
     if (q_len > q_max) | (t >= q_len) | (row_lim < FIRST_SPLIT):  # not ours, or finished by the split kernel
         return
-    h = tl.arange(0, HEADS_P)
+    num_splits = _split_of(row_lim, SPLIT, FIRST_SPLIT, FIRST_KEYS) + 1
     d = tl.arange(0, HEAD_DIM_P)
-    h_ok = h < NUM_Q_HEADS
-    ws_row = (row.to(tl.int64) * NUM_Q_HEADS + h) * ws_splits  # [HEADS_P]
-    mx = tl.full([HEADS_P], float("-inf"), tl.float32)
-    den = tl.zeros([HEADS_P], tl.float32)
-    num = tl.zeros([HEADS_P, HEAD_DIM_P], tl.float32)
-    for s in range(0, _split_of(row_lim, SPLIT, FIRST_SPLIT, FIRST_KEYS) + 1):
-        lse = tl.load(ws_lse + ws_row + s, mask=h_ok, other=float("-inf"))
-        o = tl.load(ws_o + (ws_row + s)[:, None] * HEAD_DIM_P + d[None, :], mask=h_ok[:, None], other=0.0)
-        mx, den, num = _fold(mx, den, num, lse, o)
-    out_ptrs = out_ptr + (q_start + t).to(tl.int64) * stride_ot + h[:, None] * stride_oh + d[None, :]
-    tl.store(out_ptrs, _finish(num, den).to(out_ptr.dtype.element_ty),
-             mask=h_ok[:, None] & (d[None, :] < HEAD_DIM))
+    ws_row = (row.to(tl.int64) * NUM_Q_HEADS + h) * ws_splits + tl.arange(0, 1)  # [1]: _fold's row shapes
+    mx = tl.full([1], float("-inf"), tl.float32)
+    den = tl.zeros([1], tl.float32)
+    num = tl.zeros([1, HEAD_DIM_P], tl.float32)
+    for first in range(0, num_splits, FOLD_BATCH):
+        for j in tl.static_range(FOLD_BATCH):
+            s = first + j
+            ok = s + tl.arange(0, 1) < num_splits  # [1]
+            lse = tl.load(ws_lse + ws_row + s, mask=ok, other=float("-inf"))
+            o = tl.load(ws_o + (ws_row + s)[:, None] * HEAD_DIM_P + d[None, :], mask=ok[:, None], other=0.0)
+            mx, den, num = _fold(mx, den, num, lse, o)
+    out_ptrs = out_ptr + (q_start + t).to(tl.int64) * stride_ot + h * stride_oh + d[None, :]
+    tl.store(out_ptrs, _finish(num, den).to(out_ptr.dtype.element_ty), mask=(d < HEAD_DIM)[None, :])
 
 
 @functools.cache
@@ -373,19 +383,27 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def decode_plan(num_tiles: int, num_splits: int, device: torch.device) -> tuple[str, int]:
-    """(mode, splits per split-mode program) of the decode launch for num_tiles (row tile, sequence, kv head).
+def decode_plan(num_tiles: int, num_keys: int, config: DecodeConfig, device: torch.device) -> tuple[str, int, int]:
+    """(mode, split-mode run keys among the first first_keys, past them) of the decode launch for num_tiles (row
+    tile, sequence, kv head) over num_keys keys.
 
     Only speed depends on this. Fused once the tiles alone fill the GPU, or when there are at most two splits
     (a second kernel costs what the extra parallelism saves): K/V read once, no workspace. Otherwise split mode,
     with runs of splits long enough to keep the pipeline full but short enough to leave about
-    SPLIT_PROGRAMS_PER_SM programs per SM (small batches, long contexts).
+    SPLIT_PROGRAMS_PER_SM programs per SM (small batches, long contexts); the first region's short splits run
+    alone at small batches and grouped up to a long split's keys as the batch grows.
     """
     sms = _num_sms(device) if device.type == "cuda" else 1
-    per_program = max(1, num_tiles * num_splits // (SPLIT_PROGRAMS_PER_SM * sms))
+    split, first_split, first_keys = config.grid
+    share = num_tiles * triton.cdiv(num_keys, split) / (SPLIT_PROGRAMS_PER_SM * sms)  # long splits per program
+    rest_run = max(1, int(share)) * split
+    first_run = first_split * min(triton.next_power_of_2(math.ceil(share * split / first_split)), split // first_split)
+    while first_keys % first_run:
+        first_run //= 2
+    num_splits = config.num_splits(num_keys)
     if num_splits <= 2 or (device.type == "cuda" and num_tiles >= FUSED_TILES_PER_SM * sms):
-        return "fused", per_program
-    return "split", per_program
+        return "fused", first_run, rest_run
+    return "split", first_run, rest_run
 
 
 def tree_attention(
@@ -397,7 +415,7 @@ def tree_attention(
     *,
     out: torch.Tensor | None = None,  # [num_tokens, num_q_heads, head_dim]; rows of empty queries untouched
     mode: str = "auto",  # "split" | "fused" | "auto": numerically identical, only speed differs
-    splits_per_program: int | None = None,  # split mode's run length; None: decode_plan's
+    splits_per_program: int | None = None,  # split mode's run length past the first region; None: decode_plan's
     decode_max_q: int = DECODE_MAX_Q,
     config: DecodeConfig | None = None,  # None: decode_config of the cache; benchmarks try others
 ) -> torch.Tensor:
@@ -436,9 +454,9 @@ def tree_attention(
     q_cap = min(max_q, decode_max_q)  # workspace rows per sequence
     tiles = triton.cdiv(q_cap, block_q)
     num_splits = config.num_splits(max_seq)
-    planned, per_program = decode_plan(tiles * num_seqs * num_kv_heads, num_splits, q.device)
+    planned, first_run, rest_run = decode_plan(tiles * num_seqs * num_kv_heads, max_seq, config, q.device)
     mode = planned if mode == "auto" else mode
-    per_program = min(splits_per_program or per_program, num_splits)
+    rest_run = split * splits_per_program if splits_per_program else rest_run
     fused = mode == "fused"
     ws_dtype = torch.float32 if fp32 else q.dtype
     if fused:
@@ -446,18 +464,19 @@ def tree_attention(
     else:
         ws_o = torch.empty(num_seqs * q_cap, num_q_heads, num_splits, head_dim_p, device=q.device, dtype=ws_dtype)
         ws_lse = torch.empty(num_seqs * q_cap, num_q_heads, num_splits, device=q.device, dtype=torch.float32)
-    runs = 1 if fused else triton.cdiv(num_splits, per_program)
+    first_runs = triton.cdiv(min(max_seq, first_keys), first_run)
+    runs = 1 if fused else first_runs + triton.cdiv(max(max_seq - first_keys, 0), rest_run)
     num_stages = (config.fused_stages if fused else config.split_stages) if head_dim_p <= 128 else 3
     _tree_attn_kernel[(tiles, runs, num_seqs * num_kv_heads)](
-        q, k_cache, v_cache, out, ws_o, ws_lse, *args, qk_scale, 1, decode_max_q, q_cap, num_splits,
-        per_program, *strides,
+        q, k_cache, v_cache, out, ws_o, ws_lse, *args, qk_scale, 1, decode_max_q, q_cap, num_splits, first_run,
+        rest_run, *strides,
         BLOCK_Q=block_q, MODE=mode, num_warps=config.num_warps, num_stages=num_stages, **common,
     )
     if not fused:
-        _fold_splits_kernel[(num_seqs * q_cap,)](
+        _fold_splits_kernel[(num_seqs * q_cap, num_q_heads)](
             out, ws_o, ws_lse, meta.query_start_loc, meta.context_lens, decode_max_q, q_cap, num_splits,
-            out.stride(0), out.stride(1), NUM_Q_HEADS=num_q_heads, HEADS_P=triton.next_power_of_2(num_q_heads),
-            HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p, SPLIT=split, FIRST_SPLIT=first_split, FIRST_KEYS=first_keys,
+            out.stride(0), out.stride(1), NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
+            SPLIT=split, FIRST_SPLIT=first_split, FIRST_KEYS=first_keys, FOLD_BATCH=FOLD_BATCH, num_warps=1,
             enable_fp_fusion=False, **pdl.flags(),
         )
 
@@ -466,7 +485,7 @@ def tree_attention(
         block_q = max((64 if fp32 else 128) // group_p, 1)  # fp32 at 128 rows spills registers
         grid = (triton.cdiv(max_q, block_q), 1, num_seqs * num_kv_heads)
         _tree_attn_kernel[grid](
-            q, k_cache, v_cache, out, out, out, *args, qk_scale, decode_max_q + 1, 2**31 - 1, 0, 0, 1,
+            q, k_cache, v_cache, out, out, out, *args, qk_scale, decode_max_q + 1, 2**31 - 1, 0, 0, 1, 1,
             *strides, BLOCK_Q=block_q, MODE="whole", num_warps=8, num_stages=3, **common,
         )
     return out
