@@ -7,8 +7,9 @@
 
 --configs times our kernel in both modes under each decode launch configuration, spelled [r<FIRST_KEYS>q<FIRST_SPLIT>]
 [p<SPLIT>][n<BLOCK_N>][m<BLOCK_M>]w<warps>f<fused-mode stages>s<split-mode stages> over the bf16 default of
-DECODE_CONFIGS (r2048q128w4f5s5: the first 2048 keys in 128-key splits, then 512-key ones; r0 a uniform grid;
-p128n32w4f5s5 is the engine's for head dims up to 64), and reports the best per shape. Whatever the configs, the
+DECODE_CONFIGS (w4f5s5, whose first 2048 keys are in 256-key splits, then 512-key ones; r1024q128w4f5s5 the first
+1024 in 128-key splits; r0w4f5s5 a uniform grid; r0p128n32w4f5s5 is the engine's for head dims up to 64), and
+reports the best per shape. Whatever the configs, the
 run checks split == fused bit for bit on a few shapes (CHECK_SHAPES) for each, which a config needs before it can
 be adopted, whether each computes the first config's bits (same numerics), and lists the registers and spilled
 bytes per thread that Triton reports for each compiled kernel. The main table shows the first config.

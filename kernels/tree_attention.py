@@ -96,10 +96,13 @@ class DecodeConfig:
 # split == fused tests (parametrized over tests/test_kernels.py CONFIGS) pass with it on the GPU.
 # bf16/fp16 at 4 warps and 5 stages: 0.77x the time of 8 warps / 7 + 3 stages over the bench's 60 shapes on an
 # H200, 73-83% of copy bandwidth at batch >= 32 and context >= 2048 (RESULTS.md); fp32 keeps 8 warps (untimed).
+# The first 2048 keys in 256-key splits: at batch 1 a 512-key context then has 24 programs, not 8, and takes 15.4
+# against 22.8 us on an H100 (16 against 24 at 2048 keys, both now faster than SDPA), while batches that fill the GPU
+# group them back into 512-key runs (decode_plan) and lose 0-4% (RESULTS.md, eleventh session).
 DECODE_CONFIGS = {
     torch.float32: DecodeConfig(split=512, block_n=32, block_m=64, num_warps=8, fused_stages=7, split_stages=3),
-    torch.float16: DecodeConfig(split=512, block_n=64, block_m=64, num_warps=4, fused_stages=5, split_stages=5),
-    torch.bfloat16: DecodeConfig(split=512, block_n=64, block_m=64, num_warps=4, fused_stages=5, split_stages=5),
+    **{dtype: DecodeConfig(split=512, block_n=64, block_m=64, num_warps=4, fused_stages=5, split_stages=5,
+                           first_split=256, first_keys=2048) for dtype in (torch.float16, torch.bfloat16)},
 }
 # Head dims up to 64 (SmolLM2-135M: 9 q over 3 kv heads) in 128-key splits of 32-key steps: at small batches a
 # program's key loop is a chain of round trips (0.7-0.9 us a step on an H100), so shorter splits give a sequence more
@@ -390,18 +393,20 @@ def decode_plan(num_tiles: int, num_keys: int, config: DecodeConfig, device: tor
     Only speed depends on this. Fused once the tiles alone fill the GPU, or when there are at most two splits
     (a second kernel costs what the extra parallelism saves): K/V read once, no workspace. Otherwise split mode,
     with runs of splits long enough to keep the pipeline full but short enough to leave about
-    SPLIT_PROGRAMS_PER_SM programs per SM (small batches, long contexts); the first region's short splits run
-    alone at small batches and grouped up to a long split's keys as the batch grows.
+    SPLIT_PROGRAMS_PER_SM programs per SM (small batches, long contexts). The first region's short splits run
+    alone while the long splits give fewer than one program per SM, grouped up to a long split's keys as
+    the batch or the context grows (a short run cannot fill the pipeline).
     """
     sms = _num_sms(device) if device.type == "cuda" else 1
     split, first_split, first_keys = config.grid
-    share = num_tiles * triton.cdiv(num_keys, split) / (SPLIT_PROGRAMS_PER_SM * sms)  # long splits per program
-    rest_run = max(1, int(share)) * split
-    first_run = first_split * min(triton.next_power_of_2(math.ceil(share * split / first_split)), split // first_split)
+    long_splits = num_tiles * triton.cdiv(num_keys, split)  # programs at one long split each
+    rest_run = max(1, long_splits // (SPLIT_PROGRAMS_PER_SM * sms)) * split
+    group = triton.next_power_of_2(math.ceil(long_splits / sms * split / first_split))
+    first_run = first_split * min(group, split // first_split)
     while first_keys % first_run:
         first_run //= 2
-    num_splits = config.num_splits(num_keys)
-    if num_splits <= 2 or (device.type == "cuda" and num_tiles >= FUSED_TILES_PER_SM * sms):
+    runs = triton.cdiv(min(num_keys, first_keys), first_run) + triton.cdiv(max(num_keys - first_keys, 0), rest_run)
+    if runs <= 2 or (device.type == "cuda" and num_tiles >= FUSED_TILES_PER_SM * sms):
         return "fused", first_run, rest_run
     return "split", first_run, rest_run
 

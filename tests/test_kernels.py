@@ -40,9 +40,11 @@ DECODE_MAX_Q = tree_attention.DECODE_MAX_Q if CUDA else 72
 # bench_attention.py --configs spells them. Warps change the MMA layouts, so a candidate must keep split == fused
 # bit for bit before it can be adopted. The interpreter ignores warps and stages: on CPU the candidates run in
 # the chain test only, to cover the plumbing, and "first" (a grid of two split sizes) in the long-context test too.
-CONFIGS = {"default": {}, "w8f7s3": dict(num_warps=8, fused_stages=7, split_stages=3), "p128": dict(split=128),
-           "first": dict(first_split=128, first_keys=2048)}
+UNIFORM = dict(first_split=0, first_keys=0)
+CONFIGS = {"default": {}, "w8f7s3": dict(num_warps=8, fused_stages=7, split_stages=3), "uniform": UNIFORM,
+           "p128": dict(split=128, **UNIFORM), "first": dict(first_split=128, first_keys=1024)}
 GPU_CONFIGS = list(CONFIGS) if CUDA else ["default"]
+LONG_CONFIGS = ["default", "uniform", "first"] if CUDA else ["default", "first"]
 
 
 @pytest.fixture(autouse=True)
@@ -301,7 +303,7 @@ LONG_CASES = ([(dtype, group, 128) for dtype, group in itertools.product(DTYPES,
               + [(torch.bfloat16, 3, 64)] if CUDA else [(torch.float32, 1, 128)])
 
 
-@pytest.mark.parametrize("config", GPU_CONFIGS if CUDA else ["default", "first"])
+@pytest.mark.parametrize("config", LONG_CONFIGS)
 @pytest.mark.parametrize("dtype,group,head_dim", LONG_CASES)
 def test_long_contexts(dtype, group, head_dim, config):
     """64 splits of context, a chain and a 64-node tree at the end of it, a prefill chunk over 23 splits.
