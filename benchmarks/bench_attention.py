@@ -125,7 +125,7 @@ def config_name(config: tree_attention.DecodeConfig) -> str:
     default = tree_attention.DECODE_CONFIGS[torch.bfloat16]
     region = (config.first_keys, config.first_split)
     first = "" if region == (default.first_keys, default.first_split) else f"r{config.first_keys}"
-    first += f"q{config.first_split}" if config.first_keys else ""
+    first += f"q{config.first_split}" if first and config.first_keys else ""
     split = "" if config.split == default.split else f"p{config.split}"
     block_n = "" if config.block_n == default.block_n else f"n{config.block_n}"
     block_m = "" if config.block_m == default.block_m else f"m{config.block_m}"

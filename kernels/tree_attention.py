@@ -386,6 +386,14 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _first_run(first_split: int, first_keys: int, splits: int) -> int:
+    """Keys of a first-region run of about `splits` splits: a power of two of them that divides the region."""
+    run = first_split * triton.next_power_of_2(splits)
+    while first_keys % run:
+        run //= 2
+    return run
+
+
 def decode_plan(num_tiles: int, num_keys: int, config: DecodeConfig, device: torch.device) -> tuple[str, int, int]:
     """(mode, split-mode run keys among the first first_keys, past them) of the decode launch for num_tiles (row
     tile, sequence, kv head) over num_keys keys.
@@ -394,17 +402,15 @@ def decode_plan(num_tiles: int, num_keys: int, config: DecodeConfig, device: tor
     (a second kernel costs what the extra parallelism saves): K/V read once, no workspace. Otherwise split mode,
     with runs of splits long enough to keep the pipeline full but short enough to leave about
     SPLIT_PROGRAMS_PER_SM programs per SM (small batches, long contexts). The first region's short splits run
-    alone while the long splits give fewer than one program per SM, grouped up to a long split's keys as
-    the batch or the context grows (a short run cannot fill the pipeline).
+    alone while a long split's keys in short runs make at most one program per SM, and are grouped up to a long
+    split's keys as the batch grows (a short run cannot fill the pipeline). That grouping follows the batch alone:
+    a CUDA graph's launch is planned for max_model_len keys, whatever the context it then serves.
     """
     sms = _num_sms(device) if device.type == "cuda" else 1
     split, first_split, first_keys = config.grid
-    long_splits = num_tiles * triton.cdiv(num_keys, split)  # programs at one long split each
-    rest_run = max(1, long_splits // (SPLIT_PROGRAMS_PER_SM * sms)) * split
-    group = triton.next_power_of_2(math.ceil(long_splits / sms * split / first_split))
-    first_run = first_split * min(group, split // first_split)
-    while first_keys % first_run:
-        first_run //= 2
+    rest_run = max(1, num_tiles * triton.cdiv(num_keys, split) // (SPLIT_PROGRAMS_PER_SM * sms)) * split
+    first_run = _first_run(first_split, first_keys, min(math.ceil(num_tiles * split / first_split / sms),
+                                                        split // first_split))
     runs = triton.cdiv(min(num_keys, first_keys), first_run) + triton.cdiv(max(num_keys - first_keys, 0), rest_run)
     if runs <= 2 or (device.type == "cuda" and num_tiles >= FUSED_TILES_PER_SM * sms):
         return "fused", first_run, rest_run
@@ -420,7 +426,7 @@ def tree_attention(
     *,
     out: torch.Tensor | None = None,  # [num_tokens, num_q_heads, head_dim]; rows of empty queries untouched
     mode: str = "auto",  # "split" | "fused" | "auto": numerically identical, only speed differs
-    splits_per_program: int | None = None,  # split mode's run length past the first region; None: decode_plan's
+    splits_per_program: int | None = None,  # split mode's splits per run (first region: a power of two); None: planned
     decode_max_q: int = DECODE_MAX_Q,
     config: DecodeConfig | None = None,  # None: decode_config of the cache; benchmarks try others
 ) -> torch.Tensor:
@@ -461,7 +467,8 @@ def tree_attention(
     num_splits = config.num_splits(max_seq)
     planned, first_run, rest_run = decode_plan(tiles * num_seqs * num_kv_heads, max_seq, config, q.device)
     mode = planned if mode == "auto" else mode
-    rest_run = split * splits_per_program if splits_per_program else rest_run
+    if splits_per_program:
+        first_run, rest_run = _first_run(first_split, first_keys, splits_per_program), split * splits_per_program
     fused = mode == "fused"
     ws_dtype = torch.float32 if fp32 else q.dtype
     if fused:
