@@ -74,6 +74,7 @@ class DecodeConfig:
     def __post_init__(self):
         assert self.split % self.block_n == 0, "splits start on key-block boundaries"
         assert self.first_keys == 0 or self.first_split % self.block_n == self.first_keys % self.first_split == 0
+        assert self.first_keys % self.split == 0, "long sequences run the first region in runs of split keys"
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -219,7 +220,9 @@ def _tree_attn_kernel(
     """One (query-row tile, run of keys, sequence x kv head) of tree attention; MODE: split|fused|whole.
 
     Split mode's runs are first_run keys long among the first FIRST_KEYS, rest_run keys past them (whole splits);
-    fused and whole mode take every key in one run.
+    fused and whole mode take every key in one run. A sequence of more than 2 FIRST_KEYS keys, whose rest region
+    gives it programs enough, runs its first region in SPLIT-key runs instead: which program computes a split
+    never changes its bits.
     """
     if PDL:
         tl.extra.cuda.gdc_wait()
@@ -236,6 +239,7 @@ def _tree_attn_kernel(
     tree_base = ctx + tl.load(tree_offsets + b)  # sequence position of the root
     kv_end = tl.minimum(tl.load(seq_lens + b), ctx + tl.minimum(t0 + BLOCK_Q, q_len))  # past every row's limit
     if MODE == "split":
+        first_run = tl.where(kv_end > 2 * FIRST_KEYS, tl.maximum(first_run, SPLIT), first_run)
         run, first_runs = tl.program_id(1), FIRST_KEYS // first_run
         lo = tl.where(run < first_runs, run * first_run, FIRST_KEYS + (run - first_runs) * rest_run)
         if lo >= kv_end:  # no row of the tile reaches this run
