@@ -7,9 +7,9 @@ session).
 Each kernel on the decode path takes `PDL: tl.constexpr` and starts with `if PDL: gdc_wait()`; its launch passes
 `**flags()`, which turns it on only for launches captured into CUDA graphs: on SmolLM2 the graph forward took 0.74
 against 0.78 ms with it, but 8 prompts at once (eager prefill included) ran at 6,300-6,700 against 7,900 tok/s with
-it on every launch (not understood). Off unless SPECSERVE_PDL=1: with graph-only PDL one of four GPU runs of the CUDA
-graph / async / kernel tests had a failure that was not identified (budget ran out), so it stays opt-in until that
-is explained. The CPU interpreter never uses it.
+it on every launch (not understood). On by default; SPECSERVE_PDL=0 turns it off. The tenth session saw one failure
+in four GPU runs of the CUDA graph / async / kernel tests with it, never identified; the eleventh ran that subset
+twelve times and the whole GPU suite once with it, all passing (RESULTS.md). The CPU interpreter never uses it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import os
 
 import torch
 
-ENABLED = (os.environ.get("SPECSERVE_PDL") == "1" and torch.cuda.is_available()
+ENABLED = (os.environ.get("SPECSERVE_PDL", "1") != "0" and torch.cuda.is_available()
            and torch.cuda.get_device_capability()[0] >= 9)
 
 
