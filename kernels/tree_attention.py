@@ -74,7 +74,7 @@ class DecodeConfig:
     def __post_init__(self):
         assert self.split % self.block_n == 0, "splits start on key-block boundaries"
         assert self.first_keys == 0 or self.first_split % self.block_n == self.first_keys % self.first_split == 0
-        assert self.first_keys % self.split == 0, "long sequences run the first region in runs of split keys"
+        assert self.first_keys % self.split == 0, "long sequences run the first region in runs of whole long splits"
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -205,11 +205,11 @@ def _store_split(
 
 # the ints that follow the batch's shape are not specialized (== 1, multiple of 16): each new combination would
 # compile another variant in the middle of serving, seconds of stall
-@triton.jit(do_not_specialize=["q_min", "q_max", "ws_rows_per_seq", "ws_splits", "first_run", "rest_run"])
+@triton.jit(do_not_specialize=["q_min", "q_max", "ws_rows_per_seq", "ws_splits", "first_run", "long_run", "rest_run"])
 def _tree_attn_kernel(
     q_ptr, k_cache, v_cache, out_ptr, ws_o, ws_lse,
     query_start_loc, seq_lens, context_lens, block_tables, tree_offsets, tree_mask,
-    qk_scale, q_min, q_max, ws_rows_per_seq, ws_splits, first_run, rest_run,
+    qk_scale, q_min, q_max, ws_rows_per_seq, ws_splits, first_run, long_run, rest_run,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_Q: tl.constexpr,
@@ -221,7 +221,7 @@ def _tree_attn_kernel(
 
     Split mode's runs are first_run keys long among the first FIRST_KEYS, rest_run keys past them (whole splits);
     fused and whole mode take every key in one run. A sequence of more than 2 FIRST_KEYS keys, whose rest region
-    gives it programs enough, runs its first region in SPLIT-key runs instead: which program computes a split
+    gives it programs enough, runs its first region in long_run-key runs instead: which program computes a split
     never changes its bits.
     """
     if PDL:
@@ -239,7 +239,7 @@ def _tree_attn_kernel(
     tree_base = ctx + tl.load(tree_offsets + b)  # sequence position of the root
     kv_end = tl.minimum(tl.load(seq_lens + b), ctx + tl.minimum(t0 + BLOCK_Q, q_len))  # past every row's limit
     if MODE == "split":
-        first_run = tl.where(kv_end > 2 * FIRST_KEYS, tl.maximum(first_run, SPLIT), first_run)
+        first_run = tl.where(kv_end > 2 * FIRST_KEYS, long_run, first_run)
         run, first_runs = tl.program_id(1), FIRST_KEYS // first_run
         lo = tl.where(run < first_runs, run * first_run, FIRST_KEYS + (run - first_runs) * rest_run)
         if lo >= kv_end:  # no row of the tile reaches this run
@@ -406,14 +406,14 @@ def decode_plan(num_tiles: int, num_keys: int, config: DecodeConfig, device: tor
     (a second kernel costs what the extra parallelism saves): K/V read once, no workspace. Otherwise split mode,
     with runs of splits long enough to keep the pipeline full but short enough to leave about
     SPLIT_PROGRAMS_PER_SM programs per SM (small batches, long contexts). The first region's short splits run
-    alone while a long split's keys in short runs make at most one program per SM, and are grouped up to a long
-    split's keys as the batch grows (a short run cannot fill the pipeline). That grouping follows the batch alone:
-    a CUDA graph's launch is planned for max_model_len keys, whatever the context it then serves.
+    alone while a long split's keys in short runs make programs for at most half the SMs, and are grouped up to a
+    long split's keys as the batch grows (a short run cannot fill the pipeline). That grouping follows the batch
+    alone: a CUDA graph's launch is planned for max_model_len keys, whatever the context it then serves.
     """
     sms = _num_sms(device) if device.type == "cuda" else 1
     split, first_split, first_keys = config.grid
     rest_run = max(1, num_tiles * triton.cdiv(num_keys, split) // (SPLIT_PROGRAMS_PER_SM * sms)) * split
-    first_run = _first_run(first_split, first_keys, min(math.ceil(num_tiles * split / first_split / sms),
+    first_run = _first_run(first_split, first_keys, min(math.ceil(2 * num_tiles * split / first_split / sms),
                                                         split // first_split))
     runs = triton.cdiv(min(num_keys, first_keys), first_run) + triton.cdiv(max(num_keys - first_keys, 0), rest_run)
     if runs <= 2 or (device.type == "cuda" and num_tiles >= FUSED_TILES_PER_SM * sms):
@@ -480,12 +480,14 @@ def tree_attention(
     else:
         ws_o = torch.empty(num_seqs * q_cap, num_q_heads, num_splits, head_dim_p, device=q.device, dtype=ws_dtype)
         ws_lse = torch.empty(num_seqs * q_cap, num_q_heads, num_splits, device=q.device, dtype=torch.float32)
+    # long sequences: the first region in runs as long as the rest's where they divide it, else of one long split
+    long_run = max(first_run, rest_run if first_keys % rest_run == 0 else split)
     first_runs = triton.cdiv(min(max_seq, first_keys), first_run)
     runs = 1 if fused else first_runs + triton.cdiv(max(max_seq - first_keys, 0), rest_run)
     num_stages = (config.fused_stages if fused else config.split_stages) if head_dim_p <= 128 else 3
     _tree_attn_kernel[(tiles, runs, num_seqs * num_kv_heads)](
         q, k_cache, v_cache, out, ws_o, ws_lse, *args, qk_scale, 1, decode_max_q, q_cap, num_splits, first_run,
-        rest_run, *strides,
+        long_run, rest_run, *strides,
         BLOCK_Q=block_q, MODE=mode, num_warps=config.num_warps, num_stages=num_stages, **common,
     )
     if not fused:
@@ -501,7 +503,7 @@ def tree_attention(
         block_q = max((64 if fp32 else 128) // group_p, 1)  # fp32 at 128 rows spills registers
         grid = (triton.cdiv(max_q, block_q), 1, num_seqs * num_kv_heads)
         _tree_attn_kernel[grid](
-            q, k_cache, v_cache, out, out, out, *args, qk_scale, decode_max_q + 1, 2**31 - 1, 0, 0, 1, 1,
+            q, k_cache, v_cache, out, out, out, *args, qk_scale, decode_max_q + 1, 2**31 - 1, 0, 0, 1, 1, 1,
             *strides, BLOCK_Q=block_q, MODE="whole", num_warps=8, num_stages=3, **common,
         )
     return out
