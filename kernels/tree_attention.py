@@ -97,9 +97,9 @@ class DecodeConfig:
 # split == fused tests (parametrized over tests/test_kernels.py CONFIGS) pass with it on the GPU.
 # bf16/fp16 at 4 warps and 5 stages: 0.77x the time of 8 warps / 7 + 3 stages over the bench's 60 shapes on an
 # H200, 73-83% of copy bandwidth at batch >= 32 and context >= 2048 (RESULTS.md); fp32 keeps 8 warps (untimed).
-# The first 2048 keys in 256-key splits: at batch 1 a 512-key context then has 24 programs, not 8, and takes 15.4
-# against 22.8 us on an H100 (16 against 24 at 2048 keys, both now faster than SDPA), while batches that fill the GPU
-# group them back into 512-key runs (decode_plan) and lose 0-4% (RESULTS.md, eleventh session).
+# The first 2048 keys in 256-key splits: at batch 1 a 512-key context then has 24 programs, not 8, and takes 15.3
+# against 22.7 us on an H100 (16.5 against 24.1 at 2048 keys, both now faster than SDPA); batches that fill the GPU
+# run fused within 0-4% of the uniform grid (RESULTS.md, eleventh session).
 DECODE_CONFIGS = {
     torch.float32: DecodeConfig(split=512, block_n=32, block_m=64, num_warps=8, fused_stages=7, split_stages=3),
     **{dtype: DecodeConfig(split=512, block_n=64, block_m=64, num_warps=4, fused_stages=5, split_stages=5,
@@ -402,7 +402,7 @@ def decode_plan(num_tiles: int, num_keys: int, config: DecodeConfig, device: tor
     """(mode, split-mode run keys among the first first_keys, past them) of the decode launch for num_tiles (row
     tile, sequence, kv head) over num_keys keys.
 
-    Only speed depends on this. Fused once the tiles alone fill the GPU, or when there are at most two splits
+    Only speed depends on this. Fused once the tiles alone fill the GPU, or when there are at most two runs
     (a second kernel costs what the extra parallelism saves): K/V read once, no workspace. Otherwise split mode,
     with runs of splits long enough to keep the pipeline full but short enough to leave about
     SPLIT_PROGRAMS_PER_SM programs per SM (small batches, long contexts). The first region's short splits run
