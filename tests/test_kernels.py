@@ -2,8 +2,9 @@
 
 Without CUDA the kernels run in Triton's CPU interpreter on small shapes (a covering subset of the matrix);
 with CUDA the whole matrix runs, plus contexts to 32k. Every kernel output starts as NaN, and every cache
-slot outside the sequences is NaN, so a row left unwritten or a masked key that gets read shows up. On one
-H200, run it with at most 8 xdist workers: at 16 the long-context cases' references ran out of GPU memory.
+slot outside the sequences is NaN, so a row left unwritten or a masked key that gets read shows up. On one GPU
+run the long-context cases with at most 2 xdist workers (-k long_contexts -n 2; on an H100 two group-8 references
+ran out of memory at 4) and the rest with up to 8.
 """
 
 import os
