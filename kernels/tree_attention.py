@@ -57,6 +57,12 @@ DECODE_MAX_Q = 128  # longer queries are prefill chunks: the big-tile fused laun
 LOG2E = 1.4426950408889634
 
 
+def _cover(num_keys: int, first_keys: int, first_len: int, rest_len: int) -> int:
+    """Pieces that cover keys [0, num_keys): first_len keys each among the first first_keys (which they divide),
+    rest_len keys each past them. Splits of a grid, and split-mode runs, are such pieces."""
+    return triton.cdiv(min(num_keys, first_keys), first_len) + triton.cdiv(max(num_keys - first_keys, 0), rest_len)
+
+
 @dataclass(frozen=True)
 class DecodeConfig:
     """Decode/verify launch. split, block_n and num_warps belong to the numerics, so both modes share them; stages
@@ -83,10 +89,8 @@ class DecodeConfig:
 
     def num_splits(self, keys: int) -> int:
         """Splits that cover keys [0, keys)."""
-        first_split, first_keys = self.grid[1:]
-        if keys <= first_keys:
-            return -(-keys // first_split)
-        return first_keys // first_split + -(-(keys - first_keys) // self.split)
+        split, first_split, first_keys = self.grid
+        return _cover(keys, first_keys, first_split, split)
 
 
 # Per cache dtype and head size, never per batch (see "Batch invariance"). Stages: the K/V copies of a key block
@@ -415,8 +419,8 @@ def decode_plan(num_tiles: int, num_keys: int, config: DecodeConfig, device: tor
     rest_run = max(1, num_tiles * triton.cdiv(num_keys, split) // (SPLIT_PROGRAMS_PER_SM * sms)) * split
     first_run = _first_run(first_split, first_keys, min(math.ceil(2 * num_tiles * split / first_split / sms),
                                                         split // first_split))
-    runs = triton.cdiv(min(num_keys, first_keys), first_run) + triton.cdiv(max(num_keys - first_keys, 0), rest_run)
-    if runs <= 2 or (device.type == "cuda" and num_tiles >= FUSED_TILES_PER_SM * sms):
+    fills_gpu = device.type == "cuda" and num_tiles >= FUSED_TILES_PER_SM * sms
+    if _cover(num_keys, first_keys, first_run, rest_run) <= 2 or fills_gpu:
         return "fused", first_run, rest_run
     return "split", first_run, rest_run
 
@@ -482,8 +486,7 @@ def tree_attention(
         ws_lse = torch.empty(num_seqs * q_cap, num_q_heads, num_splits, device=q.device, dtype=torch.float32)
     # long sequences: the first region in runs as long as the rest's where they divide it, else of one long split
     long_run = max(first_run, rest_run if first_keys % rest_run == 0 else split)
-    first_runs = triton.cdiv(min(max_seq, first_keys), first_run)
-    runs = 1 if fused else first_runs + triton.cdiv(max(max_seq - first_keys, 0), rest_run)
+    runs = 1 if fused else _cover(max_seq, first_keys, first_run, rest_run)
     num_stages = (config.fused_stages if fused else config.split_stages) if head_dim_p <= 128 else 3
     _tree_attn_kernel[(tiles, runs, num_seqs * num_kv_heads)](
         q, k_cache, v_cache, out, ws_o, ws_lse, *args, qk_scale, 1, decode_max_q, q_cap, num_splits, first_run,
