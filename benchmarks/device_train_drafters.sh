@@ -25,7 +25,7 @@
 # MEDUSA_EPOCHS, MEDUSA_LAYERS (ResBlocks per head, default 1), DRAFT_MODEL_EPOCHS, DRAFT_VOCAB (EAGLE-3's draft
 # vocabulary; 0, the default: the target's LM head), INIT (a folder of checkpoints, e.g.
 # drafters/weights/smollm2-135m-instruct: each kind starts from its own with train-drafter --init, tensors of the
-# same names and shapes), KINDS (which, the first one distilling), RESUME=1 (continue each kind from
+# same names and shapes), LR (peak learning rate of every kind; default per kind), KINDS (which, the first one distilling), RESUME=1 (continue each kind from
 # /root/td/KIND/train_state.pt: a second call on the same machine trains longer than one call's 10 minutes allow;
 # its learning rate rises again and anneals by the new deadline).
 set -uo pipefail
@@ -41,7 +41,7 @@ smi=$!
 common=(--model "$gguf" --prompts .devdata/train_prompts.jsonl --distill-cache "$td/distill.safetensors"
         --temperatures "${TEMPERATURES:-0,0.7,1.0}" --num-samples "${NUM_SAMPLES:-8}" --self-instruct "${SELF_INSTRUCT:-0}"
         --max-tokens 256 --max-num-seqs 1024 --device cuda
-        --batch-size 32 --group-by-length --keep-best --val-fraction 0.05 ${RESUME:+--resume})
+        --batch-size 32 --group-by-length --keep-best --val-fraction 0.05 ${RESUME:+--resume} ${LR:+--lr "$LR"})
 declare -A kind_args=(
   [eagle]="--epochs ${EAGLE_EPOCHS:-5} --feature-noise 0.2"
   [eagle3]="--epochs ${EAGLE3_EPOCHS:-4} --draft-vocab-size ${DRAFT_VOCAB:-0}"
