@@ -337,15 +337,6 @@ def config_markdown(rows: list[dict], bitwise: dict, same_numerics: dict, compil
     return "\n".join(lines)
 
 
-def load_baseline(path: str):
-    """Another tree_attention.py, imported beside ours."""
-    spec = importlib.util.spec_from_file_location("baseline_tree_attention", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def main() -> None:
     """Run the sweep, print the table, write the JSON."""
     global Q_HEADS, KV_HEADS, HEAD_DIM
@@ -367,7 +358,12 @@ def main() -> None:
     started = time.perf_counter()
     copy_bw = copy_bandwidth(device, cuda)
     flex = None if args.no_flex else load_flex(cuda)
-    baseline = load_baseline(args.baseline) if args.baseline else None
+    baseline = None
+    if args.baseline:
+        spec = importlib.util.spec_from_file_location("baseline_tree_attention", args.baseline)
+        baseline = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = baseline  # its dataclasses look their module up there
+        spec.loader.exec_module(baseline)
     configs = {config_name(c): c for c in args.configs or [tree_attention.decode_config(torch.bfloat16, HEAD_DIM)]}
     batches, query_lens, contexts = BATCHES, QUERY_LENS, CONTEXTS
     if args.shapes:

@@ -14,9 +14,7 @@ Parts (each prints a markdown table and writes DIR/<part>.json):
            graphs ("fused+PDL", kernels/pdl.py), and with both ops apart, two rounds:
            graph-replayed forward at batch 1 and 8, plain decode step and tok/s at batch 1, tok/s of all prompts
            at once. --attention-configs adds a variant per decode attention config (bench_attention.py's
-           spelling, e.g. r0w4f5s5 for the uniform 512-key grid); --attention-module PATH a variant ("attention
-           module", with PDL) whose engine runs another tree_attention.py; --variants keeps only the named
-           variants.
+           spelling, e.g. r0w4f5s5 for the uniform 512-key grid); --variants keeps only the named variants.
 """
 
 from __future__ import annotations
@@ -210,7 +208,7 @@ def part_fusion(args) -> dict:
         models["smollm2"] = (lambda: load_model(args.gguf, torch.bfloat16, torch.device("cuda")), mt_prompts, 256,
                              2048)
     targets = [(triton_backend, "gated_linear"), (triton_backend, "qkv_rope_write_kv"), (pdl, "ENABLED"),
-               (tree_attention, "DECODE_CONFIGS"), (triton_backend, "tree_attention")]
+               (tree_attention, "DECODE_CONFIGS")]
     defaults = {(mod, attr): getattr(mod, attr) for mod, attr in targets}
     no_pdl = {(pdl, "ENABLED"): False}
     variants = {"fused": no_pdl, "fused+PDL": {(pdl, "ENABLED"): True},
@@ -220,9 +218,6 @@ def part_fusion(args) -> dict:
         config = bench_attention.parse_config(spec)  # the 16-bit caches' config; fp32 keeps its own
         configs = {**tree_attention.DECODE_CONFIGS, torch.bfloat16: config, torch.float16: config}
         variants[f"attention {spec}"] = {**no_pdl, (tree_attention, "DECODE_CONFIGS"): configs}
-    if args.attention_module:
-        other = bench_attention.load_baseline(args.attention_module).tree_attention
-        variants["attention module"] = {(pdl, "ENABLED"): True, (triton_backend, "tree_attention"): other}
     if args.variants:
         variants = {name: variants[name] for name in args.variants.split(",")}
     rows, tokens = [], {}
@@ -271,7 +266,6 @@ def main() -> int:
     p.add_argument("--gguf", default=None, help="fusion: SmolLM2's GGUF instead of the 8B shape (both: --with-8b)")
     p.add_argument("--with-8b", action="store_true")
     p.add_argument("--attention-configs", help="fusion: a variant per decode attention config, e.g. r0w4f5s5")
-    p.add_argument("--attention-module", help="fusion: a variant whose engine runs this tree_attention.py")
     p.add_argument("--variants", help="fusion: the variants to run, comma-separated (default: all)")
     p.add_argument("--mt-bench", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
                                                       "mt_bench.jsonl"))

@@ -8,14 +8,13 @@ Work split
     splits give a small batch more programs), the rest into splits of SPLIT (fewer folds). Each split
     runs a fresh online softmax (fp32, log2 domain) and yields (o_s, lse_s); splits are folded left to right:
         M' = max(M, lse_s);  num = num * 2^(M - M') + 2^(lse_s - M') * o_s;  den likewise with 1 for o_s.
-    "split" mode gives each program a run of whole splits (decode_plan) and writes every split's (o_s, lse_s) to
-    a workspace; the last program of a row tile to finish folds them (parallelism for small batches, and no
-    second kernel to launch); "fused" mode walks all
+    "split" mode gives each program a run of whole splits (decode_plan), writes every split's (o_s, lse_s) to
+    a workspace and folds them in a second kernel (parallelism for small batches); "fused" mode walks all
     splits in one program and folds at each boundary in registers (no workspace, for batches that fill the
     GPU). Either way a split closes inside the one pipelined key loop, and both modes do the same operations in
     the same order (FMA contraction off), so the per-launch choice, taken from the batch shape, does not change
-    a bit. Split mode finishes the rows that see split 0 alone where it stores that split, with the same fold
-    from the empty state, and carries no fold state through its key loop (registers). Queries longer than `decode_max_q`
+    a bit. Split mode finishes the rows that see split 0 alone in its first kernel, with the same fold from the
+    empty state, and carries no fold state through its key loop (registers). Queries longer than `decode_max_q`
     (prefill chunks) go to a second launch ("whole" mode): 128-row tiles, one softmax over all keys. Which
     launch takes a sequence depends on its own query length only.
 
@@ -130,8 +129,8 @@ def decode_config(dtype: torch.dtype, head_dim: int) -> DecodeConfig:
     return DECODE_CONFIGS[dtype]
 
 
-FUSED_TILES_PER_SM = 0.75  # fused once the row tiles nearly fill the SMs: no workspace round trip, no fold
-COUNTERS_MIN = 4096  # split mode's per-tile arrival counters allocated at once (auto mode needs < 0.75 per SM)
+FUSED_TILES_PER_SM = 0.75  # fused once the row tiles nearly fill the SMs: no workspace and no second kernel
+FOLD_BATCH = 16  # splits whose workspace rows the fold kernel loads at once
 SPLIT_PROGRAMS_PER_SM = 4  # split mode groups splits into runs so that about this many programs per SM remain
 
 
@@ -191,8 +190,8 @@ def _store_split(
     HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, SPLIT: tl.constexpr, FIRST_SPLIT: tl.constexpr,
     FIRST_KEYS: tl.constexpr,
 ):
-    """Split mode: hand split s of a row tile to the fold (_fold_tile); rows that see split 0 only are final here."""
-    # the fold takes splits 0.._split_of(row_lim) of rows past split 0 (which is FIRST_SPLIT keys)
+    """Split mode: hand split s of a row tile to the fold kernel; rows that see split 0 only are final here."""
+    # the fold kernel takes splits 0.._split_of(row_lim) of rows past split 0 (which is FIRST_SPLIT keys)
     todo = (row_lim >= FIRST_SPLIT) & (row_lim >= _split_start(s, SPLIT, FIRST_SPLIT, FIRST_KEYS))
     d = tl.arange(0, HEAD_DIM_P)
     tl.store(ws_lse + ws_row + s, lse, mask=todo)
@@ -208,40 +207,11 @@ def _store_split(
                  _finish(num, den).to(out_ptr.dtype.element_ty), mask=done)
 
 
-@triton.jit
-def _fold_tile(
-    ws_o, ws_lse, ws_row, row_lim, kv_end, out_ptr, out_row, head, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, SPLIT: tl.constexpr, FIRST_SPLIT: tl.constexpr,
-    FIRST_KEYS: tl.constexpr, FOLD_BATCH: tl.constexpr,
-):
-    """Split mode, in a row tile's last program to finish: fold each row's splits left to right, as fused mode
-    does, and store the rows _store_split left; a row's splits past its last fold in as exact no-ops.
-
-    Each batch of FOLD_BATCH splits is unrolled, so its loads need not wait on each other's folds. They read
-    through L2 (.cg): other SMs wrote them, and this SM's L1 is not coherent with theirs.
-    """
-    todo = row_lim >= FIRST_SPLIT
-    last = _split_of(tl.maximum(row_lim, 0), SPLIT, FIRST_SPLIT, FIRST_KEYS)  # [BLOCK_M] each row's last split
-    d = tl.arange(0, HEAD_DIM_P)
-    mx = tl.full(row_lim.shape, float("-inf"), tl.float32)
-    den = tl.zeros(row_lim.shape, tl.float32)
-    num = tl.zeros([row_lim.shape[0], HEAD_DIM_P], tl.float32)
-    for first in range(0, _split_of(kv_end - 1, SPLIT, FIRST_SPLIT, FIRST_KEYS) + 1, FOLD_BATCH):
-        for j in tl.static_range(FOLD_BATCH):
-            ok = todo & (first + j <= last)
-            lse = tl.load(ws_lse + ws_row + first + j, mask=ok, other=float("-inf"), cache_modifier=".cg")
-            o = tl.load(ws_o + (ws_row + first + j)[:, None] * HEAD_DIM_P + d[None, :], mask=ok[:, None], other=0.0,
-                        cache_modifier=".cg")
-            mx, den, num = _fold(mx, den, num, lse, o)
-    tl.store(_row_ptrs(out_ptr, out_row, head, stride_ot, stride_oh, HEAD_DIM_P),
-             _finish(num, den).to(out_ptr.dtype.element_ty), mask=todo[:, None] & (d < HEAD_DIM)[None, :])
-
-
 # the ints that follow the batch's shape are not specialized (== 1, multiple of 16): each new combination would
 # compile another variant in the middle of serving, seconds of stall
 @triton.jit(do_not_specialize=["q_min", "q_max", "ws_rows_per_seq", "ws_splits", "first_run", "long_run", "rest_run"])
 def _tree_attn_kernel(
-    q_ptr, k_cache, v_cache, out_ptr, ws_o, ws_lse, counters,
+    q_ptr, k_cache, v_cache, out_ptr, ws_o, ws_lse,
     query_start_loc, seq_lens, context_lens, block_tables, tree_offsets, tree_mask,
     qk_scale, q_min, q_max, ws_rows_per_seq, ws_splits, first_run, long_run, rest_run,
     stride_qt, stride_qh, stride_ot, stride_oh,
@@ -249,15 +219,14 @@ def _tree_attn_kernel(
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
     SPLIT: tl.constexpr, FIRST_SPLIT: tl.constexpr, FIRST_KEYS: tl.constexpr, MODE: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, FOLD_BATCH: tl.constexpr, PDL: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, PDL: tl.constexpr,
 ):
     """One (query-row tile, run of keys, sequence x kv head) of tree attention; MODE: split|fused|whole.
 
     Split mode's runs are first_run keys long among the first FIRST_KEYS, rest_run keys past them (whole splits);
     fused and whole mode take every key in one run. A sequence of more than 2 FIRST_KEYS keys, whose rest region
     gives it programs enough, runs its first region in long_run-key runs instead: which program computes a split
-    never changes its bits. counters (split mode): one int32 per (row tile, sequence x kv head), zero before the
-    launch and after it.
+    never changes its bits.
     """
     if PDL:
         tl.extra.cuda.gdc_wait()
@@ -377,34 +346,46 @@ def _tree_attn_kernel(
     else:
         _store_split(o, lse, _split_of(hi - 1, SPLIT, FIRST_SPLIT, FIRST_KEYS), row_lim, ws_o, ws_lse, ws_row,
                      out_ptr, tok, head, stride_ot, stride_oh, HEAD_DIM, HEAD_DIM_P, SPLIT, FIRST_SPLIT, FIRST_KEYS)
-        # the programs of this tile that have keys (the others returned above) count in; the last folds
-        first_runs = FIRST_KEYS // first_run
-        runs = tl.where(kv_end <= FIRST_KEYS, tl.cdiv(kv_end, first_run),
-                        first_runs + tl.cdiv(kv_end - FIRST_KEYS, rest_run))
-        tl.debug_barrier()  # every thread's workspace stores precede the count's release
-        count = counters + tl.program_id(2) * tl.num_programs(0) + tile
-        if tl.atomic_add(count, 1, sem="acq_rel") == runs - 1:
-            tl.store(count, 0)  # zero again for the next launch (a CUDA graph replays the same counters)
-            _fold_tile(ws_o, ws_lse, ws_row, row_lim, kv_end, out_ptr, tok, head, stride_ot, stride_oh, HEAD_DIM,
-                       HEAD_DIM_P, SPLIT, FIRST_SPLIT, FIRST_KEYS, FOLD_BATCH)
 
 
-_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
-_RETIRED: list[torch.Tensor] = []  # outgrown counters: graphs captured with them still read them
+@triton.jit(do_not_specialize=["q_max", "ws_rows_per_seq", "ws_splits"])
+def _fold_splits_kernel(
+    out_ptr, ws_o, ws_lse, query_start_loc, context_lens, q_max, ws_rows_per_seq, ws_splits,
+    stride_ot, stride_oh,
+    NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, SPLIT: tl.constexpr,
+    FIRST_SPLIT: tl.constexpr, FIRST_KEYS: tl.constexpr, FOLD_BATCH: tl.constexpr, PDL: tl.constexpr,
+):
+    """Fold the split results of one (query token, q head) left to right and store its output.
 
-
-def _tile_counters(device: torch.device, n: int) -> torch.Tensor:
-    """Split mode's zeroed per-tile counters for launches on the current stream (the kernel leaves them zeroed)."""
-    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("tree_attention: split mode needs its counters allocated before CUDA graph capture; "
-                               "run the captured shape once eagerly first")
-        if buf is not None:
-            _RETIRED.append(buf)
-        buf = _COUNTERS[key] = torch.zeros(max(n, COUNTERS_MIN), dtype=torch.int32, device=device)
-    return buf
+    The loads of FOLD_BATCH splits at a time do not wait on each other's folds, so a batch costs one memory round
+    trip, not one per split; splits past the row's last fold in as exact no-ops, as in fused mode.
+    """
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    row = tl.program_id(0)
+    h = tl.program_id(1)
+    b = row // ws_rows_per_seq
+    t = row % ws_rows_per_seq
+    q_start = tl.load(query_start_loc + b)
+    q_len = tl.load(query_start_loc + b + 1) - q_start
+    row_lim = tl.load(context_lens + b) + t
+    if (q_len > q_max) | (t >= q_len) | (row_lim < FIRST_SPLIT):  # not ours, or finished by the split kernel
+        return
+    num_splits = _split_of(row_lim, SPLIT, FIRST_SPLIT, FIRST_KEYS) + 1
+    d = tl.arange(0, HEAD_DIM_P)
+    ws_row = (row.to(tl.int64) * NUM_Q_HEADS + h) * ws_splits + tl.arange(0, 1)  # [1]: _fold's row shapes
+    mx = tl.full([1], float("-inf"), tl.float32)
+    den = tl.zeros([1], tl.float32)
+    num = tl.zeros([1, HEAD_DIM_P], tl.float32)
+    for first in range(0, num_splits, FOLD_BATCH):
+        for j in tl.static_range(FOLD_BATCH):
+            s = first + j
+            ok = s + tl.arange(0, 1) < num_splits  # [1]
+            lse = tl.load(ws_lse + ws_row + s, mask=ok, other=float("-inf"))
+            o = tl.load(ws_o + (ws_row + s)[:, None] * HEAD_DIM_P + d[None, :], mask=ok[:, None], other=0.0)
+            mx, den, num = _fold(mx, den, num, lse, o)
+    out_ptrs = out_ptr + (q_start + t).to(tl.int64) * stride_ot + h * stride_oh + d[None, :]
+    tl.store(out_ptrs, _finish(num, den).to(out_ptr.dtype.element_ty), mask=(d < HEAD_DIM)[None, :])
 
 
 @functools.cache
@@ -425,9 +406,9 @@ def decode_plan(num_tiles: int, num_keys: int, config: DecodeConfig, device: tor
     """(mode, split-mode run keys among the first first_keys, past them) of the decode launch for num_tiles (row
     tile, sequence, kv head) over num_keys keys.
 
-    Only speed depends on this. Fused once the tiles alone fill the GPU, or when there are at most two runs (the
-    workspace round trip and the fold cost what the extra parallelism saves): K/V read once, no workspace. Otherwise
-    split mode, with runs of splits long enough to keep the pipeline full but short enough to leave about
+    Only speed depends on this. Fused once the tiles alone fill the GPU, or when there are at most two runs
+    (a second kernel costs what the extra parallelism saves): K/V read once, no workspace. Otherwise split mode,
+    with runs of splits long enough to keep the pipeline full but short enough to leave about
     SPLIT_PROGRAMS_PER_SM programs per SM (small batches, long contexts). The first region's short splits run
     alone while a long split's keys in short runs make programs for at most half the SMs, and are grouped up to a
     long split's keys as the batch grows (a short run cannot fill the pipeline). That grouping follows the batch
@@ -499,9 +480,8 @@ def tree_attention(
     fused = mode == "fused"
     ws_dtype = torch.float32 if fp32 else q.dtype
     if fused:
-        ws_o = ws_lse = counters = torch.empty(0, device=q.device, dtype=ws_dtype)
+        ws_o = ws_lse = torch.empty(0, device=q.device, dtype=ws_dtype)
     else:
-        counters = _tile_counters(q.device, tiles * num_seqs * num_kv_heads)
         ws_o = torch.empty(num_seqs * q_cap, num_q_heads, num_splits, head_dim_p, device=q.device, dtype=ws_dtype)
         ws_lse = torch.empty(num_seqs * q_cap, num_q_heads, num_splits, device=q.device, dtype=torch.float32)
     # long sequences: the first region in runs as long as the rest's where they divide it, else of one long split
@@ -509,18 +489,24 @@ def tree_attention(
     runs = 1 if fused else _cover(max_seq, first_keys, first_run, rest_run)
     num_stages = (config.fused_stages if fused else config.split_stages) if head_dim_p <= 128 else 3
     _tree_attn_kernel[(tiles, runs, num_seqs * num_kv_heads)](
-        q, k_cache, v_cache, out, ws_o, ws_lse, counters, *args, qk_scale, 1, decode_max_q, q_cap, num_splits,
-        first_run, long_run, rest_run, *strides,
-        BLOCK_Q=block_q, MODE=mode, num_warps=config.num_warps, num_stages=num_stages,
-        FOLD_BATCH=4 if head_dim_p <= 64 else 2, **common,  # a batch's o tiles sit in registers at once
+        q, k_cache, v_cache, out, ws_o, ws_lse, *args, qk_scale, 1, decode_max_q, q_cap, num_splits, first_run,
+        long_run, rest_run, *strides,
+        BLOCK_Q=block_q, MODE=mode, num_warps=config.num_warps, num_stages=num_stages, **common,
     )
+    if not fused:
+        _fold_splits_kernel[(num_seqs * q_cap, num_q_heads)](
+            out, ws_o, ws_lse, meta.query_start_loc, meta.context_lens, decode_max_q, q_cap, num_splits,
+            out.stride(0), out.stride(1), NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
+            SPLIT=split, FIRST_SPLIT=first_split, FIRST_KEYS=first_keys, FOLD_BATCH=FOLD_BATCH, num_warps=1,
+            enable_fp_fusion=False, **pdl.flags(),
+        )
 
     # prefill chunks: bigger tiles, one softmax over all keys of the tile
     if max_q > decode_max_q:
         block_q = max((64 if fp32 else 128) // group_p, 1)  # fp32 at 128 rows spills registers
         grid = (triton.cdiv(max_q, block_q), 1, num_seqs * num_kv_heads)
         _tree_attn_kernel[grid](
-            q, k_cache, v_cache, out, out, out, out, *args, qk_scale, decode_max_q + 1, 2**31 - 1, 0, 0, 1, 1, 1,
-            *strides, BLOCK_Q=block_q, MODE="whole", num_warps=8, num_stages=3, FOLD_BATCH=1, **common,
+            q, k_cache, v_cache, out, out, out, *args, qk_scale, decode_max_q + 1, 2**31 - 1, 0, 0, 1, 1, 1,
+            *strides, BLOCK_Q=block_q, MODE="whole", num_warps=8, num_stages=3, **common,
         )
     return out

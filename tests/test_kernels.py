@@ -195,7 +195,6 @@ def test_attention_matches_reference(kind, group, dtype, block_size, head_dim, c
     assert not split.isnan().any() and not ref.isnan().any()
     assert rel_err(split, ref) < TOL[dtype]
     assert same_bits(split, fused)  # the two modes fold the same splits in the same order
-    assert not any(c.any() for c in tree_attention._COUNTERS.values())  # zero again for the next launch
 
 
 def test_entry_point_runs_default_configuration():
