@@ -25,9 +25,9 @@
 # MEDUSA_EPOCHS, MEDUSA_LAYERS (ResBlocks per head, default 1), DRAFT_MODEL_EPOCHS, DRAFT_VOCAB (EAGLE-3's draft
 # vocabulary; 0, the default: the target's LM head), INIT (a folder of checkpoints, e.g.
 # drafters/weights/smollm2-135m-instruct: each kind starts from its own with train-drafter --init, tensors of the
-# same names and shapes), LR (peak learning rate of every kind; default per kind), KINDS (which, the first one distilling), RESUME=1 (continue each kind from
-# /root/td/KIND/train_state.pt: a second call on the same machine trains longer than one call's 10 minutes allow;
-# its learning rate rises again and anneals by the new deadline).
+# same names and shapes), LR (peak learning rate of every kind; default per kind), KINDS (which, the first one
+# distilling), RESUME=1 (continue each kind from /root/td/KIND/train_state.pt: a second call on the same machine
+# trains longer than one call's 10 minutes allow; its learning rate rises again and anneals by the new deadline).
 set -uo pipefail
 gguf=${1:-/root/m/smol.gguf} out=${2:-$OUT}
 TRAIN_END=${TRAIN_END:-330} EVAL_LIMIT=${EVAL_LIMIT:-180}
