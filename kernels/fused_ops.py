@@ -23,8 +23,7 @@ def _rms_norm_kernel(
     HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
     """One row: optionally x += residual (stored, rounded to the dtype), then weight * rmsnorm(x)."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
+    pdl.enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -68,8 +67,7 @@ def rms_norm(
 @triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """silu(gate) * up for one row of x = [gate | up], rounded like torch's two ops."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
+    pdl.enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -115,8 +113,7 @@ def _rope_write_kv_kernel(
     HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK_SIZE: tl.constexpr, PDL: tl.constexpr,
 ):
     """One token: rotate its q heads into q_out, and its rotated k and its v into its cache slot."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
+    pdl.enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t)
     d = tl.arange(0, HALF_P)

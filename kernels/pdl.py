@@ -4,12 +4,13 @@ predecessors write before they are done. In a CUDA graph of a small model's step
 part of every node's launch latency: 0.71 against 1.02 us a node for trivial kernels on an H100 (RESULTS.md, tenth
 session).
 
-Each kernel on the decode path takes `PDL: tl.constexpr` and starts with `if PDL: gdc_wait()`; its launch passes
-`**flags()`, which turns it on only for launches captured into CUDA graphs: on SmolLM2 the graph forward took 0.74
-against 0.78 ms with it, but 8 prompts at once (eager prefill included) ran at 6,300-6,700 against 7,900 tok/s with
-it on every launch (not understood). On by default; SPECSERVE_PDL=0 turns it off. The tenth session saw one failure
-in four GPU runs of the CUDA graph / async / kernel tests with it, never identified; the eleventh ran that subset
-twelve times and the whole GPU suite once with it, all passing (RESULTS.md). The CPU interpreter never uses it.
+Each kernel on the decode path takes `PDL: tl.constexpr` and starts with `pdl.enter(PDL)` (the wait, then the trigger
+below); its launch passes `**flags()`, which turns it on only for launches captured into CUDA graphs: on SmolLM2 the
+graph forward took 0.74 against 0.78 ms with it, but 8 prompts at once (eager prefill included) ran at 6,300-6,700
+against 7,900 tok/s with it on every launch (not understood). On by default; SPECSERVE_PDL=0 turns it off. The tenth
+session saw one failure in four GPU runs of the CUDA graph / async / kernel tests with it, never identified; the
+eleventh ran that subset twelve times and the whole GPU suite once with it, all passing (RESULTS.md). The CPU
+interpreter never uses it.
 """
 
 from __future__ import annotations
@@ -17,13 +18,30 @@ from __future__ import annotations
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 ENABLED = (os.environ.get("SPECSERVE_PDL", "1") != "0" and torch.cuda.is_available()
            and torch.cuda.get_device_capability()[0] >= 9)
+# Each kernel lets the next one launch as soon as its own wait is over, so the next kernel's programs are scheduled
+# while this one runs and wait at their gdc_wait; without it the next launches when this one's programs exit. H100,
+# one process each way (RESULTS.md, twelfth session): SmolLM2's graph forward 0.645 against 0.745 ms, the 8B shape's
+# decode step 6.09 against 6.18 ms. On by default with PDL; SPECSERVE_PDL_TRIGGER=0 turns it off.
+TRIGGER = os.environ.get("SPECSERVE_PDL_TRIGGER", "1") != "0"
 
 
 def flags() -> dict:
-    """A launch's PDL constexpr and launch option: on while a CUDA graph is being captured."""
+    """A launch's PDL constexpr (0 off, 1 wait, 2 wait then trigger) and launch option: on while a CUDA graph is
+    being captured."""
     if ENABLED and torch.cuda.is_current_stream_capturing():
-        return {"PDL": True, "launch_pdl": True}
-    return {"PDL": False}
+        return {"PDL": 2 if TRIGGER else 1, "launch_pdl": True}
+    return {"PDL": 0}
+
+
+@triton.jit
+def enter(PDL: tl.constexpr):
+    """A kernel's first step: under PDL wait until the kernels before it are done (their writes visible)."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    if PDL == 2:
+        tl.extra.cuda.gdc_launch_dependents()

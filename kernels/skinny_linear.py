@@ -91,8 +91,7 @@ def _skinny_kernel(
 ):
     """BLOCK_N weight rows against all (<= 16) rows of x. GATED: the rows are BLOCK_N // 2 gate rows and their up
     rows (N // 2 rows further), and the program writes silu(gate) * up."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
+    pdl.enter(PDL)
     HALF_N: tl.constexpr = BLOCK_N // 2
     pid = tl.program_id(0)
     rm = tl.arange(0, 16)
@@ -141,8 +140,7 @@ def _qkv_rope_kernel(
 ):
     """The q/k/v projection of all (<= 16) rows for BLOCK_N / 2 rope pairs (d, d + HEAD_DIM / 2) of one head, then
     rope_write_kv's work on them: rotated q to q_ptr, rotated k and plain v to their cache slots."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
+    pdl.enter(PDL)
     HALF_N: tl.constexpr = BLOCK_N // 2
     PER_HEAD: tl.constexpr = HEAD_DIM // BLOCK_N  # programs per head
     pid = tl.program_id(0)

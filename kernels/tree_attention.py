@@ -228,8 +228,7 @@ def _tree_attn_kernel(
     gives it programs enough, runs its first region in long_run-key runs instead: which program computes a split
     never changes its bits.
     """
-    if PDL:
-        tl.extra.cuda.gdc_wait()
+    pdl.enter(PDL)
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_P
     tile = tl.program_id(0)
     b = tl.program_id(2) // NUM_KV_HEADS
@@ -360,8 +359,7 @@ def _fold_splits_kernel(
     The loads of FOLD_BATCH splits at a time do not wait on each other's folds, so a batch costs one memory round
     trip, not one per split; splits past the row's last fold in as exact no-ops, as in fused mode.
     """
-    if PDL:
-        tl.extra.cuda.gdc_wait()
+    pdl.enter(PDL)
     row = tl.program_id(0)
     h = tl.program_id(1)
     b = row // ws_rows_per_seq
