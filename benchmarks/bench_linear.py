@@ -11,8 +11,9 @@ Parts (each prints a markdown table and writes DIR/<part>.json):
   kernels  device time per kernel family of one eager 8B decode step (torch.profiler), skinny vs cuBLAS.
   fusion   the 8B shape or (--gguf) SmolLM2: engines built in turn with rope + K/V store inside the q/k/v launch and
            SiLU-and-multiply inside gate_up's (the defaults), the same with programmatic dependent launch in the
-           graphs ("fused+PDL", kernels/pdl.py; "fused+PDL+trigger" with pdl.TRIGGER), and with both ops apart,
-           two rounds: graph-replayed forward at batch 1 and 8, plain decode step and tok/s at batch 1, tok/s of all
+           graphs ("fused+PDL", kernels/pdl.py; its trigger follows SPECSERVE_PDL_TRIGGER: switching it between
+           engines of one process would compile kernels inside a graph capture), and with both ops apart, two
+           rounds: graph-replayed forward at batch 1 and 8, plain decode step and tok/s at batch 1, tok/s of all
            prompts at once. --attention-configs adds a variant per decode attention config (bench_attention.py's
            spelling, e.g. r0w4f5s5 for the uniform 512-key grid); --variants keeps only the named variants.
 """
@@ -208,11 +209,10 @@ def part_fusion(args) -> dict:
         models["smollm2"] = (lambda: load_model(args.gguf, torch.bfloat16, torch.device("cuda")), mt_prompts, 256,
                              2048)
     targets = [(triton_backend, "gated_linear"), (triton_backend, "qkv_rope_write_kv"), (pdl, "ENABLED"),
-               (pdl, "TRIGGER"), (tree_attention, "DECODE_CONFIGS")]
+               (tree_attention, "DECODE_CONFIGS")]
     defaults = {(mod, attr): getattr(mod, attr) for mod, attr in targets}
     no_pdl = {(pdl, "ENABLED"): False}
     variants = {"fused": no_pdl, "fused+PDL": {(pdl, "ENABLED"): True},
-                "fused+PDL+trigger": {(pdl, "ENABLED"): True, (pdl, "TRIGGER"): True},
                 "rope and silu apart": {**no_pdl, (triton_backend, "qkv_rope_write_kv"): rope_apart,
                                         (triton_backend, "gated_linear"): silu_apart}}
     for spec in args.attention_configs.split(",") if args.attention_configs else []:

@@ -40,7 +40,8 @@ def flags() -> dict:
 
 @triton.jit
 def enter(PDL: tl.constexpr):
-    """A kernel's first step: under PDL wait until the kernels before it are done (their writes visible)."""
+    """A kernel's first step: under PDL wait until the kernels before it are done (their writes visible); PDL 2 then
+    lets the next kernel launch."""
     if PDL:
         tl.extra.cuda.gdc_wait()
     if PDL == 2:
