@@ -26,8 +26,9 @@ ENABLED = (os.environ.get("SPECSERVE_PDL", "1") != "0" and torch.cuda.is_availab
 # Each kernel lets the next one launch as soon as its own wait is over, so the next kernel's programs are scheduled
 # while this one runs and wait at their gdc_wait; without it the next launches when this one's programs exit. H100,
 # one process each way (RESULTS.md, twelfth session): SmolLM2's graph forward 0.645 against 0.745 ms, the 8B shape's
-# decode step 6.09 against 6.18 ms. On by default with PDL; SPECSERVE_PDL_TRIGGER=0 turns it off.
-TRIGGER = os.environ.get("SPECSERVE_PDL_TRIGGER", "1") != "0"
+# decode step 6.09 against 6.18 ms. Opt-in (SPECSERVE_PDL_TRIGGER=1): with it, an engine built after others in the
+# same process twice failed its graph capture (not understood).
+TRIGGER = os.environ.get("SPECSERVE_PDL_TRIGGER", "0") != "0"
 
 
 def flags() -> dict:
