@@ -1,4 +1,4 @@
-"""SmolLM2 plain decoding: two plain engines and the plain arm of bench_gpu_e2e's multi-arm engine, one process, two rounds.
+"""SmolLM2 plain decoding: two plain engines and the plain arm of bench_gpu_e2e's multi-arm engine, in one process.
 
     python3 -P benchmarks/results/fold_medusa_h100_2026-11-23/plain_vs_arms.py SMOL.gguf mt_bench.jsonl
 (run from the repo root; the twelfth session ran it as .bench/plain_vs_arms.py, same code)
