@@ -4,9 +4,9 @@ A draft forward used to upload its metadata as eight small tensors from pageable
 the GPU, then launch every kernel of its layers from Python: 12-14 ms of host time per batch-1 step on an H200
 for EAGLE and the draft model, against 1.2 ms for a whole plain target step. Here the metadata goes into the
 same pinned buffers the target uses (cuda_graphs.StepBuffers, two copies), and every forward that fits a
-bucket (a draft-model chain step, an EAGLE level, the few entries a step commits) replays a graph captured per
-(batch bucket, tokens bucket) at start-up, as the target's decode/verify steps do. Longer catch-up runs (a new
-request's prompt) run eagerly over the same buffers.
+bucket (a draft-model chain step, an EAGLE level, the few entries a step commits, a short prompt's catch-up)
+replays a graph captured per bucket (cuda_graphs.Buckets) at start-up, as the target's steps do. Longer catch-up
+runs run eagerly over the same buffers.
 
 Graphs read the draft KV tensors they were captured with, so the drafter sizes its scratch blocks before
 building the runner and never grows them after.
@@ -53,7 +53,7 @@ class DraftRunner:
             self.hidden = torch.zeros(max_tokens, hidden_size, device=kv.device, dtype=kv.dtype)
         self.graphs = None
         if query_lens and target.cuda_graphs:
-            buckets = Buckets(target.max_num_seqs, list(query_lens), max_tokens)
+            buckets = Buckets(target.max_num_seqs, list(query_lens), max_tokens, target.max_model_len)
             self.graphs = CudaGraphs(buckets, self.max_seq_len, target.captures_graphs)
             with torch.inference_mode():
                 self.graphs.build(self._dummy, self._static_forward)
@@ -66,10 +66,10 @@ class DraftRunner:
         """
         m = self.kv.metadata(queries)
         num_seqs, num_tokens = len(queries), len(m.positions)
-        key = None
-        if self.graphs is not None:  # the kernels take any causal run and tree within the bucket's maxima
-            key = self.graphs.buckets.find(num_seqs, num_tokens)
-        b_cap, t_cap = key or (num_seqs, num_tokens)
+        max_query_len = int(np.diff(m.query_start_loc).max())
+        # the kernels take any causal run and tree within the bucket's maxima
+        key = self.graphs.buckets.find(num_seqs, num_tokens, max_query_len) if self.graphs else None
+        b_cap, t_cap = key[:2] if key else (num_seqs, num_tokens)
         h = self.buffers.host(b_cap, t_cap, 0)
         on_host = not isinstance(ids, torch.Tensor)
         if on_host:
@@ -84,7 +84,7 @@ class DraftRunner:
             if hidden is not None:
                 self.hidden[:num_tokens].copy_(hidden)
             return self.graphs.replay(key)[:num_tokens], qsl
-        meta = step_meta(d, num_seqs, num_tokens, self.block_size, max_query_len=int(np.diff(m.query_start_loc).max()),
+        meta = step_meta(d, num_seqs, num_tokens, self.block_size, max_query_len=max_query_len,
                          max_seq_len=int(m.seq_lens.max()))
         return self._forward(d.input_ids[:num_tokens], d.positions[:num_tokens], meta, hidden), qsl
 

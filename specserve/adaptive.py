@@ -244,7 +244,7 @@ def build_policy(
     if runner.device.type != "cuda":
         return AdaptiveSpeculation(adaptive, LinearCost(), overlap_arms=overlap_arms)
     buckets = runner.graphs.buckets if runner.graphs else Buckets(
-        runner.max_num_seqs, [1] + [1 + k for k in adaptive.values()], runner.max_tokens
+        runner.max_num_seqs, [1] + [1 + k for k in adaptive.values()], runner.max_tokens, runner.max_model_len
     )
-    return AdaptiveSpeculation(adaptive, MeasuredCost(runner.profile(buckets.keys)), measure=True,
+    return AdaptiveSpeculation(adaptive, MeasuredCost(runner.profile(buckets.decode_shapes)), measure=True,
                                overlap_arms=overlap_arms)

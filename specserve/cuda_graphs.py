@@ -13,10 +13,14 @@ mask 0 and belong to no sequence; sequences past the real ones have empty querie
 attention kernels skip them. Padded rows of the outputs hold garbage and are sliced off.
 
 Buckets (nano-vllm's recipe, with a token axis): B in 1, 2, 4, 8, 16, 32, 48, 64, 96, 128, ... and
-T = B x q for q in 1, 2, 4, ... up to the longest verify query. A step goes to the smallest B >= its
-sequences, then the smallest T >= its tokens: cost follows total tokens, so an adaptive batch where few
-sequences draft pays for few padded tokens. Graphs are captured largest first into one memory pool.
-Prefill chunks and shapes past the largest bucket run eagerly over the same buffers.
+T = B x q for q in 1, 2, 4, ... up to the longest verify query. Steps of at most PREFILL_SEQS sequences also
+have prefill buckets, T in 16, 24, 32, 48, ... up to PREFILL_TOKENS, whose queries may be T long: eager, a
+prompt's forward is a few hundred kernel launches from Python (10-15 ms of host time for SmolLM2 on an H100,
+more than its GPU time). Each bucket's attention is launched for its own longest query, never longer: the
+grid and split workspace of a plain decode step stay one query row a sequence. A step goes to the smallest
+B >= its sequences, then the smallest T >= its tokens whose longest query holds its own: cost follows total
+tokens, so an adaptive batch where few sequences draft pays for few padded tokens. Graphs are captured
+largest first into one memory pool. Larger steps run eagerly over the same buffers.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -34,6 +38,9 @@ import torch
 from specserve.attention import AttentionMetadata
 
 A = TypeVar("A", np.ndarray, torch.Tensor)
+PREFILL_SEQS = 8  # prefill buckets for steps of at most this many sequences
+PREFILL_TOKENS = 512  # and tokens (vLLM's largest capture size by default)
+MIN_PREFILL_TOKENS = 16  # below it the decode buckets serve
 
 
 @dataclass
@@ -171,31 +178,42 @@ def query_buckets(query_lens: list[int]) -> list[int]:
     return sorted({1 << i for i in range(longest.bit_length()) if 1 << i < longest} | set(query_lens))
 
 
+class Bucket(NamedTuple):
+    """A captured step shape: num_seqs sequences, num_tokens tokens, no query longer than max_query_len."""
+
+    num_seqs: int
+    num_tokens: int
+    max_query_len: int
+
+
 class Buckets:
-    """The (num_seqs, num_tokens) shapes that get a graph, and the choice of one for a step.
+    """The step shapes that get a graph, and the choice of one for a step.
 
     `query_lens` are the per-sequence query lengths the drafters produce (1 + their max draft tokens): a
-    batch where every sequence drafts k tokens fills its bucket exactly.
+    batch where every sequence drafts k tokens fills its bucket exactly. No prefill bucket is longer than
+    max_seq_len, the longest sequence a block table holds.
     """
 
-    def __init__(self, max_seqs: int, query_lens: list[int], max_tokens: int):
+    def __init__(self, max_seqs: int, query_lens: list[int], max_tokens: int, max_seq_len: int):
         self.seqs = batch_buckets(max_seqs)
-        self.max_query_len = max(query_lens)
+        longest = max(query_lens)
         qs = query_buckets(query_lens)
-        self.tokens = {b: sorted({min(b * q, max_tokens) for q in qs}) for b in self.seqs}
+        decode = {(b, min(b * q, max_tokens)) for b in self.seqs for q in qs}
+        # a query never exceeds its step's tokens: capping the longest at T keeps small buckets' grids small
+        shapes = {Bucket(b, t, min(longest, t)) for b, t in decode}
+        self.decode_shapes = sorted(decode)
+        prefill = [t for t in batch_buckets(min(PREFILL_TOKENS, max_tokens, max_seq_len)) if t >= MIN_PREFILL_TOKENS]
+        shapes |= {Bucket(b, t, t) for b in self.seqs if b <= PREFILL_SEQS for t in prefill if t >= b}
+        self.all = sorted(shapes)
+        self._of_seqs = {b: [s for s in self.all if s.num_seqs == b] for b in self.seqs}  # by tokens, then query
 
-    @property
-    def keys(self) -> list[tuple[int, int]]:
-        return [(b, t) for b in self.seqs for t in self.tokens[b]]
-
-    def find(self, num_seqs: int, num_tokens: int) -> tuple[int, int] | None:
+    def find(self, num_seqs: int, num_tokens: int, max_query_len: int) -> Bucket | None:
         """Smallest bucket holding the step, or None (eager)."""
         i = bisect.bisect_left(self.seqs, num_seqs)
         if i == len(self.seqs):
             return None
-        b = self.seqs[i]
-        j = bisect.bisect_left(self.tokens[b], num_tokens)
-        return (b, self.tokens[b][j]) if j < len(self.tokens[b]) else None
+        shapes = self._of_seqs[self.seqs[i]]
+        return next((s for s in shapes if s.num_tokens >= num_tokens and s.max_query_len >= max_query_len), None)
 
 
 @dataclass
@@ -223,15 +241,14 @@ class CudaGraphs:
         self.buckets = buckets
         self.max_seq_len = max_seq_len
         self.capture = capture
-        self.entries: dict[tuple[int, int], _Entry] = {}
+        self.entries: dict[Bucket, _Entry] = {}
 
     def build(self, make_dummy, forward) -> None:
         """Capture every bucket, largest first; make_dummy(B, T) packs a harmless step of that shape."""
         pool = torch.cuda.graph_pool_handle() if self.capture else None
-        for key in sorted(self.buckets.keys, reverse=True):
-            batch = make_dummy(*key)
-            meta = dataclasses.replace(batch.meta, max_query_len=self.buckets.max_query_len,
-                                       max_seq_len=self.max_seq_len)
+        for key in reversed(self.buckets.all):
+            batch = make_dummy(key.num_seqs, key.num_tokens)
+            meta = dataclasses.replace(batch.meta, max_query_len=key.max_query_len, max_seq_len=self.max_seq_len)
             entry = _Entry(functools.partial(forward, batch.input_ids, batch.positions, meta))
             entry.run()  # warm-up: Triton compiles, rope tables, workspaces
             if self.capture:
@@ -241,7 +258,7 @@ class CudaGraphs:
                     entry.out = entry.run()
             self.entries[key] = entry
 
-    def replay(self, key: tuple[int, int]):
+    def replay(self, key: Bucket):
         return self.entries[key].replay()
 
 

@@ -4,8 +4,8 @@ Drafters that read the target's hidden states register a SlotFeatures table; eve
 
 `prepare` builds the step's metadata with numpy (loops over sequences, never over tokens) straight into
 the pinned staging buffers of cuda_graphs.StepBuffers, and uploads it in two copies. `forward` replays the
-CUDA graph of the step's bucket when every sequence is decoding (a root plus its drafts), and runs eagerly
-otherwise (prefill chunks, enforce_eager, shapes past the largest bucket). Tensors of a StepBatch and of a
+CUDA graph of the step's bucket (decode/verify steps, and prefill chunks of small steps), and runs eagerly
+otherwise (enforce_eager, shapes past the largest bucket). Tensors of a StepBatch and of a
 graph's ForwardOutput are views of static buffers: valid until the next prepare / forward.
 """
 
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from specserve.attention import MAX_TREE_NODES, AttentionMetadata, slot_of, token_layout
-from specserve.cuda_graphs import Buckets, CudaGraphs, StepBuffers, StepViews, fill_dummy, pad_views
+from specserve.cuda_graphs import Bucket, Buckets, CudaGraphs, StepBuffers, StepViews, fill_dummy, pad_views
 from specserve.drafters.base import DraftProposal
 from specserve.models.llama import ModelOutput
 from specserve.sampler import to_device
@@ -35,7 +35,7 @@ class StepBatch:
     logits_indices: torch.Tensor  # [num_rows] int64: query tokens whose next-token logits are needed
     row_starts: list[int]  # per sequence: its root's row in the logits, -1 if it produces no token
     query_start_loc: list[int]  # [B + 1] host copy
-    graph_key: tuple[int, int] | None = None  # (num_seqs, num_tokens) bucket replayed; None: eager
+    graph_key: Bucket | None = None  # the bucket replayed; None: eager
 
 
 @dataclass
@@ -139,7 +139,7 @@ class ModelRunner:
     def capture_graphs(self, query_lens: list[int], capture: bool) -> None:
         """Graphs for the drafters' per-sequence query lengths (see cuda_graphs.Buckets); capture False (off CUDA,
         or with the torch reference, which syncs) replays the buckets eagerly over the same padded buffers."""
-        buckets = Buckets(self.max_num_seqs, query_lens, self.max_tokens)
+        buckets = Buckets(self.max_num_seqs, query_lens, self.max_tokens, self.max_model_len)
         self.graphs = CudaGraphs(buckets, self.max_model_len, capture)
         self.graphs.build(self.make_dummy, self._model_forward)
 
@@ -165,10 +165,8 @@ class ModelRunner:
         lay = token_layout(ctx, n_new, n_draft, trees)
         qsl, num_tokens = lay.query_start_loc, len(lay.seq)
 
-        key = None
-        if self.graphs is not None and (n_new == 1).all() and produces.all():
-            key = self.graphs.buckets.find(num_seqs, num_tokens)
-        b_cap, t_cap = key or (num_seqs, num_tokens)
+        key = self.graphs.buckets.find(num_seqs, num_tokens, int(q_len.max())) if self.graphs else None
+        b_cap, t_cap = key[:2] if key else (num_seqs, num_tokens)
         h = self.buffers.host(b_cap, t_cap, num_rows)
         tables = h.block_tables  # [b_cap, W]
         tables[:num_seqs] = 0
@@ -195,9 +193,9 @@ class ModelRunner:
         h = self.buffers.host(num_seqs, num_tokens, num_tokens)
         qsl, q_len = fill_dummy(h, num_seqs, num_tokens)
         h.logits_indices[:] = np.arange(num_tokens)
-        key = self.graphs.buckets.find(num_seqs, num_tokens) if self.graphs else None
+        key = self.graphs.buckets.find(num_seqs, num_tokens, int(q_len.max())) if self.graphs else None
         return self._upload(num_seqs, num_tokens, num_tokens, num_seqs, num_tokens,
-                            key if key == (num_seqs, num_tokens) else None, qsl[:-1].tolist(), qsl.tolist(),
+                            key if key and key[:2] == (num_seqs, num_tokens) else None, qsl[:-1].tolist(), qsl.tolist(),
                             max_query_len=int(q_len.max()), max_seq_len=int(q_len.max()))
 
     def _upload(self, b_cap, t_cap, num_rows, num_seqs, num_tokens, key, row_starts, qsl, **maxima) -> StepBatch:
@@ -236,10 +234,11 @@ class ModelRunner:
             out = self.graphs.replay(batch.graph_key)  # padded to the bucket: keep the real tokens' rows
             t = batch.input_ids.shape[0]
             hidden, aux = out.hidden_states, list(out.aux_hidden_states)
-            if t < batch.graph_key[1]:  # a slice is an op (host time on CUDA): only where there is padding
+            if t < batch.graph_key.num_tokens:  # a slice is an op (host time on CUDA): only where there is padding
                 hidden, aux = hidden[:t], [a[:t] for a in aux]
-            # graphs run decode/verify steps: every token is a row
-            logits = self.model.compute_logits(hidden, self.backend)
+            # in decode/verify steps every token is a logits row: no gather
+            rows = hidden if batch.logits_indices.shape[0] == t else hidden[batch.logits_indices]
+            logits = self.model.compute_logits(rows, self.backend)
         return ForwardOutput(logits, hidden, aux, batch)
 
     @torch.inference_mode()

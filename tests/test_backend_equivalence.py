@@ -44,23 +44,28 @@ class RandomTreeDrafter:
         pass
 
 
-model, backend = sys.argv[1], sys.argv[2]
+model, backend, eager = sys.argv[1], sys.argv[2], sys.argv[3] == "eager"
 device = "cuda" if torch.cuda.is_available() else "cpu"  # Triton kernels take CUDA tensors off the interpreter
-llm = LLM(model=model, device=device, dtype="float32", attention_backend=backend,
+llm = LLM(model=model, device=device, dtype="float32", attention_backend=backend, enforce_eager=eager,
+          max_num_seqs=4, max_num_batched_tokens=64,
           speculative_config={"method": "ngram", "num_speculative_tokens": 8})
 llm.engine.drafters["ngram:8"] = RandomTreeDrafter()
+prefill_replays = []  # steps replayed in a bucket whose query is longer than any verify's (9)
+if llm.engine.runner.graphs is not None:
+    graphs = llm.engine.runner.graphs
+    graphs.replay = lambda key, replay=graphs.replay: prefill_replays.extend([key][: key[2] > 9]) or replay(key)
 prompts = ["a b c a b c a b", "hello world, hello world, hello", "the cat sat on the mat and the cat"]
 outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
 print(json.dumps({"tokens": [o.outputs[0].token_ids for o in outs],
                   "accepted": sum(o.metrics.num_accepted_tokens for o in outs),
-                  "drafted": sum(o.metrics.num_draft_tokens for o in outs)}))
+                  "drafted": sum(o.metrics.num_draft_tokens for o in outs), "prefill_replays": len(prefill_replays)}))
 """
 
 
-def run(model: str, backend: str) -> dict:
+def run(model: str, backend: str, eager: str = "eager") -> dict:
     env = {**os.environ, "TRITON_INTERPRET": "1" if not torch.cuda.is_available() else "0"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, model, backend], env=env, capture_output=True, text=True,
-                          cwd=Path(__file__).parent)
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, model, backend, eager], env=env, capture_output=True,
+                          text=True, cwd=Path(__file__).parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -69,5 +74,15 @@ def test_triton_backend_equals_reference_with_tree_drafts(tiny_model_dir):
     model = tiny_model_dir("llama")
     ref, tri = run(model, "torch"), run(model, "triton")
     assert ref["drafted"] > 0 and ref["accepted"] > 0, "the test drafter should get some nodes accepted"
+    assert tri["tokens"] == ref["tokens"]
+    assert (tri["accepted"], tri["drafted"]) == (ref["accepted"], ref["drafted"])
+
+
+def test_triton_backend_in_padded_buckets_equals_reference(tiny_model_dir):
+    """Steps replayed in their buckets (eagerly off CUDA) launch the kernels for the bucket's longest query and
+    max_model_len keys, not the step's (prefill chunks and verify trees): the same tokens as the reference."""
+    model = tiny_model_dir("llama")
+    ref, tri = run(model, "torch"), run(model, "triton", "padded")
+    assert tri["prefill_replays"] > 0 and ref["prefill_replays"] == 0
     assert tri["tokens"] == ref["tokens"]
     assert (tri["accepted"], tri["drafted"]) == (ref["accepted"], ref["drafted"])

@@ -29,12 +29,17 @@ def test_buckets():
     assert batch_buckets(20) == [1, 2, 4, 8, 16, 20]
     assert query_buckets([1]) == [1] and query_buckets([1, 5]) == [1, 2, 4, 5]
     assert query_buckets([1, 16, 5]) == [1, 2, 4, 5, 8, 16]
-    b = Buckets(max_seqs=128, query_lens=[1, 5], max_tokens=512)
-    assert b.find(3, 3) == (4, 4)  # plain decode of 3 sequences
-    assert b.find(3, 7) == (4, 8)  # one of them verifies 4 drafts: tokens, not 4 x 5, set the bucket
-    assert b.find(128, 640) is None  # past max_tokens: eager
-    assert b.find(96, 400) == (96, 480)
-    assert b.find(129, 129) is None
+    b = Buckets(max_seqs=128, query_lens=[1, 5], max_tokens=512, max_seq_len=2048)
+    assert b.find(3, 3, 1) == (4, 4, 4)  # plain decode of 3 sequences; no query can be longer than 4
+    assert b.find(3, 7, 5) == (4, 8, 5)  # one of them verifies 4 drafts: tokens, not 4 x 5, set the bucket
+    assert b.find(128, 640, 5) is None  # past max_tokens: eager
+    assert b.find(96, 400, 5) == (96, 480, 5)
+    assert b.find(129, 129, 1) is None
+    # prefill chunks: buckets whose query may be as long as their tokens, up to 8 sequences and 512 tokens
+    assert b.find(1, 40, 40) == (1, 48, 48) and b.find(2, 41, 40) == (2, 48, 48)
+    assert b.find(4, 8, 6) == (4, 16, 16)  # 8 tokens, but a query longer than the decode buckets' 5
+    assert b.find(1, 600, 600) is None and b.find(16, 40, 25) is None
+    assert (1, 1) in b.decode_shapes and (1, 48) not in b.decode_shapes  # what the adaptive cost model profiles
 
 
 def _request(prompt: list[int], computed: int, blocks: list[int]) -> Request:
@@ -102,7 +107,7 @@ def test_decode_steps_pad_to_their_bucket(tiny):
     scheduled = [ScheduledRequest(r, 1, 0) for r in reqs]
     proposals = [None, DraftProposal.chain([7, 8, 9]), None]
     batch = runner.prepare(scheduled, proposals)
-    assert batch.graph_key == (4, 8)  # 3 sequences, 6 tokens
+    assert batch.graph_key == (4, 8, 5)  # 3 sequences, 6 tokens, a query of 4
     eager = runner._model_forward(batch.input_ids, batch.positions, batch.meta)
     out = runner.forward(batch)
     assert out.hidden_states.shape[0] == 6 and out.logits.shape[0] == 6
@@ -122,16 +127,21 @@ def test_padded_replay_engine_equals_eager(tiny_model_dir):
     eager = LLM(device="cpu", enforce_eager=True, **common)
     padded = LLM(device="cpu", enforce_eager=False, **common)
     assert eager.engine.runner.graphs is None
-    assert sorted(padded.engine.runner.graphs.entries) == Buckets(8, [1, 5], 2048).keys  # 4 x 4 buckets
+    graphs = padded.engine.runner.graphs
+    assert sorted(graphs.entries) == Buckets(8, [1, 5], 2048, padded.engine.max_model_len).all  # decode and prefill
+    replayed = []
+    graphs.replay = lambda key, replay=graphs.replay: replayed.append(key) or replay(key)
     for arm in ("none", "ngram"):
         assert _generate(padded, arm) == _generate(eager, arm)
+    # the six prompts (5-15 tokens) prefill together in a prefill bucket: queries up to its 64 tokens
+    assert (8, 64, 64) in replayed and (8, 8, 5) in replayed
 
 
 @cuda
 def test_graph_replay_matches_eager_on_cuda(tiny_model_dir):
     common = dict(model=tiny_model_dir(), device="cuda", dtype="float32", speculative_arms=NGRAM, max_num_seqs=8)
     graphs, eager = LLM(enforce_eager=False, **common), LLM(enforce_eager=True, **common)
-    assert graphs.engine.runner.graphs.entries[(1, 1)].graph is not None
+    assert graphs.engine.runner.graphs.entries[(1, 1, 1)].graph is not None
     for arm in ("none", "ngram"):
         assert _generate(graphs, arm) == _generate(eager, arm)
 
@@ -174,7 +184,7 @@ def test_padded_draft_forwards_equal_eager(tiny_model_dir, tmp_path):
     eager = LLM(device="cpu", enforce_eager=True, **common)
     padded = LLM(device="cpu", enforce_eager=False, **common)
     eagle = padded.engine.drafters["eagle"].runner.graphs
-    assert sorted({q for _, q in eagle.buckets.keys if _ == 1}) == [1, 2, 4, 6]  # entries: depth 4 + 2, powers
+    assert sorted({q for _, q in eagle.buckets.decode_shapes if _ == 1}) == [1, 2, 4, 6]  # entries: depth 4 + 2
     assert eager.engine.drafters["eagle"].runner.graphs is None
     replays = _draft_replays(padded)
     grown = []  # padded batch of every EAGLE tree growth and greedy draft-model chain
@@ -202,7 +212,7 @@ def test_draft_graphs_match_eager_on_cuda(tiny_model_dir, tmp_path):
     common = dict(model=target, device="cuda", dtype="float32", speculative_arms=_learned_arms(target, tmp_path),
                   max_num_seqs=8)
     graphs, eager = LLM(enforce_eager=False, **common), LLM(enforce_eager=True, **common)
-    assert graphs.engine.drafters["eagle"].runner.graphs.entries[(1, 4)].graph is not None
+    assert graphs.engine.drafters["eagle"].runner.graphs.entries[(1, 4, 4)].graph is not None
     assert sorted(graphs.engine.drafters["eagle"].grower.graphs.graphs) == [(1,), (2,), (4,), (8,)]
     assert len(graphs.engine.drafters["draft_model"].chains.graphs) == 4 * 2  # batch buckets x chain steps 1, 2
     replays = _draft_replays(graphs)
