@@ -11,8 +11,8 @@ Parts (each prints a markdown table and writes DIR/<part>.json):
   kernels  device time per kernel family of one eager 8B decode step (torch.profiler), skinny vs cuBLAS.
   fusion   the 8B shape or (--gguf) SmolLM2: engines built in turn with rope + K/V store inside the q/k/v launch and
            SiLU-and-multiply inside gate_up's (the defaults), the same with programmatic dependent launch in the
-           graphs ("fused+PDL", kernels/pdl.py; its trigger follows SPECSERVE_PDL_TRIGGER: switching it between
-           engines of one process broke the second engine's graph capture, not understood), and with both ops apart, two
+           graphs ("fused+PDL", kernels/pdl.py; its trigger follows SPECSERVE_PDL_TRIGGER, read at import: set it
+           per process), and with both ops apart, two
            rounds: graph-replayed forward at batch 1 and 8, plain decode step and tok/s at batch 1, tok/s of all
            prompts at once. --attention-configs adds a variant per decode attention config (bench_attention.py's
            spelling, e.g. r0w4f5s5 for the uniform 512-key grid); --variants keeps only the named variants.

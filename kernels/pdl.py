@@ -7,10 +7,11 @@ session).
 Each kernel on the decode path takes `PDL: tl.constexpr` and starts with `pdl.enter(PDL)` (the wait, then the trigger
 below); its launch passes `**flags()`, which turns it on only for launches captured into CUDA graphs: on SmolLM2 the
 graph forward took 0.74 against 0.78 ms with it, but 8 prompts at once (eager prefill included) ran at 6,300-6,700
-against 7,900 tok/s with it on every launch (not understood). On by default; SPECSERVE_PDL=0 turns it off. The tenth
-session saw one failure in four GPU runs of the CUDA graph / async / kernel tests with it, never identified; the
-eleventh ran that subset twelve times and the whole GPU suite once with it, all passing (RESULTS.md). The CPU
-interpreter never uses it.
+against 7,900 tok/s with it on every launch (not understood). On by default; SPECSERVE_PDL=0 turns it off. The CPU
+interpreter never uses it. Captures that failed now and then ("operation failed due to a previous error during
+capture", most often with the trigger below, whose kernel variants compile during the capture) were the cycle
+collector freeing an earlier engine's CUDA graphs mid-capture: cuda_graphs.collector_paused (RESULTS.md, thirteenth
+session).
 """
 
 from __future__ import annotations
@@ -26,9 +27,8 @@ ENABLED = (os.environ.get("SPECSERVE_PDL", "1") != "0" and torch.cuda.is_availab
 # Each kernel lets the next one launch as soon as its own wait is over, so the next kernel's programs are scheduled
 # while this one runs and wait at their gdc_wait; without it the next launches when this one's programs exit. H100,
 # one process each way (RESULTS.md, twelfth session): SmolLM2's graph forward 0.645 against 0.745 ms, the 8B shape's
-# decode step 6.09 against 6.18 ms. Opt-in (SPECSERVE_PDL_TRIGGER=1): with it, an engine built after others in the
-# same process twice failed its graph capture (not understood).
-TRIGGER = os.environ.get("SPECSERVE_PDL_TRIGGER", "0") != "0"
+# decode step 6.09 against 6.18 ms. SPECSERVE_PDL_TRIGGER=0 turns it off.
+TRIGGER = os.environ.get("SPECSERVE_PDL_TRIGGER", "1") != "0"
 
 
 def flags() -> dict:

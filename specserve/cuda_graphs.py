@@ -26,8 +26,10 @@ largest first into one memory pool. Larger steps run eagerly over the same buffe
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import functools
+import gc
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, NamedTuple, TypeVar
@@ -216,6 +218,21 @@ class Buckets:
         return next((s for s in shapes if s.num_tokens >= num_tokens and s.max_query_len >= max_query_len), None)
 
 
+@contextlib.contextmanager
+def collector_paused():
+    """Python's cycle collector runs now and then not until the block ends (captures): a collection during a capture
+    may free an earlier engine's CUDA graphs, whose release is not permitted there and invalidates the capture
+    ("operation failed due to a previous error during capture"; torch >= 2.10 no longer collects before one)."""
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 @dataclass
 class _Entry:
     run: Callable[[], object]  # the eager forward over the bucket's views -> ModelOutput
@@ -246,17 +263,18 @@ class CudaGraphs:
     def build(self, make_dummy, forward) -> None:
         """Capture every bucket, largest first; make_dummy(B, T) packs a harmless step of that shape."""
         pool = torch.cuda.graph_pool_handle() if self.capture else None
-        for key in reversed(self.buckets.all):
-            batch = make_dummy(key.num_seqs, key.num_tokens)
-            meta = dataclasses.replace(batch.meta, max_query_len=key.max_query_len, max_seq_len=self.max_seq_len)
-            entry = _Entry(functools.partial(forward, batch.input_ids, batch.positions, meta))
-            entry.run()  # warm-up: Triton compiles, rope tables, workspaces
-            if self.capture:
-                torch.cuda.synchronize()
-                entry.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(entry.graph, pool=pool):
-                    entry.out = entry.run()
-            self.entries[key] = entry
+        with collector_paused():
+            for key in reversed(self.buckets.all):
+                batch = make_dummy(key.num_seqs, key.num_tokens)
+                meta = dataclasses.replace(batch.meta, max_query_len=key.max_query_len, max_seq_len=self.max_seq_len)
+                entry = _Entry(functools.partial(forward, batch.input_ids, batch.positions, meta))
+                entry.run()  # warm-up: Triton compiles, rope tables, workspaces
+                if self.capture:
+                    torch.cuda.synchronize()
+                    entry.graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(entry.graph, pool=pool):
+                        entry.out = entry.run()
+                self.entries[key] = entry
 
     def replay(self, key: Bucket):
         return self.entries[key].replay()
@@ -291,7 +309,7 @@ class BatchGraphs:
         self.graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if keys and capture:
             pool = torch.cuda.graph_pool_handle()
-            with torch.inference_mode():
+            with torch.inference_mode(), collector_paused():
                 for key in sorted(keys, reverse=True):
                     fn(*key)  # warm-up: Triton compiles, workspaces
                     torch.cuda.synchronize()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -230,6 +233,30 @@ def test_one_host_sync_per_decode_step(tiny_model_dir):
     engine.step()  # the prefill of every prompt
     for _ in range(5):
         assert host_syncs(engine.step) <= 1
+
+
+@cuda
+def test_graph_capture_pauses_the_cycle_collector(tiny_model_dir, monkeypatch):
+    """An engine dropped in a reference cycle is freed whenever the cycle collector runs; freeing its CUDA graphs
+    during another engine's capture invalidates that capture, so the collector must not run there."""
+    model = tiny_model_dir()
+    old = LLM(model=model, device="cuda", dtype="bfloat16", max_num_seqs=8)
+    gone = weakref.ref(old.engine.runner.graphs)
+    del old
+    assert gone() is not None  # held by a cycle: only the collector frees it
+    collector_on, forward = [], ModelRunner._model_forward
+
+    def forward_collecting(self, *args):
+        if torch.cuda.is_current_stream_capturing():
+            collector_on.append(gc.isenabled())
+            if gc.isenabled():
+                gc.collect()  # where an automatic collection may land
+        return forward(self, *args)
+
+    monkeypatch.setattr(ModelRunner, "_model_forward", forward_collecting)
+    new = LLM(model=model, device="cuda", dtype="bfloat16", max_num_seqs=8)
+    assert collector_on and not any(collector_on) and gc.isenabled()
+    assert _generate(new, "none") == [o.outputs[0].token_ids for o in new.generate(PROMPTS, GREEDY)]
 
 
 @cuda
