@@ -1,6 +1,10 @@
-"""Prefill in CUDA graphs vs eager, SmolLM2 at batch 1: time to first token and end-to-end tok/s, one process.
+"""Prefill in CUDA graphs vs eager at batch 1: time to first token and end-to-end tok/s, one process.
 
     python3 -P benchmarks/bench_prefill.py --gguf SMOL.gguf --mt-bench mt_bench.jsonl [--out DIR]
+    python3 -P benchmarks/bench_prefill.py --llama-8b WORKDIR [--out DIR]
+
+--llama-8b: the Llama-3.1-8B shape with dummy weights instead: prompts of random tokens, 16-512 long, 8 new tokens
+each (time to first token only; a graph pads a prompt to its bucket, which costs compute on a model this size).
 
 Engines alternate over rounds: the default (prefill buckets captured) and one built with no prefill buckets
 (cuda_graphs.PREFILL_SEQS set to 0 for its build: every prompt's forward eager, as before the buckets). Each runs
@@ -48,10 +52,39 @@ def measure(llm: LLM, prompts: list[list[int]], arm: str, tokens: int) -> dict:
                 outputs=[r["outputs"][0] for r in per])
 
 
+def ttft_8b(workdir: str, out: str | None) -> int:
+    """Time to first token of random prompts on the 8B shape, graphs vs eager prefill, two rounds."""
+    path = e2e.em.write_config(os.path.join(workdir, "llama31_8b"), False)
+    loaded = e2e.em.dummy_model(path, torch.device("cuda"), torch.bfloat16, repeat=True)
+    gen = torch.Generator().manual_seed(0)
+    lengths = [16, 60, 128, 200, 300, 384, 500]
+    prompts = [torch.randint(0, loaded.config.vocab_size, (n,), generator=gen).tolist() for n in lengths]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    rows = []
+    for rnd in range(2):
+        for prefill_graphs in (True, False):
+            llm, build_s = build(loaded, {}, prefill_graphs, "cuda")
+            for p in prompts:  # warm-up: each prompt's shape
+                e2e.run(llm, [p], params, "none")
+            for p in prompts:
+                first = statistics.median(e2e.run(llm, [p], params, "none")["step_log"][0][0] for _ in range(3))
+                rows.append(dict(round=rnd, prefill="graphs" if prefill_graphs else "eager", prompt_tokens=len(p),
+                                 ttft_ms=first * 1e3, build_s=build_s))
+            del llm
+            torch.cuda.empty_cache()
+    print(e2e.em.markdown(rows, ["round", "prefill", "prompt_tokens", "ttft_ms", "build_s"]))
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "prefill_graphs_8b.json"), "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), rows=rows, argv=sys.argv), f, indent=1)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gguf", required=True)
-    ap.add_argument("--mt-bench", required=True)
+    ap.add_argument("--gguf")
+    ap.add_argument("--mt-bench")
+    ap.add_argument("--llama-8b", metavar="WORKDIR", help="time the 8B shape's prefill instead (dummy weights)")
     ap.add_argument("--prompts", type=int, default=20)
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=2)
@@ -59,6 +92,10 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of the script (buckets replayed eagerly)")
     args = ap.parse_args()
+    if args.llama_8b:
+        return ttft_8b(args.llama_8b, args.out)
+    if not (args.gguf and args.mt_bench):
+        ap.error("--gguf and --mt-bench are required (or --llama-8b)")
     loaded = load_model(args.gguf, torch.bfloat16, torch.device(args.device))
     arms = e2e.learned_arms(args.arms.split(",")) if args.arms else {}
     with open(args.mt_bench) as f:

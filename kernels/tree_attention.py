@@ -172,6 +172,12 @@ def _split_start(s, SPLIT: tl.constexpr, FIRST_SPLIT: tl.constexpr, FIRST_KEYS: 
 
 
 @triton.jit
+def _opens_split(key, SPLIT: tl.constexpr, FIRST_SPLIT: tl.constexpr, FIRST_KEYS: tl.constexpr):
+    """Whether key is the first key of its split: _split_start(_split_of(key)) == key."""
+    return tl.where(key < FIRST_KEYS, key % FIRST_SPLIT == 0, (key - FIRST_KEYS) % SPLIT == 0)
+
+
+@triton.jit
 def _split_of(key, SPLIT: tl.constexpr, FIRST_SPLIT: tl.constexpr, FIRST_KEYS: tl.constexpr):
     """The split holding key (>= 0)."""
     return tl.where(key < FIRST_KEYS, key // FIRST_SPLIT, FIRST_KEYS // FIRST_SPLIT + (key - FIRST_KEYS) // SPLIT)
@@ -284,8 +290,7 @@ def _tree_attn_kernel(
     for start in range(lo, hi, BLOCK_N):
         if MODE != "whole":
             # a split ends: close it inside the one loop, so the K/V pipeline never drains
-            at_split = tl.where(start < FIRST_KEYS, start % FIRST_SPLIT == 0, (start - FIRST_KEYS) % SPLIT == 0)
-            if at_split & (start > lo):
+            if _opens_split(start, SPLIT, FIRST_SPLIT, FIRST_KEYS) & (start > lo):
                 o, lse = _close_split(m, l_sum, acc, ws_o)
                 if MODE == "fused":
                     mx, den, num = _fold(mx, den, num, lse, o)

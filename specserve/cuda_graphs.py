@@ -220,8 +220,8 @@ class Buckets:
 
 @contextlib.contextmanager
 def collector_paused():
-    """Python's cycle collector runs now and then not until the block ends (captures): a collection during a capture
-    may free an earlier engine's CUDA graphs, whose release is not permitted there and invalidates the capture
+    """Collect cycles once, then keep the collector off until the block (graph captures) ends: a collection inside a
+    capture may free an earlier engine's CUDA graphs, which CUDA does not permit there, invalidating the capture
     ("operation failed due to a previous error during capture"; torch >= 2.10 no longer collects before one)."""
     enabled = gc.isenabled()
     gc.collect()
