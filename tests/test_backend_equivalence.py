@@ -53,7 +53,13 @@ llm.engine.drafters["ngram:8"] = RandomTreeDrafter()
 prefill_replays = []  # steps replayed in a bucket whose query is longer than any verify's (9)
 if llm.engine.runner.graphs is not None:
     graphs = llm.engine.runner.graphs
-    graphs.replay = lambda key, replay=graphs.replay: prefill_replays.extend([key][: key[2] > 9]) or replay(key)
+
+    def counted(key, replay=graphs.replay):
+        if key.max_query_len > 9:
+            prefill_replays.append(key)
+        return replay(key)
+
+    graphs.replay = counted
 prompts = ["a b c a b c a b", "hello world, hello world, hello", "the cat sat on the mat and the cat"]
 outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
 print(json.dumps({"tokens": [o.outputs[0].token_ids for o in outs],
