@@ -42,7 +42,7 @@ from specserve.attention import AttentionMetadata
 A = TypeVar("A", np.ndarray, torch.Tensor)
 PREFILL_SEQS = 8  # prefill buckets for steps of at most this many sequences
 PREFILL_TOKENS = 512  # and tokens (vLLM's largest capture size by default)
-MIN_PREFILL_TOKENS = 16  # below it the decode buckets serve
+MIN_PREFILL_TOKENS = 16  # the smallest prefill bucket: shorter chunks pad to it (or fit a decode bucket)
 
 
 @dataclass
