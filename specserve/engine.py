@@ -321,11 +321,14 @@ class LLMEngine:
     def _can_overlap(self, step: InflightStep) -> bool:
         """Whether the next step can be scheduled before this one's tokens are known: every live request gains
         exactly one token and none drafts next (a request that this token ends costs the next step a wasted
-        row). Adaptive requests return to a planned step every REPLAN_EVERY steps, where drafting may resume,
-        or up to REPLAN_MAX steps while plans keep drafting nothing; while drafting pays, a step that prefills
-        an adaptive request is followed by a planned one, so its drafting starts at once."""
+        row; when it ends every one by length, no step follows). Adaptive requests return to a planned step
+        every REPLAN_EVERY steps, where drafting may resume, or up to REPLAN_MAX steps while plans keep drafting
+        nothing; while drafting pays, a step that prefills an adaptive request is followed by a planned one, so
+        its drafting starts at once."""
         live = [(s, p) for s, p in zip(step.scheduled, step.proposals, strict=True) if not s.request.finished]
         if any(p is not None or s.request.spec_arm not in self._overlap_arms for s, p in live):
+            return False
+        if live and all(len(s.request.token_ids) + 1 >= self._token_limit(s.request) for s, _ in live):
             return False
         quiet = self.spec_policy.quiet_streak if self.spec_policy else 0
         if quiet == 0 and any(not s.decoding and s.request.spec_arm != NO_SPEC for s, _ in live):
@@ -411,11 +414,14 @@ class LLMEngine:
                 self.kv.commit(req)
         return touched
 
+    def _token_limit(self, req: Request) -> int:
+        """The length limit as a token count: max_tokens outputs or max_model_len tokens, whichever comes first."""
+        return min(req.num_prompt_tokens + req.max_tokens, self.max_model_len)
+
     def _append(self, req: Request, tokens: list[int]) -> int:
         """Append tokens one by one until a stop condition; returns how many were kept."""
         ids, stop_ids, detokenize = req.token_ids, req.params.stop_token_ids, req.detokenizer.append
-        # the length limit as a token count: max_tokens outputs or max_model_len tokens, whichever comes first
-        limit = min(req.num_prompt_tokens + req.max_tokens, self.max_model_len)
+        limit = self._token_limit(req)
         for n, tok in enumerate(tokens, start=1):
             ids.append(tok)
             stop_str = detokenize(ids)

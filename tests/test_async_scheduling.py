@@ -214,6 +214,19 @@ def test_a_stale_step_in_flight_does_not_leak_into_the_next_batch(tiny):
     assert batches(sync) == batches(overlap)
 
 
+def test_no_step_is_queued_behind_requests_that_end_by_length(tiny):
+    """When the token in flight ends every live request by length, nothing is queued after it: a forward per token,
+    nothing left in flight for the next request to wait on."""
+    _, overlap = engine_pair(tiny)
+    forwards = []
+    forward = overlap.runner.forward
+    overlap.runner.forward = lambda batch: forwards.append(batch) or forward(batch)
+    params = SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True)
+    done, overlapped = run(overlap, [("a", PROMPTS[0], params, None), ("b", PROMPTS[2], params, None)])
+    assert [len(o.outputs[0].token_ids) for o in done.values()] == [7, 7]
+    assert len(forwards) == 7 and overlapped == [True] * 6 + [False] and overlap._inflight is None
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_cuda_one_sync_per_step_and_the_same_tokens(tiny_model_dir):
     common = dict(model=tiny_model_dir("llama"), device="cuda", dtype="float32", max_num_seqs=8)
