@@ -328,7 +328,8 @@ class LLMEngine:
         live = [(s, p) for s, p in zip(step.scheduled, step.proposals, strict=True) if not s.request.finished]
         if any(p is not None or s.request.spec_arm not in self._overlap_arms for s, p in live):
             return False
-        if live and all(len(s.request.token_ids) + 1 >= self._token_limit(s.request) for s, _ in live):
+        if live and all(s.produces_token and len(s.request.token_ids) + 1 >= self._token_limit(s.request)
+                        for s, _ in live):
             return False
         quiet = self.spec_policy.quiet_streak if self.spec_policy else 0
         if quiet == 0 and any(not s.decoding and s.request.spec_arm != NO_SPEC for s, _ in live):
