@@ -148,7 +148,7 @@ def part_step(args) -> dict:
 
 def family(name: str) -> str:
     n = name.lower()
-    for key in ("skinny", "tree_attn", "rms", "rope", "silu", "gemv", "gemm", "sm90", "cutlass",
+    for key in ("skinny", "tree_attn", "fold_splits", "rms", "rope", "silu", "gemv", "gemm", "sm90", "cutlass",
                 "nvjet", "copy", "index", "embedding", "elementwise", "reduce"):
         if key in n:
             return key

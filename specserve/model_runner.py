@@ -161,11 +161,12 @@ class ModelRunner:
             raise ValueError(f"a draft tree has at most {MAX_TREE_NODES - 1} nodes, got {longest}")
         q_len = n_new + n_draft
         seq_lens = ctx + q_len
+        max_query_len = int(q_len.max())
         trees = [(b, p.parents) for b, p in enumerate(proposals) if p is not None and not _is_chain(p.parents)]
         lay = token_layout(ctx, n_new, n_draft, trees)
         qsl, num_tokens = lay.query_start_loc, len(lay.seq)
 
-        key = self.graphs.buckets.find(num_seqs, num_tokens, int(q_len.max())) if self.graphs else None
+        key = self.graphs.buckets.find(num_seqs, num_tokens, max_query_len) if self.graphs else None
         b_cap, t_cap = key[:2] if key else (num_seqs, num_tokens)
         h = self.buffers.host(b_cap, t_cap, num_rows)
         tables = h.block_tables  # [b_cap, W]
@@ -183,7 +184,7 @@ class ModelRunner:
         h.tree_offsets[:num_seqs] = n_new - 1
         pad_views(h, num_seqs, num_tokens)
         return self._upload(b_cap, t_cap, num_rows, num_seqs, num_tokens, key, row_starts, qsl.tolist(),
-                            max_query_len=int(q_len.max()), max_seq_len=int(seq_lens.max()))
+                            max_query_len=max_query_len, max_seq_len=int(seq_lens.max()))
 
     def make_dummy(self, num_seqs: int, num_tokens: int) -> StepBatch:
         """A harmless step of this shape: causal chunks with no K/V writes, every token a logits row.
@@ -193,10 +194,11 @@ class ModelRunner:
         h = self.buffers.host(num_seqs, num_tokens, num_tokens)
         qsl, q_len = fill_dummy(h, num_seqs, num_tokens)
         h.logits_indices[:] = np.arange(num_tokens)
-        key = self.graphs.buckets.find(num_seqs, num_tokens, int(q_len.max())) if self.graphs else None
+        longest = int(q_len.max())
+        key = self.graphs.buckets.find(num_seqs, num_tokens, longest) if self.graphs else None
         return self._upload(num_seqs, num_tokens, num_tokens, num_seqs, num_tokens,
                             key if key and key[:2] == (num_seqs, num_tokens) else None, qsl[:-1].tolist(), qsl.tolist(),
-                            max_query_len=int(q_len.max()), max_seq_len=int(q_len.max()))
+                            max_query_len=longest, max_seq_len=longest)
 
     def _upload(self, b_cap, t_cap, num_rows, num_seqs, num_tokens, key, row_starts, qsl, **maxima) -> StepBatch:
         d: StepViews[torch.Tensor] = self.buffers.upload(b_cap, t_cap, num_rows)

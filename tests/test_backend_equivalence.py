@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 SCRIPT = r"""
@@ -76,19 +77,23 @@ def run(model: str, backend: str, eager: str = "eager") -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_triton_backend_equals_reference_with_tree_drafts(tiny_model_dir):
-    model = tiny_model_dir("llama")
-    ref, tri = run(model, "torch"), run(model, "triton")
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir) -> dict:
+    """The torch reference's run, eager: what every Triton run here must reproduce."""
+    return run(tiny_model_dir("llama"), "torch")
+
+
+def test_triton_backend_equals_reference_with_tree_drafts(tiny_model_dir, reference):
+    ref, tri = reference, run(tiny_model_dir("llama"), "triton")
     assert ref["drafted"] > 0 and ref["accepted"] > 0, "the test drafter should get some nodes accepted"
     assert tri["tokens"] == ref["tokens"]
     assert (tri["accepted"], tri["drafted"]) == (ref["accepted"], ref["drafted"])
 
 
-def test_triton_backend_in_padded_buckets_equals_reference(tiny_model_dir):
+def test_triton_backend_in_padded_buckets_equals_reference(tiny_model_dir, reference):
     """Steps replayed in their buckets (eagerly off CUDA) launch the kernels for the bucket's longest query and
     max_model_len keys, not the step's (prefill chunks and verify trees): the same tokens as the reference."""
-    model = tiny_model_dir("llama")
-    ref, tri = run(model, "torch"), run(model, "triton", "padded")
+    ref, tri = reference, run(tiny_model_dir("llama"), "triton", "padded")
     assert tri["prefill_replays"] > 0 and ref["prefill_replays"] == 0
     assert tri["tokens"] == ref["tokens"]
     assert (tri["accepted"], tri["drafted"]) == (ref["accepted"], ref["drafted"])
