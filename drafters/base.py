@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from specserve.sampler import HostCopy
+
 if TYPE_CHECKING:
     from specserve.model_runner import ForwardOutput
     from specserve.request import Request
@@ -19,12 +21,15 @@ class DraftProposal:
     """Draft nodes 1..m of one request's verify tree; node 0 (the root) is its last committed token.
 
     `parents[j]` (0..j) is the parent of node j + 1, so a chain is [0, 1, 2, ...]. `draft_probs[j]` is the
-    distribution node j + 1 was drawn from, or None for deterministic drafters (q is then one-hot).
+    distribution node j + 1 was drawn from, or None for deterministic drafters (q is then one-hot). A tree made
+    on the device (`on_device`, row `row` of it) has placeholder tokens and parents until `resolve()`.
     """
 
     tokens: list[int]
     parents: list[int]
     draft_probs: torch.Tensor | None = None  # [m, vocab_size] float32
+    on_device: DeviceDrafts | None = None
+    row: int = 0
 
     def __post_init__(self) -> None:
         if len(self.tokens) != len(self.parents):
@@ -37,6 +42,33 @@ class DraftProposal:
     @property
     def is_chain(self) -> bool:
         return all(p == j for j, p in enumerate(self.parents))
+
+    def resolve(self) -> None:
+        """Read the tokens and parents of a tree made on the device (waits for their copy)."""
+        if self.on_device is not None:
+            self.tokens, self.parents = self.on_device.read(self.row, len(self.tokens))
+            self.on_device = None
+
+
+class DeviceDrafts:
+    """Draft trees of one propose() call made on the device: the host knows their sizes, so the verify forward
+    is prepared and queued behind them without a sync; their tokens and parents reach the host in one copy,
+    started here and read when the step verifies."""
+
+    def __init__(self, nodes: torch.Tensor):
+        self.nodes = nodes  # [4, B, N] int64: per node its token, parent node, rope position, ancestor mask
+        self._copy = HostCopy(nodes[:2])
+        self._host: list | None = None
+
+    def proposal(self, row: int, size: int) -> DraftProposal:
+        """The first `size` nodes of row `row`; until resolved, its tokens and parents are a chain of zeros."""
+        return DraftProposal([0] * size, list(range(size)), on_device=self, row=row)
+
+    def read(self, row: int, size: int) -> tuple[list[int], list[int]]:
+        if self._host is None:
+            self._host = self._copy.tolist()
+        tokens, parents = self._host
+        return tokens[row][:size], parents[row][:size]
 
 
 @dataclass

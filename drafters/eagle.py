@@ -20,8 +20,9 @@ Tree (EAGLE-2, `topK_genrate`): the root's top_k tokens are the first level; eac
 cumulative log-prob are expanded to their top_k children, `depth` levels in all; the num_speculative_tokens
 best of every scored node form the draft. A level's forward is the root plus every node expanded so far, as
 a tree query (earlier nodes are recomputed from the same inputs), so the attention kernels see the same
-kind of tree as verification. Every level of a step runs on the device (eagle_tree.TreeGrower: one graph replay,
-one host sync). Drafts are deterministic top-k, so q is one-hot in verification.
+kind of tree as verification. Every level of a step and the final rerank run on the device (eagle_tree.TreeGrower:
+one graph replay, no sync; the trees reach the host when the step verifies). Drafts are deterministic top-k, so q is
+one-hot in verification.
 """
 
 from __future__ import annotations
@@ -34,12 +35,11 @@ from torch import nn
 
 from specserve.attention import MAX_TREE_NODES
 from specserve.config import SpeculativeConfig
-from specserve.drafters.base import DraftMemory, DraftProposal
+from specserve.drafters.base import DeviceDrafts, DraftMemory, DraftProposal
 from specserve.drafters.checkpoint import check_dim, load_module, read_config, read_tensors
 from specserve.drafters.draft_kv import DraftKVCache, DraftQuery, plan_chunks
 from specserve.drafters.draft_runner import DraftRunner
-from specserve.drafters.eagle_tree import Candidates, TreeGrower
-from specserve.drafters.tree import rerank
+from specserve.drafters.eagle_tree import GrownTrees, TreeGrower
 from specserve.kv_cache import kv_block_bytes
 from specserve.model_runner import HIDDEN_STATES, SlotFeatures, hidden_state_rows
 from specserve.models.config import ModelConfig
@@ -163,7 +163,8 @@ class EagleDrafter:
         # a step's entries: the tokens it committed (at most depth + 1) and the root
         self.runner = DraftRunner(self.kv, self._head_forward, target, [spec.depth + 2], CATCHUP_TOKENS,
                                   hidden_size=target.model.config.hidden_size)
-        self.grower = TreeGrower(self._head_forward, self.head.top_k, self.runner, target, spec.top_k, spec.depth)
+        self.grower = TreeGrower(self._head_forward, self.head.top_k, self.runner, target, spec.top_k, spec.depth,
+                                 self.max_num_tokens)
 
     def load_head(self, path: str, target) -> tuple[nn.Module, nn.Embedding | None]:
         return load_eagle1(path, target)
@@ -222,13 +223,12 @@ class EagleDrafter:
         root_in, g_root = self._run_entries(reqs, spans)
         for r, n in zip(reqs, roots, strict=True):
             self.kv.set_valid(r, n + 1)
-        # 2. EAGLE-2 levels
-        trees = self._grow(reqs, roots, root_in, g_root)
-        for i, k, (scores, parents, tokens) in zip(idx, [max_tokens[i] for i in idx], trees, strict=True):
-            kept, tree_parents = rerank(scores, parents, min(k, self.max_num_tokens))
-            out[i] = DraftProposal([tokens[c] for c in kept], tree_parents)
+        # 2. EAGLE-2 levels and the rerank, on the device: the verify forward is queued behind them
+        budgets = [min(max_tokens[i], self.grower.max_kept) for i in idx]
+        drafts = DeviceDrafts(self._grow(reqs, roots, root_in, g_root, budgets).nodes)
+        for row, (i, k) in enumerate(zip(idx, budgets, strict=True)):
+            out[i] = drafts.proposal(row, k)
         return out
 
-    def _grow(self, reqs, roots, root_in, g_root) -> list[Candidates]:
-        """Per request, every scored candidate: (cumulative log-probs, parent candidate or -1, token ids)."""
-        return self.grower.grow(reqs, roots, root_in, g_root)
+    def _grow(self, reqs, roots, root_in, g_root, budgets) -> GrownTrees:
+        return self.grower.grow(reqs, roots, root_in, g_root, budgets)

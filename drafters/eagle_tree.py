@@ -5,7 +5,8 @@ plain target step: 1.3 ms): per level a metadata upload, a graph launch, a vocab
 the frontier. Only the frontier's choice depends on the data, and only through the tree masks, the tokens and
 the inputs of the next level, all of which the device can compute. So the host uploads, once per step, what does
 not depend on it (each node's position and slot: a level's frontier sits at depth l, in query slots that follow
-the root), and one replay per batch bucket runs every level; one copy brings the candidates back for rerank.
+the root), and one replay per batch bucket runs every level and the final rerank (tree.select_tree). The trees
+stay on the device: the verify forward is queued behind them, and their tokens come back with no sync of their own.
 
 Layout of a tree of top_k k and depth d, per sequence: query node 0 is the root, nodes 1 + (l - 1) k .. l k are
 level l's frontier (l = 1 .. d - 1), so level l's forward is the first 1 + l k nodes, as the host-grown tree had
@@ -15,38 +16,49 @@ it. Candidates: the root's k children, then k children under each of level l's k
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
-import numpy as np
 import torch
 
 from specserve.attention import AttentionMetadata
 from specserve.cuda_graphs import BatchGraphs, StaticRows, batch_buckets
 from specserve.drafters.draft_kv import DraftQuery
 from specserve.drafters.draft_runner import DraftRunner
-from specserve.drafters.tree import expand_level
+from specserve.drafters.tree import expand_level, select_tree
 
 # forward(input_ids [T], positions [T], meta, hidden [T, H]) -> [T, H]; top_k(hidden [N, H], k) -> ([N, k], [N, k])
 HeadForward = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor], torch.Tensor]
 TopK = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
-Candidates = tuple[list[float], list[int], list[int]]  # (cumulative log-probs, parent candidate or -1, tokens)
+
+class GrownTrees(NamedTuple):
+    """Every scored candidate of b trees and the trees kept from them, all on the device."""
+
+    scores: torch.Tensor  # [b, C] float64 cumulative draft log-probs
+    tokens: torch.Tensor  # [b, C] int64
+    parents: torch.Tensor  # [b, C] int64 parent candidate, -1: the root
+    nodes: torch.Tensor  # [4, b, N] int64 of the kept nodes: token, parent node, rope position, ancestor mask
 
 
 class TreeGrower:
     """Grows EAGLE-2 trees for a batch of roots; the same candidates eager or replayed (graphs need CUDA)."""
 
-    def __init__(self, forward: HeadForward, top_k_fn: TopK, runner: DraftRunner, target, top_k: int, depth: int):
+    def __init__(self, forward: HeadForward, top_k_fn: TopK, runner: DraftRunner, target, top_k: int, depth: int,
+                 max_kept: int):
         self._forward, self._top_k = forward, top_k_fn
         self.kv, self.k, self.depth = runner.kv, top_k, depth
         self.num_nodes = 1 + top_k * (depth - 1)  # query nodes of the last level, root included
         self.num_cands = top_k + (depth - 1) * top_k * top_k
+        self.max_kept = min(max_kept, self.num_cands)  # draft nodes a tree keeps at most
         # node j + 1 of the last level sits one level below the first node of the level above (depths only:
         # the real parents are chosen on the device)
         self._parents = [0] * top_k + [1 + (j // top_k - 1) * top_k for j in range(top_k, self.num_nodes - 1)]
         self.max_seq_len = runner.max_seq_len
         max_seqs, n, dev, dtype = target.max_num_seqs, self.num_nodes, self.kv.device, self.kv.dtype
-        # per sequence: positions [n] | slots [n] | root position | root token | block table
-        self._inputs = StaticRows(max_seqs, 2 * n + 2 + runner.width, dev)
+        # per sequence: positions [n] | slots [n] | root position | root token | nodes to keep | block table
+        self._inputs = StaticRows(max_seqs, 2 * n + 3 + runner.width, dev)
+        levels = [1] * top_k + [2 + (j - top_k) // (top_k * top_k) for j in range(top_k, self.num_cands)]
+        self._levels = torch.tensor(levels, device=dev)  # [C] depth of each candidate below the root
         hidden = target.model.config.hidden_size
         self._root_in = torch.zeros(max_seqs, hidden, device=dev, dtype=dtype)  # [B, H] the root entry's input
         self._g_root = torch.zeros(max_seqs, hidden, device=dev, dtype=dtype)  # [B, H] the root's draft output
@@ -57,9 +69,10 @@ class TreeGrower:
         keys = [(b,) for b in batch_buckets(max_seqs)] if target.cuda_graphs else []
         self.graphs = BatchGraphs(self._grow_static, keys, target.captures_graphs)
 
-    def grow(self, reqs: Sequence, roots: Sequence[int], root_in: torch.Tensor, g_root: torch.Tensor
-             ) -> list[Candidates]:
-        """Per request, every scored candidate of its tree under root position roots[i] (one host sync)."""
+    def grow(self, reqs: Sequence, roots: Sequence[int], root_in: torch.Tensor, g_root: torch.Tensor,
+             budgets: Sequence[int]) -> GrownTrees:
+        """b trees, request i's under root position roots[i], each keeping its budgets[i] best candidates (at most
+        max_kept); no sync. The tensors are static: read them before the next grow."""
         b, n = len(reqs), self.num_nodes
         tables = self.kv.block_tables(reqs, [r + n for r in roots])
         m = self.kv.metadata([DraftQuery(t, r, 1, self._parents) for t, r in zip(tables, roots, strict=True)])
@@ -70,23 +83,21 @@ class TreeGrower:
         h[b:, n : 2 * n] = -1  # padding sequences write no K/V
         h[:b, 2 * n] = roots
         h[:b, 2 * n + 1] = [r.token_ids[p] for r, p in zip(reqs, roots, strict=True)]
-        h[:b, 2 * n + 2 : 2 * n + 2 + m.block_tables.shape[1]] = m.block_tables
+        h[:b, 2 * n + 2] = budgets
+        h[:b, 2 * n + 3 : 2 * n + 3 + m.block_tables.shape[1]] = m.block_tables
         self._inputs.upload(cap)
         self._root_in[:b].copy_(root_in)
         self._g_root[:b].copy_(g_root)
         out = self.graphs.run(cap)
-        res = out[:b].cpu().numpy()  # [b, 3C] the one sync: scores | tokens | parents
-        c = self.num_cands
-        tokens, parents = res[:, c : 2 * c].astype(np.int64), res[:, 2 * c :].astype(np.int64)
-        return [(res[i, :c].tolist(), parents[i].tolist(), tokens[i].tolist()) for i in range(b)]
+        return GrownTrees(out.scores[:b], out.tokens[:b], out.parents[:b], out.nodes[:, :b])
 
-    def _grow_static(self, b: int) -> torch.Tensor:
-        """Every level of b trees from the static inputs; [b, 3C] float64: scores | tokens | parent candidates."""
+    def _grow_static(self, b: int) -> GrownTrees:
+        """Every level of b trees from the static inputs, then the kept nodes of each."""
         k, n = self.k, self.num_nodes
         inp = self._inputs.device[:b]
         pos, slots = inp[:, :n], inp[:, n : 2 * n]  # [b, n]
         ctx = inp[:, 2 * n].to(torch.int32)  # [b] root positions: the draft KV before the root
-        tables = inp[:, 2 * n + 2 :].to(torch.int32)  # [b, width]
+        tables = inp[:, 2 * n + 3 :].to(torch.int32)  # [b, width]
         g_root = self._g_root[:b]
         masks = self._masks[:b]
         masks.zero_()
@@ -122,5 +133,9 @@ class TreeGrower:
             front_scores, front_tok = level_scores.gather(1, nxt), child_tok.gather(1, nxt)
             parent_out = front_out.gather(1, (nxt // k)[:, :, None].expand(-1, -1, front_out.shape[-1]))
             parent_mask = masks[:, e0:e].gather(1, nxt // k)
-        return torch.cat((*scores, *(t.double() for t in tokens), *(p.double() for p in parents)), dim=1)
+        grown = [torch.cat(x, dim=1) for x in (scores, tokens, parents)]  # each [b, C]
+        cand, parent_node, kept_masks = select_tree(grown[0], grown[2], inp[:, 2 * n + 2], self.max_kept, self.depth)
+        positions = inp[:, 2 * n : 2 * n + 1] + self._levels[cand]  # [b, N] root position + depth
+        nodes = torch.stack((grown[1].gather(1, cand), parent_node, positions, kept_masks))  # [4, b, N]
+        return GrownTrees(*grown, nodes)
 

@@ -14,6 +14,7 @@ scores above its parent, so the kept set contains each kept node's parent (ties 
 
 from __future__ import annotations
 
+import functools
 import heapq
 from dataclasses import dataclass
 
@@ -136,19 +137,36 @@ def expand_level(
     return scores, scores.topk(top_k, dim=-1).indices
 
 
-def rerank(scores: list[float], parents: list[int], budget: int) -> tuple[list[int], list[int]]:
-    """Keep the `budget` best candidates as a tree: (kept candidate indices, DraftProposal parents).
+def select_tree(
+    scores: torch.Tensor,  # [B, C] cumulative log-prob of each candidate
+    parents: torch.Tensor,  # [B, C] int64 parent candidate of each candidate, -1: the root
+    budgets: torch.Tensor,  # [B] int64 nodes to keep per row, at most num_nodes
+    num_nodes: int,  # at most C
+    depth: int,  # the deepest candidate's depth
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """EAGLE-2's rerank on the device: the budgets[i] best candidates of row i as a draft tree, without a sync.
 
-    `parents[c]` is candidate c's parent candidate (-1: the root), always an earlier candidate. Ties are
-    broken towards earlier candidates, so a kept child's parent (scoring at least as high) is kept too.
+    Returns (candidate [B, N], parent node [B, N], ancestor mask [B, N]) of nodes 1..N in topological order; a row's
+    entries past its budget are padding. Ties go to the earlier candidate (a stable sort), and a child never scores
+    above its parent, so every kept node's parent is kept too.
     """
-    order = np.argsort(-np.asarray(scores), kind="stable")[:budget]  # stable: ties keep the earlier candidate
-    kept = np.sort(order).tolist()  # candidate order is topological
-    node = {c: j + 1 for j, c in enumerate(kept)}
-    out_parents = []
-    for c in kept:
-        p = parents[c]
-        if p >= 0 and p not in node:
-            raise ValueError(f"candidate {c} was kept without its parent {p}: scores must not grow with depth")
-        out_parents.append(node[p] if p >= 0 else 0)
-    return kept, out_parents
+    b, c = scores.shape
+    order = torch.sort(-scores, dim=1, stable=True).indices[:, :num_nodes]  # [B, N] best first
+    ranks = torch.arange(num_nodes, device=scores.device)
+    kept = torch.where(ranks < budgets[:, None], order, c).sort(dim=1).values  # [B, N] candidate order, padding last
+    node_of = torch.zeros(b, c + 1, dtype=torch.int64, device=scores.device)  # [B, C + 1] node of each candidate
+    node_of.scatter_(1, kept, (ranks + 1).expand(b, -1))  # padding lands in column c
+    cand = kept.clamp(max=c - 1)
+    parent_cand = parents.gather(1, cand)  # [B, N]
+    parent_node = torch.where(parent_cand >= 0, node_of.gather(1, parent_cand.clamp(min=0)), 0)
+    own = _node_bits(num_nodes + 1, scores.device)  # [N + 1] bit of node j
+    masks = own.expand(b, -1).clone()  # [B, N + 1]: each pass completes one more level of ancestors
+    for _ in range(depth):
+        masks[:, 1:] = own[1:] | masks.gather(1, parent_node)
+    return cand, parent_node, masks[:, 1:]
+
+
+@functools.lru_cache(maxsize=8)
+def _node_bits(n: int, device: torch.device) -> torch.Tensor:
+    """[n] int64: bit j of node j, as the signed values of ancestor masks."""
+    return torch.tensor([1 << j if j < 63 else -(1 << 63) for j in range(n)], device=device)

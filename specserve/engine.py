@@ -21,11 +21,11 @@ from specserve.drafters import build_drafter, draft_memory
 from specserve.drafters.base import DraftProposal
 from specserve.kernels import get_backend, triton_backend
 from specserve.kv_cache import KVCacheManager, kv_block_bytes
-from specserve.model_runner import ForwardOutput, HostCopy, ModelRunner, SlotFeatures, StepBatch
+from specserve.model_runner import ForwardOutput, ModelRunner, SlotFeatures, StepBatch
 from specserve.models.loader import LoadedModel, load_model
 from specserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from specserve.request import Request, RequestStatus
-from specserve.sampler import top_logprobs
+from specserve.sampler import HostCopy, top_logprobs
 from specserve.sampling_params import SamplingParams
 from specserve.scheduler import ScheduledRequest, Scheduler
 from specserve.verify import VerifyItem, VerifyResult, sample_roots, verify
@@ -280,6 +280,9 @@ class LLMEngine:
             self._inflight = self._launch(after=(cur, tokens))
             results = [it.result([0], [t]) for it, t in zip(cur.items, fetched.tolist(), strict=True)]
         else:
+            for p in cur.proposals:
+                if p is not None:
+                    p.resolve()
             results = verify(cur.items, cur.out.logits)
             if self._gaps:  # the device idles from here until the next forward
                 self._gaps.synced(sum(p is not None for p in cur.proposals))
@@ -304,6 +307,7 @@ class LLMEngine:
         proposals = self._propose(sched.scheduled)
         drafting = time.perf_counter() - start
         batch = self.runner.prepare(sched.scheduled, proposals)
+        self.runner.feed_drafts(batch, proposals)
         if after is not None:
             self._feed_pending(sched.scheduled, batch, *after)
         if self._gaps:

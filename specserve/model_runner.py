@@ -19,7 +19,7 @@ import torch
 
 from specserve.attention import MAX_TREE_NODES, AttentionMetadata, slot_of, token_layout
 from specserve.cuda_graphs import Bucket, Buckets, CudaGraphs, StepBuffers, StepViews, fill_dummy, pad_views
-from specserve.drafters.base import DraftProposal
+from specserve.drafters.base import DeviceDrafts, DraftProposal
 from specserve.models.llama import ModelOutput
 from specserve.sampler import to_device
 from specserve.scheduler import ScheduledRequest
@@ -87,25 +87,6 @@ def hidden_state_rows(out: ModelOutput) -> torch.Tensor:
 
 
 HIDDEN_STATES = ("hidden_states",)  # the SlotFeatures key of hidden_state_rows: one table for EAGLE-1 and Medusa
-
-
-class HostCopy:
-    """A device tensor's copy into pinned host memory, started now (behind the work queued so far) and waited
-    for later: async scheduling reads a step's tokens after it has queued the next step."""
-
-    def __init__(self, t: torch.Tensor):
-        self.event = None
-        self.host = t
-        if t.is_cuda:
-            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            self.host.copy_(t, non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record()
-
-    def tolist(self) -> list:
-        if self.event is not None:
-            self.event.synchronize()
-        return self.host.tolist()
 
 
 class ModelRunner:
@@ -216,6 +197,24 @@ class ModelRunner:
         else:
             idx = to_device([dst, src], torch.int64, self.device)  # [2, n]
             batch.input_ids[idx[0]] = tokens[idx[1]]
+
+    def feed_drafts(self, batch: StepBatch, proposals: list[DraftProposal | None]) -> None:
+        """Trees made on the device write their nodes' tokens, rope positions and ancestor masks over the
+        placeholders prepare laid out (a sequence's nodes are its last query tokens)."""
+        groups: dict[int, tuple[DeviceDrafts, list[int], list[int]]] = {}
+        for b, p in enumerate(proposals):
+            if p is None or p.on_device is None:
+                continue
+            drafts, dst, src = groups.setdefault(id(p.on_device), (p.on_device, [], []))
+            n, end, width = len(p.tokens), batch.query_start_loc[b + 1], drafts.nodes.shape[2]
+            dst.extend(range(end - n, end))
+            src.extend(range(p.row * width, p.row * width + n))
+        for drafts, dst, src in groups.values():
+            idx = to_device([dst, src], torch.int64, self.device)  # [2, n]
+            nodes = drafts.nodes.flatten(1)[:, idx[1]]  # [4, n]
+            batch.input_ids[idx[0]] = nodes[0]
+            batch.positions[idx[0]] = nodes[2]
+            batch.meta.tree_mask[idx[0]] = nodes[3]
 
     # ---- forward ----------------------------------------------------------------------------------
 

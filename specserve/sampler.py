@@ -77,6 +77,26 @@ def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.T
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
+class HostCopy:
+    """A device tensor's copy into pinned host memory, started now (behind the work queued so far) and waited
+    for later: async scheduling reads a step's tokens after it has queued the next step, and verification reads
+    draft trees made on the device after it has queued the forward that checks them."""
+
+    def __init__(self, t: torch.Tensor):
+        self.event = None
+        self.host = t
+        if t.is_cuda:
+            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self.host.copy_(t, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def tolist(self) -> list:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
+
 def target_probs(logits: torch.Tensor, rows: list[RowContext]) -> torch.Tensor:
     """Softmax after temperature, top-k, top-p and min-p ([N, vocab] float32); rows must not be greedy."""
     device = logits.device

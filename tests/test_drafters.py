@@ -126,10 +126,11 @@ def spy_on_grow(drafter, seen: list) -> None:
     """Record (tokens, root position, candidates) of every EAGLE tree the drafter grows."""
     grow = drafter._grow
 
-    def spy(reqs, roots, root_in, g_root):
-        cands = grow(reqs, roots, root_in, g_root)
+    def spy(reqs, roots, root_in, g_root, budgets):
+        grown = grow(reqs, roots, root_in, g_root, budgets)
+        cands = zip(grown.scores.tolist(), grown.parents.tolist(), grown.tokens.tolist(), strict=True)
         seen.extend((list(r.token_ids), n, c) for r, n, c in zip(reqs, roots, cands, strict=True))
-        return cands
+        return grown
 
     drafter._grow = spy
 

@@ -7,8 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from specserve.attention import ancestor_masks
 from specserve.drafters.draft_kv import DraftKVCache, DraftQuery, plan_chunks
-from specserve.drafters.tree import choices_tree, default_tree, expand_level, rerank, static_tree
+from specserve.drafters.tree import choices_tree, default_tree, expand_level, select_tree, static_tree
 
 MC_SIM_PREFIX = [(0,), (0, 0), (1,), (0, 1), (2,), (0, 0, 0), (1, 0), (0, 2)]  # Medusa's mc_sim_7b_63 start
 
@@ -85,14 +86,44 @@ def test_expand_level_keeps_best_cumulative_children():
     assert nxt.tolist() == [[0, 2]]
 
 
-def test_rerank_keeps_a_tree_and_breaks_ties_to_parents():
-    # candidates: 0, 1 under the root; 2, 3 under 0; 4 under 2
-    scores = [-0.5, -1.0, -0.5, -2.0, -0.7]
-    parents = [-1, -1, 0, 0, 2]
-    assert rerank(scores, parents, 3) == ([0, 2, 4], [0, 1, 2])
-    assert rerank(scores, parents, 4) == ([0, 1, 2, 4], [0, 0, 1, 3])
-    with pytest.raises(ValueError, match="without its parent"):
-        rerank([-1.0, -0.5], [-1, 0], 1)
+def test_select_tree_keeps_a_tree_per_budget_and_breaks_ties_to_parents():
+    # candidates: 0, 1 under the root; 2, 3 under 0; 4 under 2. Rows share them, with budgets 3 and 4.
+    scores = torch.tensor([[-0.5, -1.0, -0.5, -2.0, -0.7]] * 2, dtype=torch.float64)
+    parents = torch.tensor([[-1, -1, 0, 0, 2]] * 2)
+    cand, parent_node, masks = select_tree(scores, parents, torch.tensor([3, 4]), 4, depth=3)
+    assert cand[0, :3].tolist() == [0, 2, 4] and parent_node[0, :3].tolist() == [0, 1, 2]
+    assert masks[0, :3].tolist() == [0b11, 0b111, 0b1111]
+    assert cand[1].tolist() == [0, 1, 2, 4] and parent_node[1].tolist() == [0, 0, 1, 3]
+    assert masks[1].tolist() == [0b11, 0b101, 0b1011, 0b11011]
+
+
+def rerank_reference(scores: list[float], parents: list[int], budget: int) -> tuple[list[int], list[int]]:
+    """The budget best candidates (ties: the earlier) in candidate order, and their parent nodes."""
+    kept = sorted(sorted(range(len(scores)), key=lambda c: (-scores[c], c))[:budget])
+    node = {c: j + 1 for j, c in enumerate(kept)}
+    return kept, [node[parents[c]] if parents[c] >= 0 else 0 for c in kept]
+
+
+def test_select_tree_equals_a_host_rerank_on_random_trees_with_ties():
+    gen = torch.Generator().manual_seed(0)
+    b, c, n = 16, 60, 48
+    parents = torch.full((b, c), -1)
+    scores = torch.zeros(b, c, dtype=torch.float64)
+    depth = torch.ones(b, c, dtype=torch.int64)
+    for j in range(c):
+        p = torch.randint(-1, j, (b,), generator=gen) if j >= 4 else torch.full((b,), -1)
+        step = -torch.rand(b, generator=gen, dtype=torch.float64).round(decimals=1)  # 0.0 steps: ties with parents
+        parents[:, j] = p
+        scores[:, j] = torch.where(p >= 0, scores.gather(1, p.clamp(min=0)[:, None])[:, 0], 0.0) + step
+        depth[:, j] = torch.where(p >= 0, depth.gather(1, p.clamp(min=0)[:, None])[:, 0] + 1, 1)
+    budgets = torch.randint(1, n + 1, (b,), generator=gen)
+    cand, parent_node, masks = select_tree(scores, parents, budgets, n, int(depth.max()))
+    for i in range(b):
+        k = int(budgets[i])
+        kept, tree_parents = rerank_reference(scores[i].tolist(), parents[i].tolist(), k)
+        assert cand[i, :k].tolist() == kept
+        assert parent_node[i, :k].tolist() == tree_parents
+        assert masks[i, :k].tolist() == ancestor_masks(tree_parents)[1:]
 
 
 def test_plan_chunks_splits_spans_across_forwards():
