@@ -6,11 +6,10 @@ medusa_lm_head.safetensors (or .pt) keyed `{head}.{layer}.linear.weight/bias` fo
 in config.json the heads have no LM head of their own and use the target's.
 
 The hidden state h_t (after the final norm) at the last accepted node gives the bonus token through the
-LM head; head i on h_t guesses the token at depth i + 1 below it. The draft is a static tree of top-k ranks, made
-on the device without a sync (DeviceDrafts) and deterministic (verification takes q as one-hot, which stays exact
-for sampled requests): the paths of `SpeculativeConfig.tree` (Medusa's mc_sim lists) when given; else the first
-num_speculative_tokens of the checkpoint's `specserve_medusa_choices` when its config.json has them; else
-tree.default_tree from a prior.
+LM head; head i on h_t guesses the token at depth i + 1 below it. The draft is a static tree of top-k ranks,
+so it is deterministic (verification takes q as one-hot, which stays exact for sampled requests): the paths of
+`SpeculativeConfig.tree` (Medusa's mc_sim lists) when given; else the first num_speculative_tokens of the
+checkpoint's `specserve_medusa_choices` when its config.json has them; else tree.default_tree from a prior.
 
 `specserve_medusa_choices` (benchmarks/medusa_accuracy.py --write): rank paths like Medusa's mc_sim lists, most
 often fully accepted first, each after its parent path. A path counts on an answer position when it is a prefix of
@@ -27,14 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specserve.attention import MAX_TREE_NODES, ancestor_masks
+from specserve.attention import MAX_TREE_NODES
 from specserve.config import SpeculativeConfig
-from specserve.drafters.base import DeviceDrafts, DraftMemory, DraftProposal
+from specserve.drafters.base import DraftMemory, DraftProposal
 from specserve.drafters.checkpoint import check_dim, load_module, read_config, read_tensors
-from specserve.drafters.tree import StaticTree, choices_tree, default_tree, static_tree
+from specserve.drafters.tree import choices_tree, default_tree, static_tree
 from specserve.model_runner import HIDDEN_STATES, SlotFeatures, hidden_state_rows
 from specserve.models.config import ModelConfig
-from specserve.sampler import to_device
 
 WEIGHT_FILES = ("medusa_lm_head.safetensors", "medusa_lm_head.pt")
 # config.json: the default tree's paths, best first (module docstring; benchmarks/medusa_accuracy.py writes them)
@@ -114,7 +112,6 @@ class MedusaDrafter:
             raise ValueError(f"speculative_config.tree has {self.tree.num_nodes} nodes; at most "
                              f"{MAX_TREE_NODES - 1} fit a verify tree")
         self.max_num_tokens = self.tree.num_nodes
-        self._layouts: dict[int, tuple[torch.Tensor, ...]] = {}
         # the target's hidden state of each position, by KV slot, filled by the target's forwards
         self.hidden = SlotFeatures.get(target, HIDDEN_STATES, target.model.config.hidden_size, hidden_state_rows)
 
@@ -124,33 +121,17 @@ class MedusaDrafter:
         out: list[DraftProposal | None] = [None] * len(requests)
         if not idx:
             return out
-        sizes = [min(max_tokens[i], self.tree.num_nodes) for i in idx]
-        tree = self.tree.prefix(max(sizes))  # each request keeps a prefix of it: again a tree
-        depth, b = tree.depth, len(idx)
+        trees = [self.tree.prefix(max_tokens[i]) for i in idx]
+        depth = max(t.depth for t in trees)
         # [B, H] at each root's parent, the last position the target ran
         hidden = self.hidden.read([(requests[i].block_ids, requests[i].num_computed_tokens - 1) for i in idx])
         # every head's rows through one LM head product and one top-k (each a kernel launch and host work)
         guesses = torch.cat([self.heads[d](hidden) for d in range(depth)])  # [depth * B, H or vocab]
         logits = self.lm_head(guesses) if self.lm_head is not None else guesses.float()
-        ranked = logits.topk(tree.top_k, dim=-1).indices.view(depth, b, -1)  # [depth, B, top_k]
-        levels, ranks, parents, masks = self._layout(tree, hidden.device)  # each [N]
-        roots = to_device([requests[i].num_computed_tokens for i in idx], torch.int64, hidden.device)  # [B]
-        nodes = torch.stack((ranked[levels - 1, :, ranks].T, parents.expand(b, -1), roots[:, None] + levels,
-                             masks.expand(b, -1)))  # [4, B, N]
-        drafts = DeviceDrafts(nodes)
-        for row, (i, n) in enumerate(zip(idx, sizes, strict=True)):
-            out[i] = drafts.proposal(row, n)
+        ranked = logits.topk(self.tree.top_k, dim=-1).indices.view(depth, len(idx), -1).transpose(0, 1).tolist()
+        for i, tree, r in zip(idx, trees, ranked, strict=True):
+            out[i] = DraftProposal(tree.tokens(r), list(tree.parents))
         return out
-
-    def _layout(self, tree: StaticTree, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """Per node of a prefix of self.tree, on the device: its depth, its rank under its head, its parent and its
-        ancestor mask (built once per size)."""
-        got = self._layouts.get(tree.num_nodes)
-        if got is None:
-            columns = ([len(p) for p in tree.paths], [p[-1] for p in tree.paths], list(tree.parents),
-                       ancestor_masks(list(tree.parents))[1:])
-            got = self._layouts[tree.num_nodes] = tuple(torch.tensor(c, device=device) for c in columns)
-        return got
 
     def observe(self, requests, results, out) -> None:
         """Nothing to follow: the target's forwards fill the hidden states propose reads."""
