@@ -218,21 +218,17 @@ class EagleDrafter:
             return out
         reqs = [requests[i] for i in idx]
         roots = [r.num_computed_tokens for r in reqs]
-        # 1. entries not run yet and the root, one causal chunk each: the root's output starts the tree; 2. EAGLE-2
-        # levels and the rerank, on the device: the verify forward is queued behind them
+        # 1. entries not run yet and the root, one causal chunk each: the root's output starts the tree
         spans = [(self.kv.num_valid(r), n + 1) for r, n in zip(reqs, roots, strict=True)]
-
-        def root_entries() -> tuple[torch.Tensor, torch.Tensor]:
-            ends = self._run_entries(reqs, spans)
-            for r, n in zip(reqs, roots, strict=True):
-                self.kv.set_valid(r, n + 1)
-            return ends
-
+        root_in, g_root = self._run_entries(reqs, spans)
+        for r, n in zip(reqs, roots, strict=True):
+            self.kv.set_valid(r, n + 1)
+        # 2. EAGLE-2 levels and the rerank, on the device: the verify forward is queued behind them
         budgets = [min(max_tokens[i], self.grower.max_kept) for i in idx]
-        drafts = DeviceDrafts(self._grow(reqs, roots, budgets, root_entries).nodes)
+        drafts = DeviceDrafts(self._grow(reqs, roots, root_in, g_root, budgets).nodes)
         for row, (i, k) in enumerate(zip(idx, budgets, strict=True)):
             out[i] = drafts.proposal(row, k)
         return out
 
-    def _grow(self, reqs, roots, budgets, root_entries) -> GrownTrees:
-        return self.grower.grow(reqs, roots, budgets, root_entries)
+    def _grow(self, reqs, roots, root_in, g_root, budgets) -> GrownTrees:
+        return self.grower.grow(reqs, roots, root_in, g_root, budgets)

@@ -69,12 +69,10 @@ class TreeGrower:
         keys = [(b,) for b in batch_buckets(max_seqs)] if target.cuda_graphs else []
         self.graphs = BatchGraphs(self._grow_static, keys, target.captures_graphs)
 
-    def grow(self, reqs: Sequence, roots: Sequence[int], budgets: Sequence[int],
-             root_entries: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> GrownTrees:
+    def grow(self, reqs: Sequence, roots: Sequence[int], root_in: torch.Tensor, g_root: torch.Tensor,
+             budgets: Sequence[int]) -> GrownTrees:
         """b trees, request i's under root position roots[i], each keeping its budgets[i] best candidates (at most
-        max_kept); no sync. root_entries() queues the forward that gives the roots' (inputs, outputs), both [b, H]:
-        it runs after this host work, so the device goes from that forward to the tree's without a gap. The
-        returned tensors are static: read them before the next grow."""
+        max_kept); no sync. The tensors are static: read them before the next grow."""
         b, n = len(reqs), self.num_nodes
         tables = self.kv.block_tables(reqs, [r + n for r in roots])
         m = self.kv.metadata([DraftQuery(t, r, 1, self._parents) for t, r in zip(tables, roots, strict=True)])
@@ -88,7 +86,6 @@ class TreeGrower:
         h[:b, 2 * n + 2] = budgets
         h[:b, 2 * n + 3 : 2 * n + 3 + m.block_tables.shape[1]] = m.block_tables
         self._inputs.upload(cap)
-        root_in, g_root = root_entries()
         self._root_in[:b].copy_(root_in)
         self._g_root[:b].copy_(g_root)
         out = self.graphs.run(cap)

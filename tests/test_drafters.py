@@ -126,8 +126,8 @@ def spy_on_grow(drafter, seen: list) -> None:
     """Record (tokens, root position, candidates) of every EAGLE tree the drafter grows."""
     grow = drafter._grow
 
-    def spy(reqs, roots, budgets, root_entries):
-        grown = grow(reqs, roots, budgets, root_entries)
+    def spy(reqs, roots, root_in, g_root, budgets):
+        grown = grow(reqs, roots, root_in, g_root, budgets)
         cands = zip(grown.scores.tolist(), grown.parents.tolist(), grown.tokens.tolist(), strict=True)
         seen.extend((list(r.token_ids), n, c) for r, n, c in zip(reqs, roots, cands, strict=True))
         return grown
