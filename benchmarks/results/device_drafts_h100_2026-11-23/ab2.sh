@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A/B/C of EAGLE steps at batch 1 and 8: old = d4001d1 (session start), mid = fb177dd (trees on the device, the final
-# EAGLE code), new = the staged-catch-up variant (a1fde5e-like, reverted in b4c1243).
+# EAGLE code), new = the staged-catch-up variant (bce1ac3, reverted in b4c1243).
 set -u
 T0=$(date +%s)
 cat /root/m/q0 /root/m/q1 /root/m/q2 /root/m/q3 /root/m/q4 .devmodel6/q5 > /root/m/smol.gguf
