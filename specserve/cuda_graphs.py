@@ -32,7 +32,7 @@ import functools
 import gc
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, NamedTuple, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -296,17 +296,17 @@ class StaticRows:
 
 
 class BatchGraphs:
-    """A whole multi-forward computation fn(b, *rest) -> tensor, captured once per key (b a batch bucket).
+    """A whole multi-forward computation fn(b, *rest), captured once per key (b a batch bucket).
 
     For drafters whose step is several dependent forwards (an EAGLE tree's levels, a draft model's chain):
-    fn reads static input tensors sliced to b rows and returns a static output. Off CUDA, or over an attention
-    backend that syncs, the keys run eagerly: tests of the padding.
+    fn reads static input tensors sliced to b rows and returns a static output (a tensor or a tuple of them). Off
+    CUDA, or over an attention backend that syncs, the keys run eagerly: tests of the padding.
     """
 
-    def __init__(self, fn: Callable[..., torch.Tensor], keys: list[tuple[int, ...]], capture: bool):
+    def __init__(self, fn: Callable[..., Any], keys: list[tuple[int, ...]], capture: bool):
         self.fn = fn
         self.batches = sorted({k[0] for k in keys})
-        self.graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, Any]] = {}
         if keys and capture:
             pool = torch.cuda.graph_pool_handle()
             with torch.inference_mode(), collector_paused():
@@ -322,7 +322,7 @@ class BatchGraphs:
         """The batch size a step of num_seqs sequences runs at: its bucket, or itself past the largest."""
         return min((b for b in self.batches if b >= num_seqs), default=num_seqs)
 
-    def run(self, *key: int) -> torch.Tensor:
+    def run(self, *key: int) -> Any:
         """fn(*key), replayed if captured; the output is static: read it before the next run."""
         if key in self.graphs:
             graph, out = self.graphs[key]

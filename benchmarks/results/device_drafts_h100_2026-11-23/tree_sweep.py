@@ -14,8 +14,8 @@ from specserve.models.loader import load_model  # noqa: E402
 
 gguf, mt = sys.argv[1], sys.argv[2]
 TREES = [(6, 6, 32), (4, 4, 16), (4, 5, 16), (5, 4, 20), (6, 5, 24), (8, 4, 32), (3, 4, 12), (8, 8, 63)]
-arms = {f"e3_k{k}_d{d}_n{n}": {"method": "eagle3", "model": os.path.join(WEIGHTS, "eagle3"), "num_speculative_tokens": n,
-                               "top_k": k, "depth": d} for k, d, n in TREES}
+arms = {f"e3_k{k}_d{d}_n{n}": {"method": "eagle3", "model": os.path.join(WEIGHTS, "eagle3"),
+                               "num_speculative_tokens": n, "top_k": k, "depth": d} for k, d, n in TREES}
 loaded = load_model(gguf, torch.bfloat16, "cuda")
 llm = LLM(loaded_model=loaded, device="cuda", dtype="bfloat16", max_num_seqs=8, enable_prefix_caching=False,
           max_model_len=2048, speculative_arms=arms)
