@@ -167,6 +167,38 @@ def test_eagle_survives_preemption(target, plain, tmp_path):
     assert sum(o.metrics.num_preemptions for o in outs) > 0
 
 
+def test_eagle_arms_sharing_steps_match_plain(target, plain, tmp_path):
+    """Requests of two EAGLE arms in the same steps: each arm's trees, made on the device, fill their own rows of the
+    one verify forward, and a request near its length limit keeps a smaller tree than the others of its arm."""
+    arms = {"e1": {"method": "eagle", "model": write_eagle(str(tmp_path / "e1"), target), "num_speculative_tokens": 8,
+                   "top_k": 3, "depth": 4},
+            "e3": {"method": "eagle3", "model": write_eagle3(str(tmp_path / "e3"), target),
+                   "num_speculative_tokens": 6, "top_k": 2, "depth": 3}}
+    llm = LLM(model=target, speculative_arms=arms, **ENGINE)
+    eng, fed = llm.engine, []
+    feed = eng.runner.feed_drafts
+
+    def spy(batch, proposals):
+        groups: dict[int, set[int]] = {}
+        for p in proposals:
+            if p is not None and p.on_device is not None:
+                groups.setdefault(id(p.on_device), set()).add(len(p.tokens))
+        fed.append(list(groups.values()))
+        feed(batch, proposals)
+
+    eng.runner.feed_drafts = spy
+    lengths = [GREEDY.max_tokens - 3 * i for i in range(len(PROMPTS))]
+    for i, (prompt, n) in enumerate(zip(PROMPTS, lengths, strict=True)):
+        params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+        eng.add_request(str(i), prompt, params, spec_arm=("e1", "e3")[i % 2])
+    outs = {}
+    while eng.has_unfinished_requests():
+        outs.update((o.request_id, o.outputs[0].token_ids) for o in eng.step() if o.finished)
+    assert [outs[str(i)] for i in range(len(PROMPTS))] == [p[:n] for p, n in zip(plain, lengths, strict=True)]
+    assert any(len(groups) == 2 for groups in fed)  # both arms' trees in one verify forward
+    assert any(len(sizes) > 1 for groups in fed for sizes in groups)  # one arm's trees of different sizes
+
+
 def test_medusa_matches_plain_and_dense_recomputation(target, plain, tmp_path):
     spec = {"method": "medusa", "model": write_medusa(str(tmp_path / "medusa"), target, heads=3),
             "num_speculative_tokens": 6}
