@@ -129,10 +129,29 @@ class DraftKVCache:
             tables[i, : len(q.block_table)] = q.block_table
         lay = token_layout(ctx, n_causal, n_nodes, [(i, list(q.parents)) for i, q in enumerate(queries) if q.parents])
         slot_mapping = lay.slots(tables, bs)
-        for block in np.unique(slot_mapping // bs).tolist():
-            self._block_hash.pop(block, None)
+        self._forget_written(slot_mapping)
         return DraftMetadata(lay.positions, slot_mapping, lay.tree_mask, lay.query_start_loc, ctx + n_causal + n_nodes,
                              ctx, n_causal - 1, tables)
+
+    def tree_slots(self, tables: Sequence[list[int]], roots: Sequence[int], num_nodes: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """(K/V slots [B, num_nodes], block tables [B, W]) of queries of a root and num_nodes - 1 tree nodes each,
+        query i's at sequence indices roots[i] .. roots[i] + num_nodes - 1: metadata()'s slot_mapping and
+        block_tables for them, without laying out a tree whose shape the caller knows. Drops validity of the
+        blocks they write."""
+        b, bs = len(tables), self.block_size
+        padded = np.zeros((b, max(len(t) for t in tables)), np.int64)
+        for i, t in enumerate(tables):
+            padded[i, : len(t)] = t
+        logical = np.asarray(roots, np.int64)[:, None] + np.arange(num_nodes)  # [B, num_nodes]
+        slots = padded[np.arange(b)[:, None], logical // bs] * bs + logical % bs
+        self._forget_written(slots)
+        return slots, padded
+
+    def _forget_written(self, slot_mapping: np.ndarray) -> None:
+        """A forward writes these slots: their blocks' draft entries are no longer the ones hashed."""
+        for block in np.unique(slot_mapping // self.block_size).tolist():
+            self._block_hash.pop(block, None)
 
 
 @dataclass

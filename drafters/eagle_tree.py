@@ -18,11 +18,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
-from specserve.attention import AttentionMetadata
+from specserve.attention import AttentionMetadata, tree_depths
 from specserve.cuda_graphs import BatchGraphs, StaticRows, batch_buckets
-from specserve.drafters.draft_kv import DraftQuery
 from specserve.drafters.draft_runner import DraftRunner
 from specserve.drafters.tree import expand_level, select_tree
 
@@ -52,7 +52,8 @@ class TreeGrower:
         self.max_kept = min(max_kept, self.num_cands)  # draft nodes a tree keeps at most
         # node j + 1 of the last level sits one level below the first node of the level above (depths only:
         # the real parents are chosen on the device)
-        self._parents = [0] * top_k + [1 + (j // top_k - 1) * top_k for j in range(top_k, self.num_nodes - 1)]
+        parents = [0] * top_k + [1 + (j // top_k - 1) * top_k for j in range(top_k, self.num_nodes - 1)]
+        self._depths = np.asarray(tree_depths(parents), np.int64)  # [n] query node depths, the root's 0
         self.max_seq_len = runner.max_seq_len
         max_seqs, n, dev, dtype = target.max_num_seqs, self.num_nodes, self.kv.device, self.kv.dtype
         # per sequence: positions [n] | slots [n] | root position | root token | nodes to keep | block table
@@ -74,17 +75,16 @@ class TreeGrower:
         """b trees, request i's under root position roots[i], each keeping its budgets[i] best candidates (at most
         max_kept); no sync. The tensors are static: read them before the next grow."""
         b, n = len(reqs), self.num_nodes
-        tables = self.kv.block_tables(reqs, [r + n for r in roots])
-        m = self.kv.metadata([DraftQuery(t, r, 1, self._parents) for t, r in zip(tables, roots, strict=True)])
+        slots, tables = self.kv.tree_slots(self.kv.block_tables(reqs, [r + n for r in roots]), roots, n)
         cap = self.graphs.padded(b)
         h = self._inputs.host[:cap].numpy()
         h[:] = 0
-        h[:b, :n], h[:b, n : 2 * n] = m.positions.reshape(b, n), m.slot_mapping.reshape(b, n)
+        h[:b, :n], h[:b, n : 2 * n] = np.asarray(roots)[:, None] + self._depths, slots
         h[b:, n : 2 * n] = -1  # padding sequences write no K/V
         h[:b, 2 * n] = roots
         h[:b, 2 * n + 1] = [r.token_ids[p] for r, p in zip(reqs, roots, strict=True)]
         h[:b, 2 * n + 2] = budgets
-        h[:b, 2 * n + 3 : 2 * n + 3 + m.block_tables.shape[1]] = m.block_tables
+        h[:b, 2 * n + 3 : 2 * n + 3 + tables.shape[1]] = tables
         self._inputs.upload(cap)
         self._root_in[:b].copy_(root_in)
         self._g_root[:b].copy_(g_root)

@@ -174,3 +174,17 @@ def test_draft_metadata_of_a_causal_run_and_a_tree():
     assert m.tree_mask.tolist() == [0, 1, 1, 3, 5, 11]  # causal entries 0, roots 0b1, nodes their ancestors
     assert m.seq_lens.tolist() == [5, 5] and m.context_lens.tolist() == [3, 1] and m.tree_offsets.tolist() == [1, 0]
     assert m.block_tables.tolist() == [[5, 6], [2, 7]] and m.query_start_loc.tolist() == [0, 2, 6]
+
+
+def test_tree_slots_equal_the_metadata_of_the_same_tree_queries():
+    target = SimpleNamespace(block_size=4, num_blocks=8, device=torch.device("cpu"), dtype=torch.float32)
+    tables, roots, parents = [[5, 6, 1], [2, 7]], [3, 1], [0, 0, 1, 1, 2]  # 6 query nodes: the root and 5 more
+    kv, fast = DraftKVCache(target, 1, 1, 2), DraftKVCache(target, 1, 1, 2)
+    for cache in (kv, fast):
+        cache._block_hash.update({b: b for b in range(8)})  # every block vouched for
+    m = kv.metadata([DraftQuery(t, r, 1, parents) for t, r in zip(tables, roots, strict=True)])
+    slots, padded = fast.tree_slots(tables, roots, 1 + len(parents))
+    assert slots.tolist() == m.slot_mapping.reshape(2, 6).tolist()
+    assert padded.tolist() == m.block_tables.tolist() == [[5, 6, 1], [2, 7, 0]]
+    assert fast._block_hash == kv._block_hash == {0: 0, 3: 3, 4: 4}  # blocks 1, 2, 5, 6, 7 are written
+
