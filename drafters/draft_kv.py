@@ -124,9 +124,7 @@ class DraftKVCache:
         ctx = np.fromiter((q.context_len for q in queries), np.int64, b)
         n_causal = np.fromiter((q.num_causal for q in queries), np.int64, b)
         n_nodes = np.fromiter((len(q.parents) for q in queries), np.int64, b)
-        tables = np.zeros((b, max(len(q.block_table) for q in queries)), np.int64)
-        for i, q in enumerate(queries):
-            tables[i, : len(q.block_table)] = q.block_table
+        tables = _padded([q.block_table for q in queries])
         lay = token_layout(ctx, n_causal, n_nodes, [(i, list(q.parents)) for i, q in enumerate(queries) if q.parents])
         slot_mapping = lay.slots(tables, bs)
         self._forget_written(slot_mapping)
@@ -140,9 +138,7 @@ class DraftKVCache:
         block_tables for them, without laying out a tree whose shape the caller knows. Drops validity of the
         blocks they write."""
         b, bs = len(tables), self.block_size
-        padded = np.zeros((b, max(len(t) for t in tables)), np.int64)
-        for i, t in enumerate(tables):
-            padded[i, : len(t)] = t
+        padded = _padded(tables)
         logical = np.asarray(roots, np.int64)[:, None] + np.arange(num_nodes)  # [B, num_nodes]
         slots = padded[np.arange(b)[:, None], logical // bs] * bs + logical % bs
         self._forget_written(slots)
@@ -152,6 +148,14 @@ class DraftKVCache:
         """A forward writes these slots: their blocks' draft entries are no longer the ones hashed."""
         for block in np.unique(slot_mapping // self.block_size).tolist():
             self._block_hash.pop(block, None)
+
+
+def _padded(tables: Sequence[Sequence[int]]) -> np.ndarray:
+    """[B, W] int64 block tables, each padded with 0 to the longest."""
+    out = np.zeros((len(tables), max(len(t) for t in tables)), np.int64)
+    for i, t in enumerate(tables):
+        out[i, : len(t)] = t
+    return out
 
 
 @dataclass

@@ -24,7 +24,7 @@ import torch
 from specserve.attention import AttentionMetadata, tree_depths
 from specserve.cuda_graphs import BatchGraphs, StaticRows, batch_buckets
 from specserve.drafters.draft_runner import DraftRunner
-from specserve.drafters.tree import expand_level, select_tree
+from specserve.drafters.tree import expand_level, node_bits, select_tree
 
 # forward(input_ids [T], positions [T], meta, hidden [T, H]) -> [T, H]; top_k(hidden [N, H], k) -> ([N, k], [N, k])
 HeadForward = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor], torch.Tensor]
@@ -64,7 +64,7 @@ class TreeGrower:
         self._root_in = torch.zeros(max_seqs, hidden, device=dev, dtype=dtype)  # [B, H] the root entry's input
         self._g_root = torch.zeros(max_seqs, hidden, device=dev, dtype=dtype)  # [B, H] the root's draft output
         self._masks = torch.zeros(max_seqs, n, device=dev, dtype=torch.int64)  # [B, n] ancestor bits per node
-        self._bits = torch.tensor([1 << j if j < 63 else -(1 << 63) for j in range(n)], device=dev)  # [n] own bit
+        self._bits = node_bits(n, dev)  # [n] own bit
         self._inputs.host[:, n : 2 * n] = -1  # padding until filled: no K/V writes, root position 0, block 0
         self._inputs.upload(max_seqs)
         keys = [(b,) for b in batch_buckets(max_seqs)] if target.cuda_graphs else []

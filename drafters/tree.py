@@ -159,7 +159,7 @@ def select_tree(
     cand = kept.clamp(max=c - 1)
     parent_cand = parents.gather(1, cand)  # [B, N]
     parent_node = torch.where(parent_cand >= 0, node_of.gather(1, parent_cand.clamp(min=0)), 0)
-    own = _node_bits(num_nodes + 1, scores.device)  # [N + 1] bit of node j
+    own = node_bits(num_nodes + 1, scores.device)  # [N + 1] bit of node j
     masks = own.expand(b, -1).clone()  # [B, N + 1]: each pass completes one more level of ancestors
     for _ in range(depth):
         masks[:, 1:] = own[1:] | masks.gather(1, parent_node)
@@ -167,6 +167,6 @@ def select_tree(
 
 
 @functools.lru_cache(maxsize=8)
-def _node_bits(n: int, device: torch.device) -> torch.Tensor:
+def node_bits(n: int, device: torch.device) -> torch.Tensor:
     """[n] int64: bit j of node j, as the signed values of ancestor masks."""
     return torch.tensor([1 << j if j < 63 else -(1 << 63) for j in range(n)], device=device)
