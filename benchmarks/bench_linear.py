@@ -9,19 +9,24 @@ Parts (each prints a markdown table and writes DIR/<part>.json):
   step     8B shape, random weights, batch 1, context 512: plain decode ms/step and the graph-replayed decode
            forward, with the skinny kernel and with cuBLAS (engines built in turn, one process).
   kernels  device time per kernel family of one eager 8B decode step (torch.profiler), skinny vs cuBLAS.
+  timeline where the device time of a graph-replayed 8B decode step goes (torch.profiler; PDL overlaps charged
+           once), per kernel family, and its idle time.
   fusion   the 8B shape or (--gguf) SmolLM2: engines built in turn with rope + K/V store inside the q/k/v launch and
            SiLU-and-multiply inside gate_up's (the defaults), the same with programmatic dependent launch in the
            graphs ("fused+PDL", kernels/pdl.py; its trigger follows SPECSERVE_PDL_TRIGGER, read at import: set it
            per process), and with both ops apart, two
            rounds: graph-replayed forward at batch 1 and 8, plain decode step and tok/s at batch 1, tok/s of all
-           prompts at once. --attention-configs adds a variant per decode attention config (bench_attention.py's
-           spelling, e.g. r0w4f5s5 for the uniform 512-key grid); --variants keeps only the named variants.
+           prompts at once. --attention-configs adds a variant per decode attention config of 16-bit caches, any
+           head dim (bench_attention.py's spelling, e.g. r0w4f5s5 for the uniform 512-key grid), --skinny-configs one
+           per few-row matmul config of long rows (block_n/block_k/num_warps/num_stages, @NxK for [N, K] weights
+           only, e.g. 32/256/4/3@6144x4096); --variants keeps only the named variants.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import os
 import random
@@ -100,7 +105,8 @@ def part_shapes(args) -> dict:
                     continue
                 timed.append((t, cfg, err))
             t, cfg, err = min(timed, key=lambda r: r[0])
-            default = next((r for r in timed if r[1] == sk.config_for(k)), (float("nan"), None, 0.0))
+            want = sk.config_for(n, k, sk.num_sms(dev))
+            default = next((r for r in timed if r[1] == want), (float("nan"), None, 0.0))
             rows.append(dict(shape=name, n=n, k=k, m=m, cublas_us=cublas * 1e6, cublas_bw=wbytes / cublas / bw,
                              best_us=t * 1e6, best_bw=wbytes / t / bw, best_config=str(cfg),
                              default_us=default[0] * 1e6,
@@ -180,6 +186,43 @@ def part_kernels(args) -> dict:
     return dict(note="us per step, prefill included once (divided by the steps)", families=out)
 
 
+def part_timeline(args) -> dict:
+    """Where a graph-replayed 8B decode step's device time goes. PDL starts a kernel before its predecessor ends, so
+    each kernel is charged from the later of its start and the previous kernel's end to its own end; time with no
+    kernel running is idle. Few-row matmuls are told apart by the kernel before them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rng = random.Random(1)
+    prompt = [rng.randrange(V) for _ in range(512)]
+    args.eager_kernels = False
+    llm = build(args, True)
+    e2e.run(llm, [prompt], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), "none")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=65, ignore_eos=True))
+    kernels = sorted(((e.time_range.start, e.time_range.end, family(e.name)) for e in prof.events()
+                      if e.device_type.name == "CUDA"), key=lambda k: k[0])
+    prefill_end = max((i for i, k in enumerate(kernels) if k[2] in ("gemm", "sm90", "cutlass", "nvjet")), default=-1)
+    kernels = kernels[prefill_end + 1:]  # decode steps only
+    charged, gaps, last_end, prev = collections.Counter(), collections.Counter(), kernels[0][0], ""
+    for start, end, fam in kernels:
+        if fam == "skinny":
+            fam = {"fold_splits": "skinny o", "rms": "skinny gate_up or lm_head", "skinny": "skinny down"}.get(
+                prev.split(" ")[0], f"skinny after {prev}")
+        gaps[f"{prev} -> {fam}"] += max(0.0, start - last_end)
+        charged[fam] += max(0.0, end - max(start, last_end))
+        last_end, prev = max(last_end, end), fam
+    steps = sum(1 for k in kernels if k[2] == "rope") / 32  # one q/k/v launch a layer
+    per_step = {fam: us / steps for fam, us in charged.most_common()}
+    per_step["idle"] = sum(gaps.values()) / steps
+    idle = {pair: us / steps for pair, us in gaps.most_common(12)}
+    print(json.dumps({k: round(v, 1) for k, v in per_step.items()}), flush=True)
+    print("idle before each kernel, us a step:", json.dumps({k: round(v, 1) for k, v in idle.items()}), flush=True)
+    del llm
+    torch.cuda.empty_cache()
+    return dict(note="us per decode step, graph replays, batch 1, context 512-576", steps=steps, per_step=per_step,
+                idle=idle)
+
+
 def silu_apart(x, weight, bias=None):
     """gated_linear's work in two launches: a fusion's baseline."""
     return triton_backend.silu_and_mul(triton_backend.linear(x, weight, bias))
@@ -189,6 +232,25 @@ def rope_apart(x, weight, bias, num_q_heads, *rope_args):
     """qkv_rope_write_kv's work in two launches: a fusion's baseline."""
     return reference.qkv_rope_write_kv(x, weight, bias, num_q_heads, *rope_args, linear_op=triton_backend.linear,
                                        rope_op=triton_backend.rope_write_kv)
+
+
+def skinny_variant(spec: str) -> dict:
+    """Backend patches that give rows longer than SHORT_K one few-row matmul config: spec is
+    block_n/block_k/num_warps/num_stages, with @NxK to give it only to [N, K] weights."""
+    cfg, _, only = spec.partition("@")
+    fixed = sk.SkinnyConfig(*map(int, cfg.split("/")))
+
+    def pick(weight: torch.Tensor) -> sk.SkinnyConfig | None:
+        n, k = weight.shape
+        return fixed if k > sk.SHORT_K and (not only or only == f"{n}x{k}") else None
+
+    def linear(x, weight, bias=None, config=None, gated=False):
+        return sk.skinny_linear(x, weight, bias, config or pick(weight), gated)
+
+    def qkv_rope(x, weight, *args, config=None):
+        return sk.skinny_qkv_rope(x, weight, *args, config=config or pick(weight))
+
+    return {(triton_backend, "skinny_linear"): linear, (triton_backend, "skinny_qkv_rope"): qkv_rope}
 
 
 def part_fusion(args) -> dict:
@@ -209,16 +271,20 @@ def part_fusion(args) -> dict:
         models["smollm2"] = (lambda: load_model(args.gguf, torch.bfloat16, torch.device("cuda")), mt_prompts, 256,
                              2048)
     targets = [(triton_backend, "gated_linear"), (triton_backend, "qkv_rope_write_kv"), (pdl, "ENABLED"),
-               (tree_attention, "DECODE_CONFIGS")]
+               (tree_attention, "decode_config"), (triton_backend, "skinny_linear"),
+               (triton_backend, "skinny_qkv_rope")]
     defaults = {(mod, attr): getattr(mod, attr) for mod, attr in targets}
     no_pdl = {(pdl, "ENABLED"): False}
     variants = {"fused": no_pdl, "fused+PDL": {(pdl, "ENABLED"): True},
                 "rope and silu apart": {**no_pdl, (triton_backend, "qkv_rope_write_kv"): rope_apart,
                                         (triton_backend, "gated_linear"): silu_apart}}
     for spec in args.attention_configs.split(",") if args.attention_configs else []:
-        config = bench_attention.parse_config(spec)  # the 16-bit caches' config; fp32 keeps its own
-        configs = {**tree_attention.DECODE_CONFIGS, torch.bfloat16: config, torch.float16: config}
-        variants[f"attention {spec}"] = {**no_pdl, (tree_attention, "DECODE_CONFIGS"): configs}
+        config = bench_attention.parse_config(spec)  # the 16-bit caches' config, any head dim; fp32 keeps its own
+        pick = functools.partial(lambda config, dtype, head_dim: config if dtype != torch.float32 else
+                                 defaults[tree_attention, "decode_config"](dtype, head_dim), config)
+        variants[f"attention {spec}"] = {(pdl, "ENABLED"): True, (tree_attention, "decode_config"): pick}
+    for spec in args.skinny_configs.split(",") if args.skinny_configs else []:
+        variants[f"skinny {spec}"] = {(pdl, "ENABLED"): True, **skinny_variant(spec)}
     if args.variants:
         variants = {name: variants[name] for name in args.variants.split(",")}
     rows, tokens = [], {}
@@ -261,13 +327,15 @@ def part_fusion(args) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("parts", nargs="+", choices=["shapes", "step", "kernels", "fusion"])
+    p.add_argument("parts", nargs="+", choices=["shapes", "step", "kernels", "timeline", "fusion"])
     p.add_argument("--out", required=True)
     p.add_argument("--work", default="/tmp/bench_linear")
     p.add_argument("--smol", action="store_true", help="shapes: SmolLM2-135M's weights (and a config grid for them)")
     p.add_argument("--gguf", default=None, help="fusion: SmolLM2's GGUF instead of the 8B shape (both: --with-8b)")
     p.add_argument("--with-8b", action="store_true")
     p.add_argument("--attention-configs", help="fusion: a variant per decode attention config, e.g. r0w4f5s5")
+    p.add_argument("--skinny-configs", help="fusion: a PDL variant per few-row matmul config for rows longer than "
+                   "SHORT_K, as block_n/block_k/num_warps/num_stages[@NxK: [N, K] weights only]; comma-separated")
     p.add_argument("--variants", help="fusion: the variants to run, comma-separated (default: all)")
     p.add_argument("--mt-bench", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
                                                       "mt_bench.jsonl"))

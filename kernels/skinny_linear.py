@@ -35,12 +35,15 @@ class SkinnyConfig:
     num_stages: int
 
 
-# A config follows the weight's shape only (it sets the K order of the sums, so it must not follow M). On an H100
-# over the 8B shape's five weights at M = 1..16 (benchmarks/bench_linear.py shapes, 24 configs) DEFAULT_CONFIG was
-# the fastest or within 0.5 us of it on four weights: 0.90-1.03x copy bandwidth on the large ones, 14.9 us for
-# o_proj against cuBLAS's 17.8. On q/k/v it takes 22.8 us, against 21.4 for the best config there and 21.9 for
-# cuBLAS.
+# A config follows the weight's shape and the GPU only (it sets the K order of the sums, so it must not follow M).
+# On an H100 over the 8B shape's five weights at M = 1..16 (benchmarks/bench_linear.py shapes, 24 configs)
+# DEFAULT_CONFIG was the fastest or within 0.5 us of it on four weights: 0.90-1.03x copy bandwidth on the large ones,
+# 14.9 us for o_proj against cuBLAS's 17.8. Its programs take 192 KB of shared memory, one an SM: a weight of more
+# output tiles than SMs runs in two waves or more, so those take 256-wide K steps at 3 stages, three programs an SM.
+# H100, PDL, engines A/B (RESULTS.md, fifteenth session): the 8B shape's q/k/v 19.8 against 24.2 us alone and its
+# graph forward 5.86 against 5.94 ms; the same for o and down (fewer tiles than SMs) made it 6.35.
 DEFAULT_CONFIG = SkinnyConfig(block_n=32, block_k=512, num_warps=4, num_stages=4)
+MANY_TILES_CONFIG = SkinnyConfig(block_n=32, block_k=256, num_warps=4, num_stages=3)
 # Short rows (SmolLM2: K = 576 and 1536) leave DEFAULT_CONFIG one or two K steps, nothing to pipeline, and its wide
 # programs too few for small N: narrower programs over shorter K steps. H100, `bench_linear.py shapes --smol` (72
 # configs): 3.4 / 3.3 / 4.0 / 4.3 / 22.0 us for SmolLM2's q/k/v, o, gate/up, down and LM head at M = 1 against
@@ -49,11 +52,17 @@ SHORT_K = 2048
 
 
 @functools.cache  # every eager few-row matmul asks
-def config_for(k: int) -> SkinnyConfig:
-    """The launch config of a weight with k input features."""
-    if k > SHORT_K:
-        return DEFAULT_CONFIG
-    return SkinnyConfig(block_n=16, block_k=128 if k <= 1024 else 256, num_warps=2, num_stages=4)
+def config_for(n: int, k: int, num_sms: int) -> SkinnyConfig:
+    """The launch config of an [n, k] weight on a GPU of num_sms SMs."""
+    if k <= SHORT_K:
+        return SkinnyConfig(block_n=16, block_k=128 if k <= 1024 else 256, num_warps=2, num_stages=4)
+    return MANY_TILES_CONFIG if triton.cdiv(n, DEFAULT_CONFIG.block_n) > num_sms else DEFAULT_CONFIG
+
+
+@functools.cache
+def num_sms(device: torch.device) -> int:
+    """The device's SM count, which a config follows (1 off CUDA)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 @triton.jit
@@ -179,7 +188,7 @@ def skinny_linear(
     x: torch.Tensor,  # [M, K], M <= MAX_ROWS
     weight: torch.Tensor,  # [N, K]
     bias: torch.Tensor | None = None,  # [N]
-    config: SkinnyConfig | None = None,  # None: config_for(K)
+    config: SkinnyConfig | None = None,  # None: config_for(N, K, SMs)
     gated: bool = False,
 ) -> torch.Tensor:
     """x @ weight.T + bias for at most MAX_ROWS rows, in x's dtype; no host syncs. gated: the rows of weight are
@@ -191,7 +200,7 @@ def skinny_linear(
     y = torch.empty(m, n // 2 if gated else n, device=x.device, dtype=x.dtype)  # [M, N] ([M, N / 2] gated)
     if m == 0:
         return y
-    config = config or config_for(k)
+    config = config or config_for(n, k, num_sms(x.device))
     _skinny_kernel[(triton.cdiv(n, config.block_n),)](
         x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
         GATED=gated, HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
@@ -218,14 +227,15 @@ def skinny_qkv_rope(
     k and v stored in their slots. The same bits as skinny_linear then rope_write_kv."""
     m, k = x.shape
     num_kv, head_dim = k_cache.shape[2], k_cache.shape[3]
-    config = config or config_for(k)
-    assert fits_qkv_rope(m, head_dim, config) and weight.shape == ((num_q_heads + 2 * num_kv) * head_dim, k)
+    n = (num_q_heads + 2 * num_kv) * head_dim
+    config = config or config_for(n, k, num_sms(x.device))
+    assert fits_qkv_rope(m, head_dim, config) and weight.shape == (n, k)
     assert x.stride(1) == 1 and weight.stride(1) == 1 and k_cache.stride(3) == v_cache.stride(3) == 1
     assert cos.is_contiguous() and sin.is_contiguous()
     q = torch.empty(m, num_q_heads, head_dim, device=x.device, dtype=x.dtype)  # [M, num_q_heads, head_dim]
     if m == 0:
         return q
-    _qkv_rope_kernel[((num_q_heads + 2 * num_kv) * head_dim // config.block_n,)](
+    _qkv_rope_kernel[(n // config.block_n,)](
         x, weight, bias if bias is not None else weight, q, positions, cos, sin, slot_mapping, k_cache, v_cache, m,
         k, x.stride(0), weight.stride(0), q.stride(0), cos.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3],
         NUM_Q=num_q_heads, NUM_KV=num_kv, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1], HAS_BIAS=bias is not None,

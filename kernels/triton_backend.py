@@ -18,7 +18,7 @@ from specserve.kernels import reference  # noqa: E402
 
 from .fused_ops import rms_norm, rope_write_kv, silu_and_mul  # noqa: E402
 from .kv_ops import copy_slots, write_kv  # noqa: E402
-from .skinny_linear import MAX_ROWS, config_for, fits_qkv_rope, skinny_linear, skinny_qkv_rope  # noqa: E402
+from .skinny_linear import MAX_ROWS, config_for, fits_qkv_rope, num_sms, skinny_linear, skinny_qkv_rope  # noqa: E402
 from .tree_attention import tree_attention  # noqa: E402
 
 __all__ = ["copy_slots", "gated_linear", "linear", "paged_attention", "qkv_rope_write_kv", "rms_norm", "rope_write_kv",
@@ -72,7 +72,7 @@ def qkv_rope_write_kv(
     """rope_write_kv of the q/k/v projection: rotated q [T, num_q_heads, head_dim]; one launch for decode/verify
     shapes (the same bits as the two launches)."""
     rows = _few_rows(x)
-    if rows and x.dim() == 2 and fits_qkv_rope(rows, k_cache.shape[3], config_for(x.shape[1])):
+    if rows and x.dim() == 2 and fits_qkv_rope(rows, k_cache.shape[3], config_for(*weight.shape, num_sms(x.device))):
         return skinny_qkv_rope(x, weight, bias, num_q_heads, positions, cos, sin, k_cache, v_cache, slot_mapping)
     return reference.qkv_rope_write_kv(x, weight, bias, num_q_heads, positions, cos, sin, k_cache, v_cache,
                                        slot_mapping, linear_op=linear, rope_op=rope_write_kv)

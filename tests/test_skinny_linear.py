@@ -33,7 +33,7 @@ def test_matches_f_linear(dtype, m, n, k, bias):
     assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < TOL[dtype]
 
 
-@pytest.mark.parametrize("config,k", [(SMALL, 256), (None, 576)])  # None: the config the weight's K picks
+@pytest.mark.parametrize("config,k", [(SMALL, 256), (None, 576)])  # None: the config the weight's shape picks
 def test_rows_do_not_depend_on_the_batch(config, k):
     """A row's result is the same bits alone or among 16 rows (fixed K order): batch invariance."""
     gen = torch.Generator().manual_seed(7)
@@ -46,9 +46,13 @@ def test_rows_do_not_depend_on_the_batch(config, k):
 
 
 def test_config_follows_the_weight_not_the_rows():
-    """Short rows get narrow programs over short K steps; the 8B shape's long rows keep the default."""
-    assert sk.config_for(576) == sk.SkinnyConfig(block_n=16, block_k=128, num_warps=2, num_stages=4)
-    assert sk.config_for(1536).block_k == 256 and sk.config_for(4096) == sk.config_for(14336) == sk.DEFAULT_CONFIG
+    """Short rows get narrow programs over short K steps; long rows over more output tiles than SMs (on an H100: the
+    8B shape's q/k/v, gate/up and LM head) get programs that fit 3 to an SM, the others the default."""
+    assert sk.config_for(960, 576, 132) == sk.SkinnyConfig(block_n=16, block_k=128, num_warps=2, num_stages=4)
+    assert sk.config_for(576, 1536, 132).block_k == 256
+    assert [sk.config_for(n, 4096, 132) for n in (6144, 28672, 128256)] == [sk.MANY_TILES_CONFIG] * 3
+    assert sk.config_for(4096, 4096, 132) == sk.config_for(4096, 14336, 132) == sk.DEFAULT_CONFIG
+    assert sk.config_for(6144, 4096, 192) == sk.DEFAULT_CONFIG  # a bigger GPU: 192 tiles are one wave
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
