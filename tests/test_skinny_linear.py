@@ -128,3 +128,20 @@ def test_backend_routes_few_rows_to_the_kernel(monkeypatch):
     triton_backend.linear(torch.randn(17, 64, device="cuda", dtype=torch.bfloat16), w)
     triton_backend.linear(torch.randn(4, 64, device="cuda"), w.float())
     assert calls == [(6, 64)]
+
+
+@pytest.mark.skipif(not CUDA, reason="the configs of long rows are picked by the GPU's SM count")
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 4096), (4096, 14336)])
+def test_long_row_configs_match_f_linear_and_the_batch(n, k):
+    """The configs the 8B shape's weights get on this GPU (either side of the tiles-vs-SMs rule) are close to
+    F.linear and batch invariant, plain and gated."""
+    gen = torch.Generator(device="cuda").manual_seed(n + k)
+    x = torch.randn(16, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) / k**0.5
+    for gated in (False, True):
+        full = sk.skinny_linear(x, w, gated=gated)
+        ref = F.linear(x.double(), w.double())
+        ref = reference.silu_and_mul(ref) if gated else ref
+        assert ((full.double() - ref).abs().max() / ref.abs().max()).item() < 2e-2
+        for rows in (slice(0, 1), slice(3, 4), slice(0, 9)):
+            assert torch.equal(sk.skinny_linear(x[rows], w, gated=gated), full[rows])
