@@ -44,7 +44,7 @@ import bench_gpu_e2e as e2e  # noqa: E402
 import e2e_models as em  # noqa: E402
 
 from specserve import SamplingParams  # noqa: E402
-from specserve.kernels import pdl, reference, tree_attention, triton_backend  # noqa: E402
+from specserve.kernels import num_sms, pdl, reference, tree_attention, triton_backend  # noqa: E402
 from specserve.kernels import skinny_linear as sk  # noqa: E402
 from specserve.models.loader import load_model  # noqa: E402
 
@@ -105,7 +105,7 @@ def part_shapes(args) -> dict:
                     continue
                 timed.append((t, cfg, err))
             t, cfg, err = min(timed, key=lambda r: r[0])
-            want = sk.config_for(n, k, sk.num_sms(dev))
+            want = sk.config_for(n, k, num_sms(dev))
             default = next((r for r in timed if r[1] == want), (float("nan"), None, 0.0))
             rows.append(dict(shape=name, n=n, k=k, m=m, cublas_us=cublas * 1e6, cublas_bw=wbytes / cublas / bw,
                              best_us=t * 1e6, best_bw=wbytes / t / bw, best_config=str(cfg),

@@ -7,10 +7,17 @@ silu_and_mul / rope_write_kv.
 
 from __future__ import annotations
 
+import functools
 import os
 from types import ModuleType
 
 import torch
+
+
+@functools.cache
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (launch configs and plans follow it); 1 off CUDA."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def get_backend(name: str | None, device: torch.device) -> ModuleType:

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from specserve.kernels import pdl
+from specserve.kernels import num_sms, pdl
 
 MAX_ROWS = 16  # one MMA tile of rows; more rows go to cuBLAS, where the weight read is shared by enough rows
 
@@ -52,17 +52,11 @@ SHORT_K = 2048
 
 
 @functools.cache  # every eager few-row matmul asks
-def config_for(n: int, k: int, num_sms: int) -> SkinnyConfig:
-    """The launch config of an [n, k] weight on a GPU of num_sms SMs."""
+def config_for(n: int, k: int, sms: int) -> SkinnyConfig:
+    """The launch config of an [n, k] weight on a GPU of sms SMs."""
     if k <= SHORT_K:
         return SkinnyConfig(block_n=16, block_k=128 if k <= 1024 else 256, num_warps=2, num_stages=4)
-    return MANY_TILES_CONFIG if triton.cdiv(n, DEFAULT_CONFIG.block_n) > num_sms else DEFAULT_CONFIG
-
-
-@functools.cache
-def num_sms(device: torch.device) -> int:
-    """The device's SM count, which a config follows (1 off CUDA)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    return MANY_TILES_CONFIG if triton.cdiv(n, DEFAULT_CONFIG.block_n) > sms else DEFAULT_CONFIG
 
 
 @triton.jit

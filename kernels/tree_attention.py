@@ -42,7 +42,6 @@ Masking, worked example: 100 cached tokens, query [c0 | r d1 d2 d3], tree_offset
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -51,7 +50,7 @@ import triton
 import triton.language as tl
 
 from specserve.attention import AttentionMetadata
-from specserve.kernels import pdl
+from specserve.kernels import num_sms, pdl
 
 DECODE_MAX_Q = 128  # longer queries are prefill chunks: the big-tile fused launch takes them
 LOG2E = 1.4426950408889634
@@ -391,12 +390,6 @@ def _fold_splits_kernel(
     tl.store(out_ptrs, _finish(num, den).to(out_ptr.dtype.element_ty), mask=(d < HEAD_DIM)[None, :])
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device."""
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _first_run(first_split: int, first_keys: int, splits: int) -> int:
     """Keys of a first-region run of about `splits` splits: a power of two of them that divides the region."""
     run = first_split * triton.next_power_of_2(splits)
@@ -417,7 +410,7 @@ def decode_plan(num_tiles: int, num_keys: int, config: DecodeConfig, device: tor
     long split's keys as the batch grows (a short run cannot fill the pipeline). That grouping follows the batch
     alone: a CUDA graph's launch is planned for max_model_len keys, whatever the context it then serves.
     """
-    sms = _num_sms(device) if device.type == "cuda" else 1
+    sms = num_sms(device)
     split, first_split, first_keys = config.grid
     rest_run = max(1, num_tiles * triton.cdiv(num_keys, split) // (SPLIT_PROGRAMS_PER_SM * sms)) * split
     first_run = _first_run(first_split, first_keys, min(math.ceil(2 * num_tiles * split / first_split / sms),

@@ -14,11 +14,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernel modules below define their kernels
 
 from specserve.attention import AttentionMetadata  # noqa: E402
-from specserve.kernels import reference  # noqa: E402
+from specserve.kernels import num_sms, reference  # noqa: E402
 
 from .fused_ops import rms_norm, rope_write_kv, silu_and_mul  # noqa: E402
 from .kv_ops import copy_slots, write_kv  # noqa: E402
-from .skinny_linear import MAX_ROWS, config_for, fits_qkv_rope, num_sms, skinny_linear, skinny_qkv_rope  # noqa: E402
+from .skinny_linear import MAX_ROWS, config_for, fits_qkv_rope, skinny_linear, skinny_qkv_rope  # noqa: E402
 from .tree_attention import tree_attention  # noqa: E402
 
 __all__ = ["copy_slots", "gated_linear", "linear", "paged_attention", "qkv_rope_write_kv", "rms_norm", "rope_write_kv",
